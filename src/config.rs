@@ -1,0 +1,258 @@
+//! Server configuration: a TOML file, `SWAPD_*` environment variables and flags (flags and
+//! environment win over the file), validated as a whole before anything binds or loads.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::device::DeviceRequest;
+use crate::manifest::Manifest;
+
+/// A configuration problem: which file, which key, why.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}{sep}{why}", sep = if key.is_empty() { "" } else { ": " })]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub why: String,
+}
+
+impl ConfigError {
+    pub fn at(file: &Path, key: impl Into<String>, why: impl ToString) -> Self {
+        Self {
+            file: file.display().to_string(),
+            key: key.into(),
+            why: why.to_string(),
+        }
+    }
+
+    fn flag(key: &str, why: impl ToString) -> Self {
+        Self {
+            file: "command line/environment".into(),
+            key: key.into(),
+            why: why.to_string(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `swapd serve` options. Each also reads `SWAPD_<NAME>` from the environment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file; its keys are these options' long names with `_` for `-`.
+    #[arg(long, env = "SWAPD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "SWAPD_LISTEN")]
+    pub listen: Option<String>,
+    /// Directory holding the models; local sources must resolve inside it [default: models].
+    #[arg(long, env = "SWAPD_MODELS_ROOT")]
+    pub models_root: Option<PathBuf>,
+    /// Model manifest [default: <models-root>/models.toml].
+    #[arg(long, env = "SWAPD_MANIFEST")]
+    pub manifest: Option<PathBuf>,
+    /// Serve only these manifest models (comma-separated) [default: all].
+    #[arg(long, env = "SWAPD_MODELS", value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    /// auto | cpu | cuda | cuda:N [default: auto].
+    #[arg(long, env = "SWAPD_DEVICE")]
+    pub device: Option<String>,
+    /// Requests running inference at once [default: 4].
+    #[arg(long, env = "SWAPD_MAX_CONCURRENT")]
+    pub max_concurrent: Option<usize>,
+    /// Requests waiting for a slot before new ones get RESOURCE_EXHAUSTED [default: 64].
+    #[arg(long, env = "SWAPD_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Largest accepted request message in bytes [default: 1048576].
+    #[arg(long, env = "SWAPD_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Most texts in one Embed call [default: 64].
+    #[arg(long, env = "SWAPD_MAX_EMBED_BATCH")]
+    pub max_embed_batch: Option<usize>,
+    /// Hugging Face cache for hf:// sources [default: HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub].
+    #[arg(long, env = "SWAPD_HF_CACHE")]
+    pub hf_cache: Option<PathBuf>,
+    /// Resolve hf:// sources from the cache only [default: true when HF_HUB_OFFLINE=1].
+    #[arg(long, env = "SWAPD_HF_OFFLINE")]
+    pub hf_offline: Option<bool>,
+    /// text | json [default: text]; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "SWAPD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The keys a config file may hold (same names as the flags).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    models_root: Option<PathBuf>,
+    manifest: Option<PathBuf>,
+    models: Option<Vec<String>>,
+    device: Option<String>,
+    max_concurrent: Option<usize>,
+    max_queue: Option<usize>,
+    max_request_bytes: Option<usize>,
+    max_embed_batch: Option<usize>,
+    hf_cache: Option<PathBuf>,
+    hf_offline: Option<bool>,
+    log_format: Option<LogFormat>,
+}
+
+/// Limits that protect the server from overload and oversized input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_concurrent: usize,
+    pub max_queue: usize,
+    pub max_request_bytes: usize,
+    pub max_embed_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 4,
+            max_queue: 64,
+            max_request_bytes: 1 << 20,
+            max_embed_batch: 64,
+        }
+    }
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Canonical models root.
+    pub models_root: PathBuf,
+    pub manifest_path: PathBuf,
+    /// The manifest, narrowed to the models to serve.
+    pub manifest: Manifest,
+    pub device: DeviceRequest,
+    pub limits: Limits,
+    pub hf_cache: Option<PathBuf>,
+    pub hf_offline: bool,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Merges file, environment and flags and validates the result.
+    pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| ConfigError::at(path, "", e))?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| {
+                    let key = e.span().map(|s| text[s].to_string()).unwrap_or_default();
+                    ConfigError::at(path, key, e.message())
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let cfg_file = args.config.as_deref().unwrap_or(Path::new("command line"));
+        // A relative path in the config file is relative to the file, not the cwd.
+        let base = args
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let from_file = |p: Option<PathBuf>| p.map(|p| base.join(p));
+
+        let listen_s = args
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:50051".into());
+        let listen = listen_s
+            .parse()
+            .map_err(|e| ConfigError::flag("listen", format!("`{listen_s}`: {e}")))?;
+        let root = args
+            .models_root
+            .clone()
+            .or(from_file(file.models_root))
+            .unwrap_or_else(|| PathBuf::from("models"));
+        let models_root = root.canonicalize().map_err(|e| {
+            ConfigError::at(cfg_file, "models_root", format!("{}: {e}", root.display()))
+        })?;
+        if !models_root.is_dir() {
+            return Err(ConfigError::at(
+                cfg_file,
+                "models_root",
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        let manifest_path = args
+            .manifest
+            .clone()
+            .or(from_file(file.manifest))
+            .unwrap_or_else(|| models_root.join("models.toml"));
+        let mut manifest = Manifest::load(&manifest_path)?;
+        if let Some(only) = args.models.clone().or(file.models) {
+            for name in &only {
+                if manifest.get(name).is_none() {
+                    return Err(ConfigError::flag(
+                        "models",
+                        format!("`{name}` is not in {}", manifest_path.display()),
+                    ));
+                }
+            }
+            manifest.models.retain(|m| only.contains(&m.name));
+        }
+        let device_s = args
+            .device
+            .clone()
+            .or(file.device)
+            .unwrap_or_else(|| "auto".into());
+        let device = device_s
+            .parse()
+            .map_err(|e| ConfigError::flag("device", e))?;
+        let d = Limits::default();
+        let limits = Limits {
+            max_concurrent: args
+                .max_concurrent
+                .or(file.max_concurrent)
+                .unwrap_or(d.max_concurrent),
+            max_queue: args.max_queue.or(file.max_queue).unwrap_or(d.max_queue),
+            max_request_bytes: args
+                .max_request_bytes
+                .or(file.max_request_bytes)
+                .unwrap_or(d.max_request_bytes),
+            max_embed_batch: args
+                .max_embed_batch
+                .or(file.max_embed_batch)
+                .unwrap_or(d.max_embed_batch),
+        };
+        for (key, v) in [
+            ("max_concurrent", limits.max_concurrent),
+            ("max_request_bytes", limits.max_request_bytes),
+            ("max_embed_batch", limits.max_embed_batch),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::flag(key, "must be at least 1"));
+            }
+        }
+        let hf_offline = args.hf_offline.or(file.hf_offline).unwrap_or_else(|| {
+            std::env::var("HF_HUB_OFFLINE")
+                .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+        });
+        Ok(Self {
+            listen,
+            models_root,
+            manifest_path,
+            manifest,
+            device,
+            limits,
+            hf_cache: args.hf_cache.clone().or(from_file(file.hf_cache)),
+            hf_offline,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}

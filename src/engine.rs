@@ -1,0 +1,419 @@
+//! Runs inference off the async runtime: bounded admission (running + queued), blocking
+//! worker threads, token streaming with cancellation and deadlines.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Limits;
+use crate::error::{Error, Result};
+use crate::model::chat::ChatMessage;
+use crate::model::embed::EmbeddingOut;
+use crate::model::sampling::{Sampler, SamplingParams};
+use crate::model::stream::{StopMatcher, Utf8Stream};
+use crate::model::{LoadedModel, ModelError, ModelVersion};
+use crate::registry::Lease;
+
+/// Deltas buffered per stream before the generating thread waits for the client.
+const STREAM_BUFFER: usize = 32;
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    Raw(String),
+    Chat(Vec<ChatMessage>),
+}
+
+/// Sampling fields as the caller sent them (range-checked); unset ones take model defaults.
+#[derive(Debug, Clone, Default)]
+pub struct SamplingRequest {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub repetition_penalty: Option<f32>,
+    pub repetition_last_n: Option<u32>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+/// A validated generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub model: String,
+    pub input: PromptInput,
+    pub sampling: SamplingRequest,
+    pub return_token_ids: bool,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    Stop,
+    Eos,
+}
+
+/// The summary sent last.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub time_to_first_token: Duration,
+    pub tokens_per_second: f64,
+    pub seed: u64,
+    pub stop: Option<String>,
+}
+
+/// One message of a generation stream.
+#[derive(Debug, Clone)]
+pub enum GenEvent {
+    Delta { text: String, token_ids: Vec<u32> },
+    Finished(Finish),
+}
+
+/// Counts requests admitted (running or waiting) and hands out running slots.
+struct Admission {
+    running: Arc<Semaphore>,
+    admitted: AtomicUsize,
+    max_admitted: usize,
+    max_concurrent: usize,
+}
+
+/// A request's place in admission; dropping it frees the place (and its running slot).
+pub struct Ticket {
+    admission: Arc<Admission>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Ticket {
+    /// Waits for a running slot, until `deadline` if one is set.
+    async fn run_slot(&mut self, deadline: Option<Instant>) -> Result<()> {
+        let acquire = self.admission.running.clone().acquire_owned();
+        let permit = match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), acquire)
+                .await
+                .map_err(|_| Error::DeadlineExceeded("waiting in the admission queue".into()))?,
+            None => acquire.await,
+        };
+        self.permit = Some(permit.map_err(|_| Error::Internal("admission closed".into()))?);
+        Ok(())
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The inference engine: one per server, shared by every model.
+#[derive(Clone)]
+pub struct Engine {
+    admission: Arc<Admission>,
+    pub limits: Limits,
+}
+
+/// A prompt ready to generate from.
+pub struct Prepared {
+    pub ids: Vec<u32>,
+    pub text: String,
+}
+
+impl Engine {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            admission: Arc::new(Admission {
+                running: Arc::new(Semaphore::new(limits.max_concurrent)),
+                admitted: AtomicUsize::new(0),
+                max_admitted: limits.max_concurrent + limits.max_queue,
+                max_concurrent: limits.max_concurrent,
+            }),
+            limits,
+        }
+    }
+
+    /// Takes a place in admission or fails fast with [`Error::Overloaded`].
+    pub fn admit(&self) -> Result<Ticket> {
+        let a = &self.admission;
+        let prev = a.admitted.fetch_add(1, Ordering::AcqRel);
+        if prev >= a.max_admitted {
+            a.admitted.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Overloaded(format!(
+                "{} requests running and {} queued (limits {} + {})",
+                a.max_concurrent.min(prev),
+                prev.saturating_sub(a.max_concurrent),
+                a.max_concurrent,
+                a.max_admitted - a.max_concurrent
+            )));
+        }
+        Ok(Ticket {
+            admission: a.clone(),
+            permit: None,
+        })
+    }
+
+    /// Requests admitted right now (running or queued).
+    pub fn admitted(&self) -> usize {
+        self.admission.admitted.load(Ordering::Acquire)
+    }
+
+    /// Renders and tokenizes `input` on a blocking thread; checks it fits the context.
+    pub async fn prepare(
+        &self,
+        version: Arc<ModelVersion>,
+        input: PromptInput,
+    ) -> Result<Prepared> {
+        tokio::task::spawn_blocking(move || prepare_blocking(&version, input))
+            .await
+            .map_err(|e| Error::Internal(format!("tokenizer thread: {e}")))?
+    }
+
+    /// Starts generating on a blocking thread once a running slot is free. The receiver
+    /// yields deltas then one `Finished`, or an error; dropping it cancels generation within
+    /// one token.
+    pub fn generate(
+        &self,
+        lease: Lease,
+        ticket: Ticket,
+        prompt: Prepared,
+        req: &GenerateRequest,
+        deadline: Option<Instant>,
+        admitted_at: Instant,
+    ) -> Result<mpsc::Receiver<Result<GenEvent>>> {
+        let job = GenJob::new(lease, prompt, req, deadline, admitted_at)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut ticket = ticket;
+        let span = tracing::Span::current();
+        tokio::spawn(async move {
+            if let Err(e) = ticket.run_slot(job.deadline).await {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            let run = tokio::task::spawn_blocking(move || {
+                let _enter = span.enter();
+                // The ticket (running slot) and lease live until the last token is sent.
+                let _ticket = ticket;
+                if let Err(e) = job.run(&tx) {
+                    let _ = tx.blocking_send(Err(e));
+                }
+            });
+            if let Err(e) = run.await {
+                tracing::error!(error = %e, "generation thread panicked");
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Embeds `texts` with the leased model on a blocking thread.
+    pub async fn embed(
+        &self,
+        lease: Lease,
+        mut ticket: Ticket,
+        texts: Vec<String>,
+        deadline: Option<Instant>,
+    ) -> Result<(Lease, Vec<EmbeddingOut>)> {
+        ticket.run_slot(deadline).await?;
+        tokio::task::spawn_blocking(move || {
+            let _ticket = ticket;
+            let LoadedModel::Embedding(m) = &lease.model else {
+                return Err(Error::Internal("embed on a non-embedding model".into()));
+            };
+            let out = m.embed(&texts)?;
+            Ok((lease, out))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("embedding thread: {e}")))?
+    }
+}
+
+fn prepare_blocking(version: &ModelVersion, input: PromptInput) -> Result<Prepared> {
+    let LoadedModel::Llm(llm) = &version.model else {
+        return Err(Error::Internal("prepare on a non-LLM model".into()));
+    };
+    let text = match input {
+        PromptInput::Raw(t) => t,
+        PromptInput::Chat(messages) => {
+            llm.render_chat(&messages)
+                .map_err(|reason| ModelError::ChatTemplate {
+                    model: version.name.clone(),
+                    reason,
+                })?
+        }
+    };
+    let ids = llm
+        .tokenizer
+        .encode(&text)
+        .map_err(|reason| ModelError::Tokenizer {
+            model: version.name.clone(),
+            reason,
+        })?;
+    if ids.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the prompt encodes to no tokens".into(),
+        ));
+    }
+    if ids.len() >= llm.context_length {
+        return Err(Error::PromptTooLong {
+            model: version.name.clone(),
+            tokens: ids.len(),
+            max: llm.context_length,
+        });
+    }
+    Ok(Prepared { ids, text })
+}
+
+/// Everything one generation needs, owned by its blocking thread.
+struct GenJob {
+    lease: Lease,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    max_new: usize,
+    stop: Vec<String>,
+    return_ids: bool,
+    deadline: Option<Instant>,
+    admitted_at: Instant,
+}
+
+impl GenJob {
+    fn new(
+        lease: Lease,
+        prompt: Prepared,
+        req: &GenerateRequest,
+        deadline: Option<Instant>,
+        admitted_at: Instant,
+    ) -> Result<Self> {
+        let d = &lease.defaults;
+        let s = &req.sampling;
+        let ctx = lease.context_length();
+        let max_tokens = s.max_tokens.unwrap_or(d.max_tokens) as usize;
+        if max_tokens == 0 || max_tokens > ctx {
+            return Err(Error::InvalidArgument(format!(
+                "max_tokens {max_tokens}: must be between 1 and the model's context length {ctx}"
+            )));
+        }
+        let params = SamplingParams {
+            temperature: s.temperature.unwrap_or(d.temperature) as f64,
+            top_p: s.top_p.unwrap_or(d.top_p) as f64,
+            top_k: s.top_k.unwrap_or(d.top_k) as usize,
+            repetition_penalty: s.repetition_penalty.unwrap_or(d.repetition_penalty),
+            repetition_last_n: s.repetition_last_n.unwrap_or(d.repetition_last_n) as usize,
+            seed: s.seed.unwrap_or_else(rand::random),
+        };
+        Ok(Self {
+            max_new: max_tokens.min(ctx - prompt.ids.len()),
+            prompt: prompt.ids,
+            params,
+            stop: s.stop.clone(),
+            return_ids: req.return_token_ids,
+            deadline,
+            admitted_at,
+            lease,
+        })
+    }
+
+    fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// The decode loop. Returns `Ok` when finished or when the client went away.
+    fn run(&self, tx: &mpsc::Sender<Result<GenEvent>>) -> Result<()> {
+        let LoadedModel::Llm(llm) = &self.lease.model else {
+            return Err(Error::Internal("generate on a non-LLM model".into()));
+        };
+        let model_err = |e: candle_core::Error| ModelError::Inference {
+            model: self.lease.name.clone(),
+            reason: e.to_string(),
+        };
+        let mut session = llm.session();
+        let mut sampler = Sampler::new(&self.params);
+        let mut utf8 = Utf8Stream::default();
+        let mut stops = StopMatcher::new(self.stop.clone());
+        let mut history = self.prompt.clone();
+        let mut keep_going = || !tx.is_closed() && !self.expired();
+        let Some(mut logits) = session.feed(&self.prompt, &mut keep_going)? else {
+            return self.interrupted(tx);
+        };
+        let mut completion = 0usize;
+        let mut first_token_at = None;
+        let mut matched = None;
+        let reason = loop {
+            let token = sampler.sample(&logits, &history).map_err(model_err)?;
+            completion += 1;
+            let now = Instant::now();
+            first_token_at.get_or_insert(now);
+            history.push(token);
+            if llm.tokenizer.end_of_generation.contains(&token) {
+                break FinishReason::Eos;
+            }
+            let check = stops.push(&utf8.push(llm.tokenizer.token_bytes(token)));
+            if !check.emit.is_empty() || self.return_ids {
+                let delta = GenEvent::Delta {
+                    text: check.emit,
+                    token_ids: if self.return_ids {
+                        vec![token]
+                    } else {
+                        Vec::new()
+                    },
+                };
+                if tx.blocking_send(Ok(delta)).is_err() {
+                    return Ok(());
+                }
+            }
+            if check.matched.is_some() {
+                matched = check.matched;
+                break FinishReason::Stop;
+            }
+            if completion >= self.max_new {
+                break FinishReason::Length;
+            }
+            if !keep_going() {
+                return self.interrupted(tx);
+            }
+            logits = match session.feed(&[token], &mut keep_going)? {
+                Some(l) => l,
+                None => return self.interrupted(tx),
+            };
+        };
+        if reason != FinishReason::Stop {
+            let mut tail = stops.push(&utf8.finish()).emit;
+            tail.push_str(&stops.finish());
+            if !tail.is_empty() {
+                let delta = GenEvent::Delta {
+                    text: tail,
+                    token_ids: Vec::new(),
+                };
+                if tx.blocking_send(Ok(delta)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let first = first_token_at.unwrap_or_else(Instant::now);
+        let decode_secs = first.elapsed().as_secs_f64();
+        let finish = Finish {
+            reason,
+            prompt_tokens: self.prompt.len(),
+            completion_tokens: completion,
+            time_to_first_token: first.duration_since(self.admitted_at),
+            tokens_per_second: if completion > 1 && decode_secs > 0.0 {
+                (completion - 1) as f64 / decode_secs
+            } else {
+                0.0
+            },
+            seed: self.params.seed,
+            stop: matched,
+        };
+        let _ = tx.blocking_send(Ok(GenEvent::Finished(finish)));
+        Ok(())
+    }
+
+    /// Generation stopped early: the client left (nothing to send) or the deadline passed.
+    fn interrupted(&self, tx: &mpsc::Sender<Result<GenEvent>>) -> Result<()> {
+        if self.expired() && !tx.is_closed() {
+            return Err(Error::DeadlineExceeded("generating".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,29 @@
+//! swapd serves language models over gRPC and swaps in new model versions while it keeps serving.
+//!
+//! The library holds everything; `main.rs` only parses the command line and hands off.
+//! Data flow: `service` (proto ⇄ domain) → `registry` (which version is active) → `engine`
+//! (admission, blocking inference threads) → `model` (candle models, tokenizers, sampling).
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod manifest;
+pub mod model;
+pub mod registry;
+pub mod server;
+pub mod service;
+
+/// Generated `swapd.v1` protobuf and gRPC code.
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("swapd.v1");
+
+    /// Encoded descriptor set of the `swapd.v1` protos, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("swapd_v1_descriptor");
+}
+
+pub use error::Error;

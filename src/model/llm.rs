@@ -1,0 +1,186 @@
+//! A causal language model from a GGUF file, run through candle-transformers' quantized llama.
+//! The weights are loaded once per version; every request decodes in its own [`Session`],
+//! which clones the model cheaply (weights are shared through `Arc`, the KV cache is not).
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+
+use super::chat::{ChatMessage, ChatTemplate};
+use super::tokenizer::GgufTokenizer;
+use super::ModelError;
+
+/// Tokens fed per forward pass during prefill: bounds the attention matrix of a long prompt
+/// and lets a cancelled request stop between chunks.
+const PREFILL_CHUNK: usize = 256;
+
+/// A loaded GGUF language model: shared weights, tokenizer, chat template.
+pub struct Llm {
+    weights: ModelWeights,
+    pub tokenizer: GgufTokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    /// Longest prompt + completion, in tokens.
+    pub context_length: usize,
+    pub weight_bytes: u64,
+    name: String,
+    device: Device,
+}
+
+fn format_err(model: &str, path: &Path, reason: impl ToString) -> ModelError {
+    ModelError::Format {
+        model: model.to_string(),
+        path: path.to_path_buf(),
+        format: "GGUF",
+        reason: reason.to_string(),
+    }
+}
+
+impl Llm {
+    /// Reads and loads `path`. `context_length` is capped by the file's own limit and by the
+    /// RoPE table candle precomputes.
+    pub fn load(
+        name: &str,
+        path: &Path,
+        device: &Device,
+        context_length: usize,
+    ) -> Result<Self, ModelError> {
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io {
+            model: name.to_string(),
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let ct = Content::read(&mut file).map_err(|e| format_err(name, path, e))?;
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "llama" {
+            return Err(format_err(
+                name,
+                path,
+                format!("architecture `{arch}` is not supported (only `llama`)"),
+            ));
+        }
+        // Every tensor must lie inside the file: a truncated download fails here, with a
+        // clear reason, instead of deep inside the loader.
+        let mut weight_bytes = 0u64;
+        for (tname, info) in &ct.tensor_infos {
+            let elems = info.shape.elem_count();
+            let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+            let end = ct.tensor_data_offset + info.offset + bytes;
+            if end > file_len {
+                return Err(format_err(
+                    name,
+                    path,
+                    format!("tensor `{tname}` ends at byte {end} but the file has {file_len} bytes (truncated?)"),
+                ));
+            }
+            weight_bytes += bytes;
+        }
+        let tokenizer = GgufTokenizer::from_gguf(&ct).map_err(|reason| ModelError::Tokenizer {
+            model: name.to_string(),
+            reason,
+        })?;
+        let chat_template = match ct
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
+            Some(src) => Some(
+                ChatTemplate::new(
+                    src.clone(),
+                    tokenizer.bos_token.clone().unwrap_or_default(),
+                    tokenizer.eos_token.clone().unwrap_or_default(),
+                )
+                .map_err(|reason| ModelError::ChatTemplate {
+                    model: name.to_string(),
+                    reason,
+                })?,
+            ),
+            None => None,
+        };
+        let file_ctx = ct
+            .metadata
+            .get("llama.context_length")
+            .and_then(|v| v.to_u32().ok())
+            .map(|v| v as usize)
+            .unwrap_or(MAX_SEQ_LEN);
+        let context_length = context_length.min(file_ctx).min(MAX_SEQ_LEN);
+        let weights = ModelWeights::from_gguf(ct, &mut file, device)
+            .map_err(|e| format_err(name, path, e))?;
+        Ok(Self {
+            weights,
+            tokenizer,
+            chat_template,
+            context_length,
+            weight_bytes,
+            name: name.to_string(),
+            device: device.clone(),
+        })
+    }
+
+    /// Renders a conversation with the model's chat template.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        match &self.chat_template {
+            Some(t) => t.render(messages),
+            None => Err(format!("model `{}` has no chat template", self.name)),
+        }
+    }
+
+    /// A fresh decoding session with its own KV cache.
+    pub fn session(&self) -> Session {
+        Session {
+            weights: self.weights.clone(),
+            pos: 0,
+            device: self.device.clone(),
+            model: self.name.clone(),
+        }
+    }
+}
+
+/// Per-request decoding state: a clone of the model (shared weights) and its position.
+pub struct Session {
+    weights: ModelWeights,
+    pos: usize,
+    device: Device,
+    model: String,
+}
+
+impl Session {
+    /// Feeds `ids` after what was fed before and returns the logits for the next token.
+    /// `keep_going` is asked between prefill chunks; when it says no, `Ok(None)` is returned.
+    pub fn feed(
+        &mut self,
+        ids: &[u32],
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let mut logits = None;
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            if logits.is_some() && !keep_going() {
+                return Ok(None);
+            }
+            let out = self.forward(chunk).map_err(|e| ModelError::Inference {
+                model: self.model.clone(),
+                reason: e.to_string(),
+            })?;
+            logits = Some(out);
+        }
+        Ok(logits)
+    }
+
+    fn forward(&mut self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let logits = self.weights.forward(&input, self.pos)?;
+        self.pos += ids.len();
+        logits.squeeze(0)?.to_dtype(candle_core::DType::F32)
+    }
+
+    /// Tokens in the KV cache so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+}

@@ -1,0 +1,212 @@
+//! Models: where their files come from, how they are verified and loaded, and the loaded
+//! version every request holds for its whole life.
+pub mod chat;
+pub mod embed;
+pub mod llm;
+pub mod sampling;
+pub mod source;
+pub mod stream;
+pub mod tokenizer;
+pub mod verify;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use crate::manifest::{ModelDefaults, ModelSpec};
+
+pub use embed::Embedder;
+pub use llm::Llm;
+pub use source::{Resolver, Source};
+
+/// Why a model version could not be resolved, verified, loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model `{model}`: {path}: file not found")]
+    Missing { model: String, path: PathBuf },
+    #[error("model `{model}`: {path}: cannot read: {reason}")]
+    Io {
+        model: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("model `{model}`: {path}: sha256 mismatch: expected {expected}, got {actual}")]
+    Checksum {
+        model: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("model `{model}`: no sha256 for `{file}` in the manifest; every file must be pinned")]
+    Unpinned { model: String, file: String },
+    #[error("model `{model}`: {path} resolves outside the models root {root}")]
+    OutsideRoot {
+        model: String,
+        path: PathBuf,
+        root: PathBuf,
+    },
+    #[error("model `{model}`: source `{source_uri}`: {reason}")]
+    Source {
+        model: String,
+        source_uri: String,
+        reason: String,
+    },
+    #[error("model `{model}`: {path}: not a valid {format} file: {reason}")]
+    Format {
+        model: String,
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
+    #[error("model `{model}`: tokenizer: {reason}")]
+    Tokenizer { model: String, reason: String },
+    #[error("model `{model}`: chat template: {reason}")]
+    ChatTemplate { model: String, reason: String },
+    #[error("model `{model}`: inference failed: {reason}")]
+    Inference { model: String, reason: String },
+}
+
+/// What a model does: generate text or embed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// A causal language model in a GGUF file.
+    Llm,
+    /// A sentence-embedding model in a Hugging Face directory.
+    Embedding,
+}
+
+impl ModelKind {
+    /// Lower-case name used in messages and the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Llm => "llm",
+            ModelKind::Embedding => "embedding",
+        }
+    }
+}
+
+/// One verified file of a version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigest {
+    /// Name as the manifest pins it (e.g. `model.safetensors`).
+    pub name: String,
+    /// Where it was read from.
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// The loaded weights of one version.
+// One value per loaded version, never moved in a hot path: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum LoadedModel {
+    Llm(Llm),
+    Embedding(Embedder),
+}
+
+/// One loaded, immutable version of a model. Requests hold it through an `Arc` from
+/// admission to their last byte, so a version lives exactly as long as someone uses it.
+pub struct ModelVersion {
+    /// Model name from the manifest.
+    pub name: String,
+    /// Content hash of the files: first 16 hex digits of a sha256 over their digests.
+    pub version: String,
+    /// Position of this version in the model's history of activations (1 = first load).
+    pub generation: u64,
+    /// The source as configured (a path or an `hf://` URI).
+    pub source: String,
+    pub files: Vec<FileDigest>,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub loaded_at: SystemTime,
+    /// Bytes of weights held on the device.
+    pub weight_bytes: u64,
+    pub defaults: ModelDefaults,
+    pub model: LoadedModel,
+    in_flight: AtomicU64,
+}
+
+impl ModelVersion {
+    pub fn kind(&self) -> ModelKind {
+        match self.model {
+            LoadedModel::Llm(_) => ModelKind::Llm,
+            LoadedModel::Embedding(_) => ModelKind::Embedding,
+        }
+    }
+
+    /// Requests holding this version right now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn enter(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn exit(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Context length in tokens (prompt + completion for LLMs, input for embedders).
+    pub fn context_length(&self) -> usize {
+        match &self.model {
+            LoadedModel::Llm(m) => m.context_length,
+            LoadedModel::Embedding(m) => m.max_tokens,
+        }
+    }
+}
+
+impl std::fmt::Debug for ModelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelVersion")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("generation", &self.generation)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves, verifies and loads one version of `spec` onto `device`. Blocking: call it from a
+/// blocking thread. The returned version has no requests yet.
+pub fn load_version(
+    spec: &ModelSpec,
+    files: Vec<(String, PathBuf)>,
+    device: &crate::device::Device,
+    generation: u64,
+) -> Result<ModelVersion, ModelError> {
+    let digests = verify::verify_files(&spec.name, &files, &spec.sha256)?;
+    let version = verify::version_id(&digests);
+    let ctx = spec.defaults.context_length;
+    let (model, weight_bytes) = match spec.kind {
+        ModelKind::Llm => {
+            let llm = Llm::load(&spec.name, &digests[0].path, device.candle(), ctx)?;
+            let bytes = llm.weight_bytes;
+            (LoadedModel::Llm(llm), bytes)
+        }
+        ModelKind::Embedding => {
+            let dir = digests[0]
+                .path
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            let emb = Embedder::load(&spec.name, &dir, device.candle(), ctx)?;
+            let bytes = emb.weight_bytes;
+            (LoadedModel::Embedding(emb), bytes)
+        }
+    };
+    Ok(ModelVersion {
+        name: spec.name.clone(),
+        version,
+        generation,
+        source: spec.source.clone(),
+        files: digests,
+        device: device.label(),
+        loaded_at: SystemTime::now(),
+        weight_bytes,
+        defaults: spec.defaults.clone(),
+        model,
+        in_flight: AtomicU64::new(0),
+    })
+}

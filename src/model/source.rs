@@ -1,0 +1,253 @@
+//! Where a version's files come from: a path inside the models root, or an
+//! `hf://owner/repo[@revision]/path` URI resolved through hf-hub's standard cache.
+use std::path::{Path, PathBuf};
+
+use super::{ModelError, ModelKind};
+
+/// Files an embedding model directory must hold.
+pub const EMBEDDING_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
+/// A parsed model source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A file (LLM) or directory (embedding model), relative to the models root or absolute.
+    Local(PathBuf),
+    /// A file or folder of a Hugging Face model repository.
+    Hf {
+        repo: String,
+        revision: Option<String>,
+        path: String,
+    },
+}
+
+impl Source {
+    /// Parses `hf://owner/repo[@revision][/path]` or a plain path.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty source".into());
+        }
+        let Some(rest) = s.strip_prefix("hf://") else {
+            return Ok(Source::Local(PathBuf::from(s)));
+        };
+        let mut parts = rest.splitn(3, '/');
+        let owner = parts.next().unwrap_or_default();
+        let repo_rev = parts.next().unwrap_or_default();
+        let path = parts
+            .next()
+            .unwrap_or_default()
+            .trim_matches('/')
+            .to_string();
+        let (name, revision) = match repo_rev.split_once('@') {
+            Some((n, r)) if !r.is_empty() => (n, Some(r.to_string())),
+            Some(_) => return Err(format!("`{s}`: empty revision after `@`")),
+            None => (repo_rev, None),
+        };
+        if owner.is_empty() || name.is_empty() {
+            return Err(format!("`{s}`: expected hf://owner/repo[@revision]/path"));
+        }
+        if path.split('/').any(|p| p == "..") {
+            return Err(format!("`{s}`: `..` is not allowed in a repository path"));
+        }
+        Ok(Source::Hf {
+            repo: format!("{owner}/{name}"),
+            revision,
+            path,
+        })
+    }
+}
+
+/// Resolves sources to local files.
+#[derive(Debug, Clone)]
+pub struct Resolver {
+    /// Canonical models root; local sources must resolve inside it.
+    pub root: PathBuf,
+    /// Hugging Face cache directory; `None` uses hf-hub's default (`HF_HUB_CACHE`, `HF_HOME`).
+    pub hf_cache: Option<PathBuf>,
+    /// Resolve `hf://` sources from the cache only, never over the network.
+    pub hf_offline: bool,
+}
+
+impl Resolver {
+    /// The `(name, path)` of every file the version consists of: the GGUF file of an LLM, or
+    /// the [`EMBEDDING_FILES`] of an embedding model.
+    pub async fn resolve(
+        &self,
+        model: &str,
+        kind: ModelKind,
+        source: &str,
+    ) -> Result<Vec<(String, PathBuf)>, ModelError> {
+        let src_err = |reason: String| ModelError::Source {
+            model: model.to_string(),
+            source_uri: source.to_string(),
+            reason,
+        };
+        match Source::parse(source).map_err(src_err)? {
+            Source::Local(p) => self.resolve_local(model, kind, &p),
+            Source::Hf {
+                repo,
+                revision,
+                path,
+            } => {
+                let names: Vec<String> = match kind {
+                    ModelKind::Llm if path.is_empty() => {
+                        return Err(src_err("an LLM source must name the .gguf file".into()))
+                    }
+                    ModelKind::Llm => vec![path.clone()],
+                    ModelKind::Embedding => EMBEDDING_FILES
+                        .iter()
+                        .map(|f| {
+                            if path.is_empty() {
+                                f.to_string()
+                            } else {
+                                format!("{path}/{f}")
+                            }
+                        })
+                        .collect(),
+                };
+                let mut out = Vec::new();
+                for name in names {
+                    let local = self
+                        .hf_file(&repo, revision.as_deref(), &name)
+                        .await
+                        .map_err(|e| src_err(format!("{name}: {e}")))?;
+                    let base = name.rsplit('/').next().unwrap_or(&name).to_string();
+                    out.push((base, local));
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn resolve_local(
+        &self,
+        model: &str,
+        kind: ModelKind,
+        p: &Path,
+    ) -> Result<Vec<(String, PathBuf)>, ModelError> {
+        let joined = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.root.join(p)
+        };
+        let canonical = joined.canonicalize().map_err(|_| ModelError::Missing {
+            model: model.to_string(),
+            path: joined.clone(),
+        })?;
+        if !canonical.starts_with(&self.root) {
+            return Err(ModelError::OutsideRoot {
+                model: model.to_string(),
+                path: canonical,
+                root: self.root.clone(),
+            });
+        }
+        match kind {
+            ModelKind::Llm => {
+                let name = canonical
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Ok(vec![(name, canonical)])
+            }
+            ModelKind::Embedding => {
+                if !canonical.is_dir() {
+                    return Err(ModelError::Source {
+                        model: model.to_string(),
+                        source_uri: p.display().to_string(),
+                        reason: "an embedding model source must be a directory".into(),
+                    });
+                }
+                Ok(EMBEDDING_FILES
+                    .iter()
+                    .map(|f| (f.to_string(), canonical.join(f)))
+                    .collect())
+            }
+        }
+    }
+
+    async fn hf_file(
+        &self,
+        repo: &str,
+        revision: Option<&str>,
+        file: &str,
+    ) -> Result<PathBuf, String> {
+        let mut builder = hf_hub::HFClient::builder();
+        if let Some(cache) = &self.hf_cache {
+            builder = builder.cache_dir(cache.clone());
+        }
+        let client = builder.build().map_err(|e| e.to_string())?;
+        let (owner, name) = repo.split_once('/').unwrap_or((repo, ""));
+        client
+            .model(owner, name)
+            .download_file()
+            .filename(file)
+            .maybe_revision(revision.map(str::to_string))
+            .local_files_only(self.hf_offline)
+            .send()
+            .await
+            .map_err(|e| {
+                if self.hf_offline {
+                    format!("not in the Hugging Face cache (offline mode): {e}")
+                } else {
+                    e.to_string()
+                }
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hf_uris_and_paths() {
+        assert_eq!(
+            Source::parse("hf://HuggingFaceTB/SmolLM2@abc123/q/m.gguf").unwrap(),
+            Source::Hf {
+                repo: "HuggingFaceTB/SmolLM2".into(),
+                revision: Some("abc123".into()),
+                path: "q/m.gguf".into()
+            }
+        );
+        assert_eq!(
+            Source::parse("hf://sentence-transformers/all-MiniLM-L6-v2").unwrap(),
+            Source::Hf {
+                repo: "sentence-transformers/all-MiniLM-L6-v2".into(),
+                revision: None,
+                path: String::new()
+            }
+        );
+        assert_eq!(
+            Source::parse("a/b.gguf").unwrap(),
+            Source::Local("a/b.gguf".into())
+        );
+        for bad in ["", "hf://", "hf://owner", "hf://o/r@/x", "hf://o/r/../x"] {
+            assert!(Source::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn local_paths_must_stay_inside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(dir.path().join("outside.gguf"), b"x").unwrap();
+        std::fs::write(root.join("inside.gguf"), b"x").unwrap();
+        let r = Resolver {
+            root: root.canonicalize().unwrap(),
+            hf_cache: None,
+            hf_offline: true,
+        };
+        assert!(r.resolve("m", ModelKind::Llm, "inside.gguf").await.is_ok());
+        let e = r
+            .resolve("m", ModelKind::Llm, "../outside.gguf")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ModelError::OutsideRoot { .. }), "{e}");
+        let e = r
+            .resolve("m", ModelKind::Llm, "nope.gguf")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ModelError::Missing { .. }), "{e}");
+    }
+}

@@ -1,0 +1,190 @@
+//! The tokenizer of a GGUF model, built from its metadata so that ids equal llama.cpp's, plus
+//! the raw bytes of every token for incremental, always-valid UTF-8 decoding.
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::Tokenizer;
+
+/// GGUF token types (llama.cpp's `llama_token_type`) that never appear in generated text:
+/// unknown (2), control (3) and unused (5). User-defined tokens (4) are text.
+const HIDDEN_TOKEN_TYPES: [i64; 3] = [2, 3, 5];
+
+/// Token texts llama.cpp also treats as end of generation when the vocabulary has them.
+const END_OF_GENERATION_TEXTS: [&str; 4] = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"];
+
+/// A byte-level BPE tokenizer read from GGUF metadata.
+pub struct GgufTokenizer {
+    pub inner: Tokenizer,
+    /// Raw bytes each token stands for; empty for tokens hidden from output.
+    token_bytes: Vec<Vec<u8>>,
+    /// Ids that end generation (eos, eot and the usual chat terminators).
+    pub end_of_generation: Vec<u32>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// The `tokenizer.ggml.pre` name the pre-tokenizer was chosen by.
+    pub pre: String,
+}
+
+fn meta_u32(ct: &Content, key: &str) -> Option<u32> {
+    ct.metadata.get(key).and_then(|v| v.to_u32().ok())
+}
+
+fn int_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::I32(x) => Some(*x as i64),
+        Value::U32(x) => Some(*x as i64),
+        Value::I8(x) => Some(*x as i64),
+        Value::U8(x) => Some(*x as i64),
+        Value::I16(x) => Some(*x as i64),
+        Value::U16(x) => Some(*x as i64),
+        Value::I64(x) => Some(*x),
+        Value::U64(x) => Some(*x as i64),
+        _ => None,
+    }
+}
+
+/// GPT-2's reversible map from bytes to printable characters, inverted: char → byte.
+fn byte_decoder() -> std::collections::HashMap<char, u8> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    bs.into_iter()
+        .zip(cs)
+        .filter_map(|(b, c)| char::from_u32(c).map(|c| (c, b as u8)))
+        .collect()
+}
+
+impl GgufTokenizer {
+    /// Builds the tokenizer from `ct`'s metadata. Errors name the missing or bad key.
+    pub fn from_gguf(ct: &Content) -> Result<Self, String> {
+        let mut inner = Tokenizer::from_gguf(ct).map_err(|e| e.to_string())?;
+        let pre = ct
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_else(|| "default".to_string());
+        if pre == "smollm" {
+            // candle falls back to GPT-2's pre-tokenizer for names it does not know, which
+            // adds a prefix space ("The" → "ĠThe") and groups digits. SmolLM's own
+            // tokenizer.json splits every digit, then applies byte-level BPE with no prefix
+            // space; with that pipeline the ids equal llama.cpp's.
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])));
+            inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
+        }
+        let tokens = ct
+            .metadata
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .ok_or("missing GGUF metadata key `tokenizer.ggml.tokens`")?;
+        let types: Vec<i64> = ct
+            .metadata
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.iter().map(|t| int_of(t).unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let decoder = byte_decoder();
+        let mut token_bytes = Vec::with_capacity(tokens.len());
+        let mut texts = Vec::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            let text = t
+                .to_string()
+                .map_err(|_| format!("token {i} is not a string"))?;
+            let hidden = types
+                .get(i)
+                .is_some_and(|ty| HIDDEN_TOKEN_TYPES.contains(ty));
+            let bytes = if hidden {
+                Vec::new()
+            } else if text.chars().all(|c| decoder.contains_key(&c)) {
+                text.chars().map(|c| decoder[&c]).collect()
+            } else {
+                // Added tokens are stored as plain text, not byte-level characters.
+                text.as_bytes().to_vec()
+            };
+            token_bytes.push(bytes);
+            texts.push(text.as_str());
+        }
+        let bos = meta_u32(ct, "tokenizer.ggml.bos_token_id");
+        let eos = meta_u32(ct, "tokenizer.ggml.eos_token_id");
+        let mut end_of_generation: Vec<u32> = [eos, meta_u32(ct, "tokenizer.ggml.eot_token_id")]
+            .into_iter()
+            .flatten()
+            .collect();
+        for (i, t) in texts.iter().enumerate() {
+            if END_OF_GENERATION_TEXTS.contains(t) && !end_of_generation.contains(&(i as u32)) {
+                end_of_generation.push(i as u32);
+            }
+        }
+        let name = |id: Option<u32>| id.and_then(|i| texts.get(i as usize).map(|s| s.to_string()));
+        Ok(Self {
+            bos_token: name(bos),
+            eos_token: name(eos),
+            inner,
+            token_bytes,
+            end_of_generation,
+            pre,
+        })
+    }
+
+    /// Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) are
+    /// recognized, as llama.cpp does with `special = true`; no BOS is added unless the
+    /// GGUF asks for it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The raw bytes token `id` contributes to the output (empty for control tokens).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes
+            .get(id as usize)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Vocabulary size as the GGUF lists it.
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+
+    /// Decodes ids to text through the byte table (lossy only for incomplete UTF-8).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i).iter().copied())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_decoder_covers_all_bytes() {
+        let d = byte_decoder();
+        assert_eq!(d.len(), 256);
+        assert_eq!(d[&'Ġ'], b' ');
+        assert_eq!(d[&'Ċ'], b'\n');
+        assert_eq!(d[&'A'], b'A');
+    }
+}

@@ -1,0 +1,114 @@
+//! Which version of each model is active. A slot holds the active version in an `ArcSwap`;
+//! a request takes the `Arc` once, at admission, through a [`Lease`] that it keeps until its
+//! last byte, so a request is served wholly by one version however often the slot changes.
+use std::sync::{Arc, RwLock};
+
+use arc_swap::ArcSwapOption;
+
+use crate::error::{Error, Result};
+use crate::manifest::ModelSpec;
+use crate::model::{ModelKind, ModelVersion};
+
+/// One served model name and its active version.
+pub struct Slot {
+    pub spec: ModelSpec,
+    active: ArcSwapOption<ModelVersion>,
+}
+
+impl Slot {
+    /// The active version, if any (one atomic load; never blocks a swap).
+    pub fn active(&self) -> Option<Arc<ModelVersion>> {
+        self.active.load_full()
+    }
+
+    /// Makes `version` active and returns the version it replaced.
+    pub fn activate(&self, version: Arc<ModelVersion>) -> Option<Arc<ModelVersion>> {
+        self.active.swap(Some(version))
+    }
+}
+
+/// A request's hold on one version: counts as in flight on it until dropped.
+pub struct Lease {
+    version: Arc<ModelVersion>,
+}
+
+impl Lease {
+    fn new(version: Arc<ModelVersion>) -> Self {
+        version.enter();
+        Self { version }
+    }
+
+    /// The version this request is served by.
+    pub fn version(&self) -> &Arc<ModelVersion> {
+        &self.version
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.version.exit();
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = ModelVersion;
+    fn deref(&self) -> &ModelVersion {
+        &self.version
+    }
+}
+
+/// All served models, in manifest order.
+#[derive(Default)]
+pub struct Registry {
+    // A read lock per request is uncontended: writers only add model names, which is rare.
+    slots: RwLock<Vec<Arc<Slot>>>,
+}
+
+impl Registry {
+    /// Adds a slot for `spec` (no version yet) and returns it; an existing slot is returned as is.
+    pub fn slot_for(&self, spec: &ModelSpec) -> Arc<Slot> {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slots.iter().find(|s| s.spec.name == spec.name) {
+            return s.clone();
+        }
+        let slot = Arc::new(Slot {
+            spec: spec.clone(),
+            active: ArcSwapOption::empty(),
+        });
+        slots.push(slot.clone());
+        slot
+    }
+
+    /// The slot named `name`.
+    pub fn slot(&self, name: &str) -> Result<Arc<Slot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|s| s.spec.name == name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownModel(name.to_string()))
+    }
+
+    /// Every slot, in manifest order.
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Leases the active version of `name`, which must be of `kind` for `rpc`.
+    pub fn lease(&self, name: &str, kind: ModelKind, rpc: &'static str) -> Result<Lease> {
+        let slot = self.slot(name)?;
+        if slot.spec.kind != kind {
+            return Err(Error::WrongKind {
+                model: name.to_string(),
+                rpc,
+                expected: kind.as_str(),
+                actual: slot.spec.kind.as_str(),
+            });
+        }
+        let version = slot
+            .active()
+            .ok_or_else(|| Error::NotReady(name.to_string()))?;
+        Ok(Lease::new(version))
+    }
+}

@@ -1,0 +1,154 @@
+//! The server: opens the device, loads every configured model, then serves gRPC
+//! (inference, health, reflection) on an already-bound listener until `shutdown` resolves.
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::device::{self, Device, DeviceError};
+use crate::engine::Engine;
+use crate::manifest::ModelSpec;
+use crate::model::{self, ModelError, ModelVersion, Resolver};
+use crate::proto::inference_server::InferenceServer;
+use crate::registry::Registry;
+use crate::service::inference::InferenceService;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// A started server: device open, models loaded, not yet serving.
+pub struct Server {
+    pub config: Config,
+    pub registry: Arc<Registry>,
+    pub engine: Engine,
+    pub device: Device,
+    pub resolver: Resolver,
+}
+
+impl Server {
+    /// Opens the device and loads every model of the manifest; any failure is returned
+    /// before a request could see a half-loaded server.
+    pub async fn start(config: Config) -> Result<Self, ServerError> {
+        let (device, fallback) = device::open(config.device)?;
+        match fallback {
+            Some(why) => tracing::info!(device = %device.label(), reason = %why, "using the CPU"),
+            None => tracing::info!(device = %device.label(), "device opened"),
+        }
+        let resolver = Resolver {
+            root: config.models_root.clone(),
+            hf_cache: config.hf_cache.clone(),
+            hf_offline: config.hf_offline,
+        };
+        let registry = Arc::new(Registry::default());
+        let mut loads = tokio::task::JoinSet::new();
+        for spec in config.manifest.models.clone() {
+            let (resolver, device) = (resolver.clone(), device.clone());
+            loads.spawn(async move { load(&spec, &resolver, &device, 1).await.map(|v| (spec, v)) });
+        }
+        let mut loaded = Vec::new();
+        while let Some(res) = loads.join_next().await {
+            loaded.push(res.map_err(|e| ServerError::Internal(e.to_string()))??);
+        }
+        // Slots are created in manifest order so ListModels and CLI defaults follow it.
+        for spec in &config.manifest.models {
+            if let Some((_, v)) = loaded.iter().find(|(s, _)| s.name == spec.name) {
+                registry.slot_for(spec).activate(v.clone());
+            }
+        }
+        let engine = Engine::new(config.limits);
+        Ok(Self {
+            config,
+            registry,
+            engine,
+            device,
+            resolver,
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then lets open streams finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::Serving).await;
+        health
+            .set_serving::<InferenceServer<InferenceService>>()
+            .await;
+        for slot in self.registry.slots() {
+            let status = if slot.active().is_some() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(&slot.spec.name, status).await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let inference = InferenceServer::new(InferenceService {
+            registry: self.registry.clone(),
+            engine: self.engine.clone(),
+        })
+        .max_decoding_message_size(self.config.limits.max_request_bytes);
+        let addr = listener.local_addr().ok();
+        tracing::info!(addr = ?addr, models = self.registry.slots().len(), "serving");
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(inference)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        tracing::info!("server stopped");
+        Ok(())
+    }
+}
+
+/// Resolves, verifies and loads one version of `spec` (verification and loading run on a
+/// blocking thread).
+pub async fn load(
+    spec: &ModelSpec,
+    resolver: &Resolver,
+    device: &Device,
+    generation: u64,
+) -> Result<Arc<ModelVersion>, ModelError> {
+    let started = std::time::Instant::now();
+    let files = resolver
+        .resolve(&spec.name, spec.kind, &spec.source)
+        .await?;
+    let (spec2, device2) = (spec.clone(), device.clone());
+    let version = tokio::task::spawn_blocking(move || {
+        model::load_version(&spec2, files, &device2, generation)
+    })
+    .await
+    .map_err(|e| ModelError::Inference {
+        model: spec.name.clone(),
+        reason: format!("loader thread: {e}"),
+    })??;
+    tracing::info!(
+        model = %version.name,
+        version = %version.version,
+        device = %version.device,
+        weight_bytes = version.weight_bytes,
+        secs = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(Arc::new(version))
+}

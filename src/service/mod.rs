@@ -1,0 +1,94 @@
+//! gRPC services: they translate protobuf to domain types and back, and nothing else.
+//! [`status`] is the one place a domain error becomes a gRPC status.
+pub mod convert;
+pub mod inference;
+
+use std::time::{Duration, Instant};
+
+use tonic::{Code, Status};
+
+use crate::error::Error;
+use crate::model::ModelError;
+
+/// The gRPC status for a domain error.
+pub fn status(e: Error) -> Status {
+    let code = match &e {
+        Error::UnknownModel(_) => Code::NotFound,
+        Error::WrongKind { .. } | Error::InvalidArgument(_) | Error::PromptTooLong { .. } => {
+            Code::InvalidArgument
+        }
+        Error::Overloaded(_) => Code::ResourceExhausted,
+        Error::NotReady(_) => Code::Unavailable,
+        Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        Error::Model(m) => match m {
+            // The request's content could not be rendered or tokenized.
+            ModelError::ChatTemplate { .. } | ModelError::Tokenizer { .. } => Code::InvalidArgument,
+            ModelError::Inference { .. } => Code::Internal,
+            _ => Code::FailedPrecondition,
+        },
+        Error::Internal(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// The caller's deadline from the `grpc-timeout` header, if it sent one.
+pub fn deadline<T>(req: &tonic::Request<T>) -> Option<Instant> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(v).map(|d| Instant::now() + d)
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn every_error_gets_its_code() {
+        let cases = [
+            (Error::UnknownModel("x".into()), Code::NotFound),
+            (Error::InvalidArgument("x".into()), Code::InvalidArgument),
+            (
+                Error::PromptTooLong {
+                    model: "m".into(),
+                    tokens: 9,
+                    max: 8,
+                },
+                Code::InvalidArgument,
+            ),
+            (Error::Overloaded("x".into()), Code::ResourceExhausted),
+            (Error::NotReady("x".into()), Code::Unavailable),
+            (Error::DeadlineExceeded("x".into()), Code::DeadlineExceeded),
+            (Error::Internal("x".into()), Code::Internal),
+        ];
+        for (e, code) in cases {
+            assert_eq!(status(e).code(), code);
+        }
+    }
+}
