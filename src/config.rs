@@ -143,6 +143,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// A configuration with every default, serving `manifest` from `models_root` (which must
+    /// exist) on the CPU: what tests and embedders start from.
+    pub fn with_manifest(models_root: &Path, manifest: Manifest) -> std::io::Result<Self> {
+        let models_root = models_root.canonicalize()?;
+        Ok(Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            manifest_path: models_root.join("models.toml"),
+            models_root,
+            manifest,
+            device: DeviceRequest::Cpu,
+            limits: Limits::default(),
+            hf_cache: None,
+            hf_offline: true,
+            log_format: LogFormat::Text,
+        })
+    }
+
     /// Merges file, environment and flags and validates the result.
     pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {

@@ -1,0 +1,160 @@
+//! Test helpers: a real swapd server on a loopback port chosen by the OS, stopped when the
+//! handle drops, and clients for it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use swapd::config::Config;
+use swapd::manifest::Manifest;
+use swapd::proto::inference_client::InferenceClient;
+use swapd::proto::{self, generate_request::Input, generate_response::Event};
+use swapd::registry::Registry;
+use swapd::server::Server;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// The repository's models directory (filled by scripts/fetch-models.sh).
+pub fn repo_models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+/// Config serving the real models of the repo's manifest; panics with the fix if they are
+/// missing.
+pub fn real_config() -> Config {
+    let root = repo_models();
+    let manifest = Manifest::load(&root.join("models.toml")).expect("models/models.toml");
+    for m in &manifest.models {
+        for file in m.sha256.keys() {
+            let dir = match m.kind {
+                swapd::model::ModelKind::Llm => {
+                    root.join(&m.source).parent().unwrap().to_path_buf()
+                }
+                swapd::model::ModelKind::Embedding => root.join(&m.source),
+            };
+            assert!(
+                dir.join(file).is_file(),
+                "{} is missing: run scripts/fetch-models.sh first",
+                dir.join(file).display()
+            );
+        }
+    }
+    Config::with_manifest(&root, manifest).unwrap()
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    pub engine: swapd::engine::Engine,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let server = Server::start(config).await.expect("server starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let registry = server.registry.clone();
+        let engine = server.engine.clone();
+        tokio::spawn(async move {
+            server
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("server runs");
+        });
+        Self {
+            addr,
+            registry,
+            engine,
+            shutdown: Some(tx),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn client(&self) -> InferenceClient<Channel> {
+        InferenceClient::new(self.channel().await)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A greedy raw-prompt request.
+pub fn greedy(model: &str, prompt: &str, max_tokens: u32) -> proto::GenerateRequest {
+    proto::GenerateRequest {
+        model: model.into(),
+        input: Some(Input::Prompt(prompt.into())),
+        sampling: Some(proto::SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        return_token_ids: true,
+    }
+}
+
+/// A whole generation collected from its stream.
+#[derive(Debug, Clone, Default)]
+pub struct Collected {
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// Every version reference the stream carried, one per message.
+    pub versions: Vec<proto::VersionRef>,
+    pub finished: Option<proto::Finished>,
+}
+
+pub async fn collect(
+    client: &mut InferenceClient<Channel>,
+    req: proto::GenerateRequest,
+) -> Result<Collected, tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = Collected::default();
+    while let Some(msg) = stream.message().await? {
+        out.versions.push(
+            msg.version
+                .clone()
+                .expect("every message names its version"),
+        );
+        match msg.event {
+            Some(Event::Delta(d)) => {
+                out.text.push_str(&d.text);
+                out.ids.extend(d.token_ids);
+            }
+            Some(Event::Finished(f)) => out.finished = Some(f),
+            None => panic!("message without an event"),
+        }
+    }
+    Ok(out)
+}
+
+/// Resident set size of this process in bytes (Linux).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
