@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     tonic_prost_build::configure()
+        .codec_path("crate::service::codec::SwapdCodec")
         .file_descriptor_set_path(out_dir.join("swapd_v1_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
     Ok(())

@@ -6,6 +6,7 @@ pub mod llm;
 pub mod sampling;
 pub mod source;
 pub mod stream;
+pub mod synth;
 pub mod tokenizer;
 pub mod verify;
 

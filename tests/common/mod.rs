@@ -158,3 +158,57 @@ pub fn rss_bytes() -> u64 {
         .unwrap();
     kb * 1024
 }
+
+/// sha256 of a file.
+pub fn sha(path: &Path) -> String {
+    swapd::model::verify::sha256_file(path).unwrap().0
+}
+
+/// Writes a tiny LLM (`tiny-llm`, context 256) and a tiny BERT (`tiny-bert`) under `dir`,
+/// with a manifest pinning them, and returns the config serving them.
+pub fn tiny_config(dir: &Path) -> Config {
+    use swapd::model::synth;
+    let gguf = dir.join("tiny-llm").join("tiny.gguf");
+    std::fs::create_dir_all(gguf.parent().unwrap()).unwrap();
+    synth::write_tiny_llama_gguf(
+        &gguf,
+        &synth::TinyLlm {
+            seed: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let bert = dir.join("tiny-bert");
+    synth::write_tiny_bert(&bert, &synth::TinyBert::default()).unwrap();
+    let manifest = format!(
+        r#"
+[[model]]
+name = "tiny-llm"
+kind = "llm"
+source = "tiny-llm/tiny.gguf"
+[model.sha256]
+"tiny.gguf" = "{}"
+[model.defaults]
+context_length = 256
+max_tokens = 16
+
+[[model]]
+name = "tiny-bert"
+kind = "embedding"
+source = "tiny-bert"
+[model.sha256]
+"config.json" = "{}"
+"model.safetensors" = "{}"
+"tokenizer.json" = "{}"
+[model.defaults]
+context_length = 64
+"#,
+        sha(&gguf),
+        sha(&bert.join("config.json")),
+        sha(&bert.join("model.safetensors")),
+        sha(&bert.join("tokenizer.json")),
+    );
+    std::fs::write(dir.join("models.toml"), &manifest).unwrap();
+    let manifest = Manifest::load(&dir.join("models.toml")).unwrap();
+    Config::with_manifest(dir, manifest).unwrap()
+}
