@@ -1,0 +1,288 @@
+//! The `swapd` binary as an operator runs it: serve, the client commands, config errors,
+//! startup failures and SIGTERM, against tiny generated models on loopback.
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::tiny_config;
+
+const BIN: &str = env!("CARGO_BIN_EXE_swapd");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `swapd serve` child process, killed on drop.
+struct Served {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `swapd serve` on `root` and waits for its `serving` log line.
+fn serve(root: &Path, extra: &[&str]) -> Served {
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--device", "cpu", "--models-root"])
+        .arg(root)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("swapd serve did not log `serving`");
+        if line.contains("serving") {
+            break;
+        }
+    }
+    Served {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+fn client(url: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--server", url])
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn serve_then_smoke_models_generate_and_embed() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    let s = serve(dir.path(), &[]);
+
+    let out = client(&s.url, &["smoke"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("smoke: all checks passed"));
+
+    let out = client(&s.url, &["models"]);
+    assert!(out.status.success());
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("tiny-llm") && table.contains("tiny-bert") && table.contains("cpu"),
+        "{table}"
+    );
+
+    let out = client(
+        &s.url,
+        &[
+            "generate",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "hello",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary = text(&out.stderr);
+    assert!(
+        summary.contains("tiny-llm version") && summary.contains("completion 5 tokens"),
+        "{summary}"
+    );
+
+    let out = client(&s.url, &["embed", "--json", "hello world"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["dimension"], 32);
+    assert_eq!(v["model"], "tiny-bert");
+    assert_eq!(v["embeddings"][0]["values"].as_array().unwrap().len(), 32);
+}
+
+#[test]
+fn smoke_fails_when_a_check_cannot_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    // Only the LLM is served, so the embedding check must fail.
+    let s = serve(dir.path(), &["--models", "tiny-llm"]);
+    let out = client(&s.url, &["smoke"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("serves no Embedding model"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    let mut s = serve(dir.path(), &[]);
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serve_output(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve").args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    let root = dir.path().to_str().unwrap();
+
+    let out = serve_output(&["--models-root", root, "--device", "gpu"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("device") && text(&out.stderr).contains("`gpu`"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = serve_output(&["--models-root", "/definitely/not/here"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("models_root"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let cfg = dir.path().join("swapd.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nmax_concurent = 3\n").unwrap();
+    let out = serve_output(
+        &["--config", cfg.to_str().unwrap(), "--models-root", root],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("swapd.toml")
+            && err.contains("max_concurent")
+            && err.contains("unknown field"),
+        "{err}"
+    );
+
+    // The environment overrides the file (and is validated the same way).
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\n").unwrap();
+    let out = serve_output(
+        &["--config", cfg.to_str().unwrap(), "--models-root", root],
+        &[("SWAPD_LISTEN", "not-an-address")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("not-an-address"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = serve_output(&["--models-root", root, "--models", "tiny-llm,ghost"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("`ghost` is not in"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_broken_model_fails_startup_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    std::fs::write(dir.path().join("tiny-llm").join("tiny.gguf"), b"garbage").unwrap();
+    let out = serve_output(
+        &[
+            "--models-root",
+            dir.path().to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("startup failed") && err.contains("sha256 mismatch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cuda_without_the_feature_is_a_clear_startup_error() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    let out = serve_output(
+        &[
+            "--models-root",
+            dir.path().to_str().unwrap(),
+            "--device",
+            "cuda",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("built without the `cuda` feature"),
+        "{}",
+        text(&out.stderr)
+    );
+}
