@@ -9,7 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::set_var("PROTOC", protoc);
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["proto/swapd/v1/inference.proto"];
+    let protos = [
+        "proto/swapd/v1/inference.proto",
+        "proto/swapd/v1/control.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

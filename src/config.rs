@@ -86,6 +86,12 @@ pub struct ServeArgs {
     /// text | json [default: text]; the level comes from RUST_LOG (default info).
     #[arg(long, env = "SWAPD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Bearer token that control calls (Reload, Rollback, Status) must carry.
+    #[arg(long, env = "SWAPD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Require the admin token on control calls [default: true]; false turns the check off.
+    #[arg(long, env = "SWAPD_CONTROL_AUTH")]
+    pub control_auth: Option<bool>,
 }
 
 /// The keys a config file may hold (same names as the flags).
@@ -104,6 +110,8 @@ struct FileConfig {
     hf_cache: Option<PathBuf>,
     hf_offline: Option<bool>,
     log_format: Option<LogFormat>,
+    admin_token: Option<String>,
+    control_auth: Option<bool>,
 }
 
 /// Limits that protect the server from overload and oversized input.
@@ -140,6 +148,9 @@ pub struct Config {
     pub hf_cache: Option<PathBuf>,
     pub hf_offline: bool,
     pub log_format: LogFormat,
+    /// Token control calls must carry; never logged.
+    pub admin_token: Option<String>,
+    pub control_auth: bool,
 }
 
 impl Config {
@@ -157,6 +168,8 @@ impl Config {
             hf_cache: None,
             hf_offline: true,
             log_format: LogFormat::Text,
+            admin_token: None,
+            control_auth: true,
         })
     }
 
@@ -270,6 +283,12 @@ impl Config {
             hf_cache: args.hf_cache.clone().or(from_file(file.hf_cache)),
             hf_offline,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            admin_token: args
+                .admin_token
+                .clone()
+                .or(file.admin_token)
+                .filter(|t| !t.is_empty()),
+            control_auth: args.control_auth.or(file.control_auth).unwrap_or(true),
         })
     }
 }

@@ -332,7 +332,7 @@ impl GenJob {
         let mut utf8 = Utf8Stream::default();
         let mut stops = StopMatcher::new(self.stop.clone());
         let mut history = self.prompt.clone();
-        let mut keep_going = || !tx.is_closed() && !self.expired();
+        let mut keep_going = || !tx.is_closed() && !self.expired() && !self.lease.is_cancelled();
         let Some(mut logits) = session.feed(&self.prompt, &mut keep_going)? else {
             return self.interrupted(tx);
         };
@@ -409,9 +409,19 @@ impl GenJob {
         Ok(())
     }
 
-    /// Generation stopped early: the client left (nothing to send) or the deadline passed.
+    /// Generation stopped early: the client left (nothing to send), the deadline passed, or
+    /// a drain with the cancel policy ended the version.
     fn interrupted(&self, tx: &mpsc::Sender<Result<GenEvent>>) -> Result<()> {
-        if self.expired() && !tx.is_closed() {
+        if tx.is_closed() {
+            return Ok(());
+        }
+        if self.lease.is_cancelled() {
+            return Err(Error::Drained {
+                model: self.lease.name.clone(),
+                version: self.lease.version.clone(),
+            });
+        }
+        if self.expired() {
             return Err(Error::DeadlineExceeded("generating".into()));
         }
         Ok(())

@@ -32,6 +32,22 @@ pub enum Error {
     /// The model is configured but no version of it is loaded.
     #[error("model `{0}` has no active version")]
     NotReady(String),
+    /// The request's version was replaced and the drain deadline ended it (retry: the new
+    /// version serves).
+    #[error("model `{model}` version {version} was replaced and its drain deadline passed; retry to be served by the new version")]
+    Drained { model: String, version: String },
+    /// A reload of this model is already running.
+    #[error("{0}")]
+    ReloadBusy(String),
+    /// A compare-and-swap or state condition did not hold.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Not enough memory for what was asked.
+    #[error("{0}")]
+    OutOfMemory(String),
+    /// The control call carried no valid admin token.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The caller's deadline passed.
     #[error("deadline exceeded after {0}")]
     DeadlineExceeded(String),

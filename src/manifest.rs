@@ -36,6 +36,45 @@ impl Default for ModelDefaults {
     }
 }
 
+/// One golden expectation: greedy generation of `prompt` must contain `contains` and/or
+/// start with the token ids `token_prefix`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Golden {
+    pub prompt: String,
+    #[serde(default)]
+    pub contains: Option<String>,
+    #[serde(default)]
+    pub token_prefix: Vec<u32>,
+}
+
+/// Pre-flight checks a new version must pass before it becomes active.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreflightSpec {
+    /// LLM prompts that must each generate non-empty text (greedy).
+    pub prompts: Vec<String>,
+    /// Tokens generated per prompt.
+    pub max_tokens: u32,
+    /// Each prompt's generation must finish within this many milliseconds.
+    pub latency_budget_ms: u64,
+    pub golden: Vec<Golden>,
+    /// Texts an embedding model must embed to finite unit vectors.
+    pub texts: Vec<String>,
+}
+
+impl Default for PreflightSpec {
+    fn default() -> Self {
+        Self {
+            prompts: vec!["Hello".into()],
+            max_tokens: 4,
+            latency_budget_ms: 10_000,
+            golden: Vec::new(),
+            texts: vec!["Hello world".into()],
+        }
+    }
+}
+
 /// Where the fetch script takes a model from; the server ignores it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +96,8 @@ pub struct ModelSpec {
     pub sha256: BTreeMap<String, String>,
     #[serde(default)]
     pub defaults: ModelDefaults,
+    #[serde(default)]
+    pub preflight: PreflightSpec,
     #[serde(default)]
     pub fetch: Option<FetchSpec>,
 }

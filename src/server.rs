@@ -13,7 +13,10 @@ use crate::engine::Engine;
 use crate::manifest::ModelSpec;
 use crate::model::{self, ModelError, ModelVersion, Resolver};
 use crate::proto::inference_server::InferenceServer;
+use crate::proto::model_control_server::ModelControlServer;
+use crate::registry::reload::Reloader;
 use crate::registry::Registry;
+use crate::service::control::{AdminAuth, ControlService};
 use crate::service::inference::InferenceService;
 
 /// Why the server could not start or stopped with an error.
@@ -38,12 +41,14 @@ pub struct Server {
     pub engine: Engine,
     pub device: Device,
     pub resolver: Resolver,
+    pub reloader: Reloader,
 }
 
 impl Server {
     /// Opens the device and loads every model of the manifest; any failure is returned
     /// before a request could see a half-loaded server.
     pub async fn start(config: Config) -> Result<Self, ServerError> {
+        crate::memory::configure_allocator();
         let (device, fallback) = device::open(config.device)?;
         match fallback {
             Some(why) => tracing::info!(device = %device.label(), reason = %why, "using the CPU"),
@@ -67,16 +72,24 @@ impl Server {
         // Slots are created in manifest order so ListModels and CLI defaults follow it.
         for spec in &config.manifest.models {
             if let Some((_, v)) = loaded.iter().find(|(s, _)| s.name == spec.name) {
-                registry.slot_for(spec).activate(v.clone());
+                let slot = registry.slot_for(spec);
+                slot.state().generation = v.generation();
+                slot.activate(v.clone());
             }
         }
         let engine = Engine::new(config.limits);
+        let reloader = Reloader {
+            registry: registry.clone(),
+            resolver: resolver.clone(),
+            device: device.clone(),
+        };
         Ok(Self {
             config,
             registry,
             engine,
             device,
             resolver,
+            reloader,
         })
     }
 
@@ -108,12 +121,26 @@ impl Server {
             engine: self.engine.clone(),
         })
         .max_decoding_message_size(self.config.limits.max_request_bytes);
+        let auth = AdminAuth {
+            token: self.config.admin_token.clone(),
+            required: self.config.control_auth,
+        };
+        if auth.required && auth.token.is_none() {
+            tracing::warn!("no admin token configured: control calls (reload, rollback, status) will be refused");
+        }
+        let control = ModelControlServer::with_interceptor(
+            ControlService {
+                reloader: self.reloader.clone(),
+            },
+            auth,
+        );
         let addr = listener.local_addr().ok();
         tracing::info!(addr = ?addr, models = self.registry.slots().len(), "serving");
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(inference)
+            .add_service(control)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await?;
         tracing::info!("server stopped");

@@ -286,3 +286,61 @@ fn cuda_without_the_feature_is_a_clear_startup_error() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn reload_rollback_and_status_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    let s = serve(dir.path(), &["--admin-token", "s3cret"]);
+    let admin = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--server", &s.url])
+            .env("SWAPD_ADMIN_TOKEN", "s3cret")
+            .output()
+            .unwrap()
+    };
+    let out = admin(&["reload", "tiny-llm", "--keep-previous"]);
+    let o = text(&out.stdout);
+    assert!(out.status.success(), "{o}{}", text(&out.stderr));
+    assert!(
+        o.contains("preflight") && o.contains("committed") && o.contains("(generation 2)"),
+        "{o}"
+    );
+
+    let out = admin(&["status"]);
+    let o = text(&out.stdout);
+    assert!(
+        out.status.success() && o.contains("tiny-llm") && o.contains("(resident)"),
+        "{o}"
+    );
+
+    let out = admin(&["rollback", "tiny-llm"]);
+    let o = text(&out.stdout);
+    assert!(
+        out.status.success() && o.contains("(generation 3)") && !o.contains("load "),
+        "{o}"
+    );
+
+    let out = admin(&[
+        "reload",
+        "tiny-llm",
+        "--sha256",
+        &format!("tiny.gguf={}", "0".repeat(64)),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stdout).contains("not committed: failed in verify"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Without the token the call is refused.
+    let out = client(&s.url, &["status"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("admin token"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -72,7 +72,7 @@ pub struct SmokeArgs {
     pub embed_model: Option<String>,
 }
 
-async fn channel(conn: &Conn) -> Result<Channel> {
+pub(crate) async fn channel(conn: &Conn) -> Result<Channel> {
     Channel::from_shared(conn.server.clone())
         .with_context(|| format!("bad server URL `{}`", conn.server))?
         .connect()

@@ -1,4 +1,5 @@
 //! The command line: `swapd serve` and the client commands operators and scripts use.
+pub mod admin;
 pub mod client;
 
 use std::process::ExitCode;
@@ -28,6 +29,12 @@ pub enum Command {
     Models(client::Conn),
     /// Check a running server end to end: health, a generation, an embedding.
     Smoke(client::SmokeArgs),
+    /// Load a new version of a model and swap it in, showing each phase.
+    Reload(admin::ReloadArgs),
+    /// Make the previous version of a model active again.
+    Rollback(admin::RollbackArgs),
+    /// Active, standby and previous versions, reloads in progress and their last result.
+    Status(admin::StatusArgs),
 }
 
 /// Runs a parsed command; the exit code says whether it worked.
@@ -38,6 +45,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Embed(a) => client::embed(a).await,
         Command::Models(c) => client::models(c).await,
         Command::Smoke(a) => client::smoke(a).await,
+        Command::Reload(a) => admin::reload(a).await,
+        Command::Rollback(a) => admin::rollback(a).await,
+        Command::Status(a) => admin::status(a).await,
     };
     match result {
         Ok(code) => code,

@@ -80,6 +80,10 @@ impl Llm {
                 ));
             }
             weight_bytes += bytes;
+            if tname == "token_embd.weight" {
+                // candle keeps a dequantized f32 copy of the embedding table for lookups.
+                weight_bytes += (elems * 4) as u64;
+            }
         }
         let tokenizer = GgufTokenizer::from_gguf(&ct).map_err(|reason| ModelError::Tokenizer {
             model: name.to_string(),
@@ -128,6 +132,44 @@ impl Llm {
         match &self.chat_template {
             Some(t) => t.render(messages),
             None => Err(format!("model `{}` has no chat template", self.name)),
+        }
+    }
+
+    /// Logits for the token after `ids` (a fresh session).
+    pub fn next_logits(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let logits = self.session().feed(ids, &mut || true)?;
+        let logits = logits.ok_or_else(|| self.err("empty input"))?;
+        logits.to_vec1::<f32>().map_err(|e| self.err(e))
+    }
+
+    /// Greedy generation of up to `n` tokens after `prompt`: the text and the ids.
+    pub fn greedy_text(&self, prompt: &str, n: usize) -> Result<(String, Vec<u32>), String> {
+        let ids = self.tokenizer.encode(prompt)?;
+        let mut session = self.session();
+        let mut logits = session
+            .feed(&ids, &mut || true)
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        while let Some(l) = logits {
+            let t = l
+                .argmax(0)
+                .and_then(|t| t.to_scalar::<u32>())
+                .map_err(|e| e.to_string())?;
+            out.push(t);
+            if out.len() >= n || self.tokenizer.end_of_generation.contains(&t) {
+                break;
+            }
+            logits = session
+                .feed(&[t], &mut || true)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok((self.tokenizer.decode(&out), out))
+    }
+
+    fn err(&self, reason: impl ToString) -> ModelError {
+        ModelError::Inference {
+            model: self.name.clone(),
+            reason: reason.to_string(),
         }
     }
 

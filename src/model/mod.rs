@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod embed;
 pub mod llm;
+pub mod preflight;
 pub mod sampling;
 pub mod source;
 pub mod stream;
@@ -11,7 +12,7 @@ pub mod tokenizer;
 pub mod verify;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use crate::manifest::{ModelDefaults, ModelSpec};
@@ -113,8 +114,9 @@ pub struct ModelVersion {
     pub name: String,
     /// Content hash of the files: first 16 hex digits of a sha256 over their digests.
     pub version: String,
-    /// Position of this version in the model's history of activations (1 = first load).
-    pub generation: u64,
+    /// Position of this version in the model's history of activations (1 = first load); set
+    /// again each time the version becomes active, so generations never go backwards.
+    generation: AtomicU64,
     /// The source as configured (a path or an `hf://` URI).
     pub source: String,
     pub files: Vec<FileDigest>,
@@ -126,6 +128,8 @@ pub struct ModelVersion {
     pub defaults: ModelDefaults,
     pub model: LoadedModel,
     in_flight: AtomicU64,
+    /// Set when a drain with the cancel policy gives up on this version's stragglers.
+    cancelled: AtomicBool,
 }
 
 impl ModelVersion {
@@ -134,6 +138,24 @@ impl ModelVersion {
             LoadedModel::Llm(_) => ModelKind::Llm,
             LoadedModel::Embedding(_) => ModelKind::Embedding,
         }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Records the generation this version is activated as (before it is stored as active).
+    pub fn set_generation(&self, generation: u64) {
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    /// Ends the requests still on this version at their next token.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
     }
 
     /// Requests holding this version right now.
@@ -163,13 +185,13 @@ impl std::fmt::Debug for ModelVersion {
         f.debug_struct("ModelVersion")
             .field("name", &self.name)
             .field("version", &self.version)
-            .field("generation", &self.generation)
+            .field("generation", &self.generation())
             .field("device", &self.device)
             .finish_non_exhaustive()
     }
 }
 
-/// Resolves, verifies and loads one version of `spec` onto `device`. Blocking: call it from a
+/// Verifies and loads one version of `spec` onto `device`. Blocking: call it from a
 /// blocking thread. The returned version has no requests yet.
 pub fn load_version(
     spec: &ModelSpec,
@@ -178,6 +200,16 @@ pub fn load_version(
     generation: u64,
 ) -> Result<ModelVersion, ModelError> {
     let digests = verify::verify_files(&spec.name, &files, &spec.sha256)?;
+    load_verified(spec, digests, device, generation)
+}
+
+/// Loads files already verified against their digests.
+pub fn load_verified(
+    spec: &ModelSpec,
+    digests: Vec<FileDigest>,
+    device: &crate::device::Device,
+    generation: u64,
+) -> Result<ModelVersion, ModelError> {
     let version = verify::version_id(&digests);
     let ctx = spec.defaults.context_length;
     let (model, weight_bytes) = match spec.kind {
@@ -200,7 +232,7 @@ pub fn load_version(
     Ok(ModelVersion {
         name: spec.name.clone(),
         version,
-        generation,
+        generation: AtomicU64::new(generation),
         source: spec.source.clone(),
         files: digests,
         device: device.label(),
@@ -209,5 +241,6 @@ pub fn load_version(
         defaults: spec.defaults.clone(),
         model,
         in_flight: AtomicU64::new(0),
+        cancelled: AtomicBool::new(false),
     })
 }

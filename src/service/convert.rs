@@ -137,7 +137,7 @@ pub fn version_ref(v: &ModelVersion) -> proto::VersionRef {
     proto::VersionRef {
         model: v.name.clone(),
         version: v.version.clone(),
-        generation: v.generation,
+        generation: v.generation(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! gRPC services: they translate protobuf to domain types and back, and nothing else.
 //! [`status`] is the one place a domain error becomes a gRPC status.
 pub mod codec;
+pub mod control;
 pub mod convert;
 pub mod inference;
 
@@ -21,6 +22,11 @@ pub fn status(e: Error) -> Status {
         Error::Overloaded(_) => Code::ResourceExhausted,
         Error::NotReady(_) => Code::Unavailable,
         Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        Error::Drained { .. } => Code::Unavailable,
+        Error::ReloadBusy(_) => Code::Aborted,
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::OutOfMemory(_) => Code::ResourceExhausted,
+        Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::Model(m) => match m {
             // The request's content could not be rendered or tokenized.
             ModelError::ChatTemplate { .. } | ModelError::Tokenizer { .. } => Code::InvalidArgument,

@@ -212,3 +212,42 @@ context_length = 64
     let manifest = Manifest::load(&dir.join("models.toml")).unwrap();
     Config::with_manifest(dir, manifest).unwrap()
 }
+
+/// The admin token test servers use.
+pub const TOKEN: &str = "test-admin-token";
+
+/// A control client that sends the admin token.
+pub async fn control(
+    server: &TestServer,
+) -> swapd::proto::model_control_client::ModelControlClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
+    >,
+> {
+    let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse().unwrap();
+    swapd::proto::model_control_client::ModelControlClient::with_interceptor(
+        server.channel().await,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", auth.clone());
+            Ok(req)
+        },
+    )
+}
+
+/// Every event of a reload stream, and its result.
+pub async fn reload_events(
+    stream: tonic::Streaming<proto::ReloadEvent>,
+) -> (Vec<proto::PhaseEvent>, proto::ReloadResult) {
+    use swapd::proto::reload_event::Event;
+    let mut stream = stream;
+    let mut phases = Vec::new();
+    let mut result = None;
+    while let Some(ev) = stream.message().await.expect("reload stream") {
+        match ev.event.expect("event") {
+            Event::Phase(p) => phases.push(p),
+            Event::Result(r) => result = Some(r),
+        }
+    }
+    (phases, result.expect("a result ends the stream"))
+}

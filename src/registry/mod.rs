@@ -1,7 +1,11 @@
 //! Which version of each model is active. A slot holds the active version in an `ArcSwap`;
 //! a request takes the `Arc` once, at admission, through a [`Lease`] that it keeps until its
 //! last byte, so a request is served wholly by one version however often the slot changes.
-use std::sync::{Arc, RwLock};
+//! [`reload`] replaces versions.
+pub mod reload;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwapOption;
 
@@ -9,13 +13,49 @@ use crate::error::{Error, Result};
 use crate::manifest::ModelSpec;
 use crate::model::{ModelKind, ModelVersion};
 
-/// One served model name and its active version.
+/// What rollback returns to when the previous version is no longer resident.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousVersion {
+    pub version: String,
+    pub generation: u64,
+    pub source: String,
+    /// Digests by file name, to reload exactly those files.
+    pub sha256: BTreeMap<String, String>,
+}
+
+/// A slot's reload bookkeeping (behind a mutex: touched once per phase, never per request).
+#[derive(Debug, Default)]
+pub struct SlotState {
+    /// The generation of the last activation.
+    pub generation: u64,
+    pub previous: Option<PreviousVersion>,
+    /// The phase of the reload in progress, with when it started.
+    pub reloading: Option<(reload::Phase, std::time::SystemTime)>,
+    pub last_result: Option<reload::ReloadOutcome>,
+}
+
+/// One served model name, its active version and its reload state.
 pub struct Slot {
     pub spec: ModelSpec,
     active: ArcSwapOption<ModelVersion>,
+    /// The previous version kept resident for instant rollback (`keep_previous`).
+    standby: ArcSwapOption<ModelVersion>,
+    pub state: Mutex<SlotState>,
+    /// Held by the one reload (or rollback) of this model that may run.
+    reload_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Slot {
+    /// The resident standby version, if any.
+    pub fn standby(&self) -> Option<Arc<ModelVersion>> {
+        self.standby.load_full()
+    }
+
+    /// Locks the slot's reload bookkeeping (a poisoned lock still holds valid data).
+    pub fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The active version, if any (one atomic load; never blocks a swap).
     pub fn active(&self) -> Option<Arc<ModelVersion>> {
         self.active.load_full()
@@ -74,6 +114,9 @@ impl Registry {
         let slot = Arc::new(Slot {
             spec: spec.clone(),
             active: ArcSwapOption::empty(),
+            standby: ArcSwapOption::empty(),
+            state: Mutex::new(SlotState::default()),
+            reload_lock: Arc::new(tokio::sync::Mutex::new(())),
         });
         slots.push(slot.clone());
         slot

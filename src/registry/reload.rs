@@ -1,0 +1,590 @@
+//! The reload state machine: resolve → verify → admit → load → preflight → swap → drain →
+//! free. The new version loads beside the serving one; one `ArcSwap` store makes it active
+//! only after every check passed; a failure anywhere before the swap leaves the serving
+//! version untouched. Each step is reported as an event; the reload runs to completion even
+//! if nobody listens.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+
+use super::{PreviousVersion, Registry, Slot};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::memory;
+use crate::model::preflight::{self, CheckResult};
+use crate::model::{self, ModelVersion, Resolver};
+
+/// Default time requests on the old version get to finish.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the drain looks at the in-flight count.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+/// How long the free phase waits for the last reference once the drain is over.
+const FREE_WAIT: Duration = Duration::from_secs(5);
+
+/// The steps of a reload, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Resolve,
+    Verify,
+    Admit,
+    Load,
+    Preflight,
+    Swap,
+    Drain,
+    Free,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseState {
+    Started,
+    Progress,
+    Done,
+    Failed,
+}
+
+/// What happens to requests still on the old version when the drain deadline passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DrainPolicy {
+    /// Let them finish; the old version is freed when the last one ends.
+    #[default]
+    Wait,
+    /// End them at their next token with UNAVAILABLE.
+    Cancel,
+}
+
+/// One step's progress.
+#[derive(Debug, Clone)]
+pub struct PhaseEvent {
+    pub phase: Phase,
+    pub state: PhaseState,
+    pub detail: String,
+    pub elapsed: Duration,
+    pub check: Option<CheckResult>,
+    pub in_flight: u64,
+    pub bytes_released: i64,
+    pub bytes_needed: u64,
+    pub bytes_available: u64,
+}
+
+impl PhaseEvent {
+    fn new(phase: Phase, state: PhaseState, detail: impl Into<String>, elapsed: Duration) -> Self {
+        Self {
+            phase,
+            state,
+            detail: detail.into(),
+            elapsed,
+            check: None,
+            in_flight: 0,
+            bytes_released: 0,
+            bytes_needed: 0,
+            bytes_available: 0,
+        }
+    }
+}
+
+/// A version as the outcome names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionName {
+    pub model: String,
+    pub version: String,
+    pub generation: u64,
+}
+
+impl VersionName {
+    fn of(v: &ModelVersion) -> Self {
+        Self {
+            model: v.name.clone(),
+            version: v.version.clone(),
+            generation: v.generation(),
+        }
+    }
+}
+
+/// How a reload ended.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadOutcome {
+    pub committed: bool,
+    pub version: Option<VersionName>,
+    pub previous: Option<VersionName>,
+    pub timings: Vec<(Phase, Duration)>,
+    pub error: Option<String>,
+    pub failed_check: Option<String>,
+    pub failed_phase: Option<Phase>,
+    pub previous_freed: bool,
+    pub cancelled_requests: u64,
+}
+
+/// A reload's stream of events: phases, then one `Done`.
+#[derive(Debug, Clone)]
+pub enum ReloadEvent {
+    Phase(PhaseEvent),
+    Done(ReloadOutcome),
+}
+
+/// What to reload.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadRequest {
+    pub model: String,
+    /// New source; `None` reloads the active version's source.
+    pub source: Option<String>,
+    /// Expected digests; empty uses the active version's (same source) or the manifest's.
+    pub sha256: BTreeMap<String, String>,
+    pub expected_generation: Option<u64>,
+    pub drain_timeout: Option<Duration>,
+    pub drain_policy: DrainPolicy,
+    pub keep_previous: bool,
+}
+
+/// Starts reloads and rollbacks. Cheap to clone.
+#[derive(Clone)]
+pub struct Reloader {
+    pub registry: Arc<Registry>,
+    pub resolver: Resolver,
+    pub device: Device,
+}
+
+/// Sends events to whoever listens and records the phase on the slot.
+struct Run {
+    slot: Arc<Slot>,
+    tx: mpsc::UnboundedSender<ReloadEvent>,
+    outcome: ReloadOutcome,
+    phase_started: Instant,
+    phase: Phase,
+}
+
+impl Run {
+    fn start(&mut self, phase: Phase, detail: impl Into<String>) {
+        self.phase = phase;
+        self.phase_started = Instant::now();
+        self.slot.state().reloading = Some((phase, SystemTime::now()));
+        self.emit(PhaseEvent::new(
+            phase,
+            PhaseState::Started,
+            detail,
+            Duration::ZERO,
+        ));
+    }
+
+    fn emit(&self, ev: PhaseEvent) {
+        // Nobody listening (the caller disconnected) is fine: the reload goes on.
+        let _ = self.tx.send(ReloadEvent::Phase(ev));
+    }
+
+    fn event(&self, state: PhaseState, detail: impl Into<String>) -> PhaseEvent {
+        PhaseEvent::new(self.phase, state, detail, self.phase_started.elapsed())
+    }
+
+    fn done(&mut self, ev: PhaseEvent) {
+        self.outcome.timings.push((self.phase, ev.elapsed));
+        self.emit(ev);
+    }
+
+    /// Ends the reload at the current phase with `error`; the serving version is untouched.
+    fn fail(&mut self, error: impl std::fmt::Display, check: Option<String>) {
+        let msg = error.to_string();
+        let ev = self.event(PhaseState::Failed, msg.clone());
+        self.done(ev);
+        self.outcome.error = Some(msg);
+        self.outcome.failed_phase = Some(self.phase);
+        self.outcome.failed_check = check;
+    }
+
+    fn finish(mut self) {
+        if let Some(e) = &self.outcome.error {
+            tracing::warn!(model = %self.slot.spec.name, phase = ?self.phase, error = %e, "reload failed");
+        } else {
+            tracing::info!(
+                model = %self.slot.spec.name,
+                version = ?self.outcome.version.as_ref().map(|v| &v.version),
+                "reload committed"
+            );
+        }
+        let mut st = self.slot.state();
+        st.reloading = None;
+        st.last_result = Some(self.outcome.clone());
+        drop(st);
+        let outcome = std::mem::take(&mut self.outcome);
+        let _ = self.tx.send(ReloadEvent::Done(outcome));
+    }
+}
+
+/// Which source and digests a reload of `slot` uses when the request leaves them out.
+fn pins_for(slot: &Slot, req: &ReloadRequest) -> (String, BTreeMap<String, String>) {
+    let active = slot.active();
+    let source = req
+        .source
+        .clone()
+        .or_else(|| active.as_ref().map(|a| a.source.clone()))
+        .unwrap_or_else(|| slot.spec.source.clone());
+    if !req.sha256.is_empty() {
+        return (source, req.sha256.clone());
+    }
+    match active {
+        Some(a) if a.source == source => {
+            let pins = a
+                .files
+                .iter()
+                .map(|f| (f.name.clone(), f.sha256.clone()))
+                .collect();
+            (source, pins)
+        }
+        _ => (source, slot.spec.sha256.clone()),
+    }
+}
+
+impl Reloader {
+    /// Checks the request can start, then runs the reload in the background. Refusals that
+    /// need no work (unknown model, a reload already running, a stale generation) are errors
+    /// here; everything else is reported through the events.
+    pub fn reload(&self, req: ReloadRequest) -> Result<mpsc::UnboundedReceiver<ReloadEvent>> {
+        let slot = self.registry.slot(&req.model)?;
+        let guard = slot.reload_lock.clone().try_lock_owned().map_err(|_| {
+            let st = slot.state();
+            let what = match st.reloading {
+                Some((phase, since)) => format!(
+                    "in phase {phase:?}, running for {:.1} s",
+                    since.elapsed().unwrap_or_default().as_secs_f64()
+                ),
+                None => "starting".into(),
+            };
+            Error::ReloadBusy(format!(
+                "a reload of model `{}` is already running ({what}); one reload per model at a time",
+                req.model
+            ))
+        })?;
+        if let Some(want) = req.expected_generation {
+            let serving = slot.state().generation;
+            if want != serving {
+                return Err(Error::FailedPrecondition(format!(
+                    "model `{}` serves generation {serving}, not the expected {want}",
+                    req.model
+                )));
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            this.run_reload(slot, req, tx).await;
+        });
+        Ok(rx)
+    }
+
+    /// Makes the previous version active again: at once if it is resident, else by
+    /// reloading its files through every check.
+    pub fn rollback(
+        &self,
+        model: &str,
+        drain_timeout: Option<Duration>,
+        drain_policy: DrainPolicy,
+    ) -> Result<mpsc::UnboundedReceiver<ReloadEvent>> {
+        let slot = self.registry.slot(model)?;
+        if let Some(standby) = slot.standby() {
+            let guard = slot.reload_lock.clone().try_lock_owned().map_err(|_| {
+                Error::ReloadBusy(format!("a reload of model `{model}` is already running"))
+            })?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let this = self.clone();
+            let req = ReloadRequest {
+                model: model.to_string(),
+                drain_timeout,
+                drain_policy,
+                keep_previous: true,
+                ..Default::default()
+            };
+            tokio::spawn(async move {
+                let _guard = guard;
+                let mut run = this.new_run(&slot, tx);
+                slot.standby.store(None);
+                this.swap_drain_free(&mut run, &slot, standby, &req).await;
+                run.finish();
+            });
+            return Ok(rx);
+        }
+        let prev = slot.state().previous.clone().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "model `{model}` has no previous version to roll back to"
+            ))
+        })?;
+        self.reload(ReloadRequest {
+            model: model.to_string(),
+            source: Some(prev.source),
+            sha256: prev.sha256,
+            drain_timeout,
+            drain_policy,
+            ..Default::default()
+        })
+    }
+
+    fn new_run(&self, slot: &Arc<Slot>, tx: mpsc::UnboundedSender<ReloadEvent>) -> Run {
+        Run {
+            slot: slot.clone(),
+            tx,
+            outcome: ReloadOutcome::default(),
+            phase_started: Instant::now(),
+            phase: Phase::Resolve,
+        }
+    }
+
+    async fn run_reload(
+        &self,
+        slot: Arc<Slot>,
+        req: ReloadRequest,
+        tx: mpsc::UnboundedSender<ReloadEvent>,
+    ) {
+        let mut run = self.new_run(&slot, tx);
+        if let Some(new) = self.prepare(&mut run, &slot, &req).await {
+            self.swap_drain_free(&mut run, &slot, new, &req).await;
+        }
+        run.finish();
+    }
+
+    /// resolve → verify → admit → load → preflight. `None` when a phase failed (reported).
+    async fn prepare(
+        &self,
+        run: &mut Run,
+        slot: &Arc<Slot>,
+        req: &ReloadRequest,
+    ) -> Option<Arc<ModelVersion>> {
+        let name = slot.spec.name.clone();
+        let (source, pins) = pins_for(slot, req);
+
+        run.start(Phase::Resolve, source.clone());
+        let files = match self.resolver.resolve(&name, slot.spec.kind, &source).await {
+            Ok(f) => f,
+            Err(e) => {
+                run.fail(e, None);
+                return None;
+            }
+        };
+        run.done(run.event(PhaseState::Done, format!("{} file(s)", files.len())));
+
+        run.start(Phase::Verify, "sha256");
+        let (n, p) = (name.clone(), pins.clone());
+        let digests =
+            match tokio::task::spawn_blocking(move || model::verify::verify_files(&n, &files, &p))
+                .await
+            {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    run.fail(e, Some("sha256".into()));
+                    return None;
+                }
+                Err(e) => {
+                    run.fail(format!("verify thread: {e}"), None);
+                    return None;
+                }
+            };
+        run.done(run.event(PhaseState::Done, "every file matches its sha256"));
+
+        run.start(Phase::Admit, "");
+        let needed: u64 = digests.iter().map(|d| d.bytes).sum();
+        let available = memory::available_bytes().unwrap_or(u64::MAX);
+        if needed > available {
+            run.fail(
+                Error::OutOfMemory(format!(
+                    "model `{name}`: the new version needs ~{needed} bytes but {available} are available beside the serving version"
+                )),
+                None,
+            );
+            return None;
+        }
+        let mut ev = run.event(
+            PhaseState::Done,
+            format!("needs ~{needed} bytes, {available} available"),
+        );
+        ev.bytes_needed = needed;
+        ev.bytes_available = available;
+        run.done(ev);
+
+        run.start(Phase::Load, format!("onto {}", self.device.label()));
+        let mut spec = slot.spec.clone();
+        spec.source = source;
+        let device = self.device.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || model::load_verified(&spec, digests, &device, 0))
+                .await;
+        let new = match loaded {
+            Ok(Ok(v)) => Arc::new(v),
+            Ok(Err(e)) => {
+                run.fail(e, Some("format".into()));
+                return None;
+            }
+            Err(e) => {
+                run.fail(format!("loader thread: {e}"), None);
+                return None;
+            }
+        };
+        run.done(run.event(
+            PhaseState::Done,
+            format!(
+                "version {} ({} bytes of weights)",
+                new.version, new.weight_bytes
+            ),
+        ));
+
+        run.start(Phase::Preflight, "");
+        let serving = slot.active();
+        let (tx, checks) = (run.tx.clone(), slot.spec.preflight.clone());
+        let (new2, phase_started) = (new.clone(), run.phase_started);
+        let results = tokio::task::spawn_blocking(move || {
+            preflight::run(&new2, serving.as_deref(), &checks, &mut |c| {
+                let mut ev = PhaseEvent::new(
+                    Phase::Preflight,
+                    PhaseState::Progress,
+                    format!("{}: {}", c.name, c.detail),
+                    phase_started.elapsed(),
+                );
+                ev.check = Some(c.clone());
+                let _ = tx.send(ReloadEvent::Phase(ev));
+            })
+        })
+        .await;
+        match results {
+            Ok(results) => {
+                if let Some(bad) = results.iter().find(|c| !c.passed) {
+                    run.fail(
+                        format!(
+                            "model `{name}`: preflight check `{}` failed: {}",
+                            bad.name, bad.detail
+                        ),
+                        Some(bad.name.clone()),
+                    );
+                    return None;
+                }
+                run.done(run.event(PhaseState::Done, format!("{} checks passed", results.len())));
+            }
+            Err(e) => {
+                run.fail(format!("preflight thread: {e}"), Some("preflight".into()));
+                return None;
+            }
+        }
+        Some(new)
+    }
+
+    /// swap → drain → free. The swap is one atomic store and cannot fail.
+    async fn swap_drain_free(
+        &self,
+        run: &mut Run,
+        slot: &Arc<Slot>,
+        new: Arc<ModelVersion>,
+        req: &ReloadRequest,
+    ) {
+        run.start(Phase::Swap, "");
+        let old = {
+            let mut st = slot.state();
+            st.generation += 1;
+            new.set_generation(st.generation);
+            let old = slot.activate(new.clone());
+            st.previous = old.as_ref().map(|o| PreviousVersion {
+                version: o.version.clone(),
+                generation: o.generation(),
+                source: o.source.clone(),
+                sha256: o
+                    .files
+                    .iter()
+                    .map(|f| (f.name.clone(), f.sha256.clone()))
+                    .collect(),
+            });
+            old
+        };
+        run.outcome.committed = true;
+        run.outcome.version = Some(VersionName::of(&new));
+        run.outcome.previous = old.as_deref().map(VersionName::of);
+        run.done(run.event(
+            PhaseState::Done,
+            format!(
+                "generation {} (version {}) is active",
+                new.generation(),
+                new.version
+            ),
+        ));
+        drop(new);
+        let Some(old) = old else {
+            run.outcome.previous_freed = true;
+            return;
+        };
+
+        run.start(Phase::Drain, format!("{} in flight", old.in_flight()));
+        let deadline = req.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        let mut last = u64::MAX;
+        let mut cancelled = false;
+        loop {
+            let n = old.in_flight();
+            if n != last {
+                let mut ev = run.event(PhaseState::Progress, format!("{n} in flight"));
+                ev.in_flight = n;
+                run.emit(ev);
+                last = n;
+            }
+            if n == 0 {
+                break;
+            }
+            if run.phase_started.elapsed() >= deadline && !cancelled {
+                match req.drain_policy {
+                    DrainPolicy::Cancel => {
+                        old.cancel();
+                        cancelled = true;
+                        run.outcome.cancelled_requests = n;
+                    }
+                    DrainPolicy::Wait => break,
+                }
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        let left = old.in_flight();
+        let mut ev = run.event(
+            PhaseState::Done,
+            match (left, cancelled) {
+                (0, false) => "drained".to_string(),
+                (0, true) => format!(
+                    "{} straggler(s) ended after the deadline",
+                    run.outcome.cancelled_requests
+                ),
+                (n, _) => {
+                    format!("{n} straggler(s) still running past the deadline; freed when they end")
+                }
+            },
+        );
+        ev.in_flight = left;
+        run.done(ev);
+
+        run.start(Phase::Free, "");
+        // A standby older than the version just replaced is never rolled back to: free it.
+        let older = slot.standby.swap(None);
+        if req.keep_previous {
+            let bytes = old.weight_bytes;
+            slot.standby.store(Some(old));
+            drop(older);
+            run.done(run.event(
+                PhaseState::Done,
+                format!("previous version kept resident as standby ({bytes} bytes)"),
+            ));
+            return;
+        }
+        let rss_before = memory::rss_bytes();
+        let weak = Arc::downgrade(&old);
+        drop(old);
+        drop(older);
+        let waited = Instant::now();
+        while weak.strong_count() > 0 && waited.elapsed() < FREE_WAIT && left == 0 {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        memory::trim();
+        let freed = weak.upgrade().is_none();
+        let released = rss_before as i64 - memory::rss_bytes() as i64;
+        run.outcome.previous_freed = freed;
+        let mut ev = run.event(
+            PhaseState::Done,
+            if freed {
+                format!("previous version freed; RSS down {released} bytes")
+            } else {
+                "previous version still referenced by running requests; freed when they end".into()
+            },
+        );
+        ev.bytes_released = released;
+        run.done(ev);
+    }
+}

@@ -1,0 +1,458 @@
+//! Hot reload over gRPC on loopback: no request lost or mixed while versions swap, broken
+//! versions refused at the right phase, one reload at a time, compare-and-swap, drain
+//! policies, rollback, and the admin token.
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use swapd::config::Config;
+use swapd::model::synth::{write_tiny_llama_gguf, TinyLlm};
+use swapd::proto::{self, Phase};
+use tonic::Code;
+
+const LLM: &str = "tiny-llm";
+
+/// Writes version `seed` of the tiny LLM as `tiny-llm/v<seed>.gguf`; returns (source, pins).
+fn tiny_version(dir: &Path, seed: u64, poison_nan: bool) -> (String, BTreeMap<String, String>) {
+    let name = format!("v{seed}{}.gguf", if poison_nan { "-nan" } else { "" });
+    let path = dir.join("tiny-llm").join(&name);
+    write_tiny_llama_gguf(&path, &TinyLlm { seed, poison_nan }).unwrap();
+    let pins = BTreeMap::from([(name.clone(), sha(&path))]);
+    (format!("tiny-llm/{name}"), pins)
+}
+
+fn tiny_with_token(dir: &Path) -> Config {
+    let mut c = tiny_config(dir);
+    c.admin_token = Some(TOKEN.into());
+    c
+}
+
+fn reload_req(source: &str, pins: &BTreeMap<String, String>) -> proto::ReloadRequest {
+    proto::ReloadRequest {
+        model: LLM.into(),
+        source: source.into(),
+        sha256: pins.clone().into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+async fn reload(
+    server: &TestServer,
+    req: proto::ReloadRequest,
+) -> (Vec<proto::PhaseEvent>, proto::ReloadResult) {
+    let mut ctl = control(server).await;
+    reload_events(ctl.reload(req).await.unwrap().into_inner()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_reloads_under_load_lose_and_mix_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tiny_with_token(dir.path())).await;
+    let versions = [
+        tiny_version(dir.path(), 1, false),
+        tiny_version(dir.path(), 2, false),
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let mut client = server.client().await;
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let (mut served, mut last_gen, mut gens) =
+                (0u32, 0u64, std::collections::HashSet::new());
+            while !stop.load(Ordering::Relaxed) {
+                let out = collect(&mut client, greedy(LLM, &format!("hello {i}"), 12))
+                    .await
+                    .unwrap_or_else(|e| panic!("client {i}: request failed during reloads: {e}"));
+                let first = &out.versions[0];
+                assert!(
+                    out.versions.iter().all(|v| v == first),
+                    "client {i}: a stream mixed versions"
+                );
+                assert!(
+                    first.generation >= last_gen,
+                    "client {i}: generation went backwards"
+                );
+                last_gen = first.generation;
+                gens.insert(first.generation);
+                served += 1;
+            }
+            (served, gens.len())
+        }));
+    }
+    let mut weak_dead = 0;
+    for n in 0..50 {
+        let (source, pins) = &versions[n % 2];
+        let (phases, result) = reload(&server, reload_req(source, pins)).await;
+        assert!(result.committed, "reload {n}: {}", result.error);
+        assert_eq!(result.version.as_ref().unwrap().generation, n as u64 + 2);
+        let seen: Vec<i32> = phases
+            .iter()
+            .filter(|p| p.state() == proto::PhaseState::Done)
+            .map(|p| p.phase)
+            .collect();
+        let all = [
+            Phase::Resolve,
+            Phase::Verify,
+            Phase::Admit,
+            Phase::Load,
+            Phase::Preflight,
+            Phase::Swap,
+            Phase::Drain,
+            Phase::Free,
+        ];
+        assert_eq!(seen, all.map(|p| p as i32), "reload {n}: phases");
+        weak_dead += result.previous_freed as u32;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (served, distinct) = c.await.unwrap();
+        assert!(served > 0);
+        total += served;
+        let _ = distinct;
+    }
+    assert!(
+        total >= 50,
+        "only {total} requests served during 50 reloads"
+    );
+    assert_eq!(
+        weak_dead, 50,
+        "every replaced version was freed (its Weak is dead)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_versions_are_refused_at_the_right_phase_and_the_old_one_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_with_token(dir.path());
+    // The serving version's own greedy output is the golden expectation.
+    let golden_text = {
+        let llm = swapd::model::Llm::load(
+            "x",
+            &dir.path().join("tiny-llm/tiny.gguf"),
+            &candle_core::Device::Cpu,
+            256,
+        )
+        .unwrap();
+        llm.greedy_text("golden prompt", 8).unwrap().0
+    };
+    config.manifest.models[0].preflight.golden = vec![swapd::manifest::Golden {
+        prompt: "golden prompt".into(),
+        contains: Some(golden_text),
+        token_prefix: vec![],
+    }];
+    let server = TestServer::start(config).await;
+    let before = server
+        .registry
+        .slot(LLM)
+        .unwrap()
+        .active()
+        .unwrap()
+        .version
+        .clone();
+
+    let (nan_src, nan_pins) = tiny_version(dir.path(), 1, true);
+    let (v2_src, v2_pins) = tiny_version(dir.path(), 2, false);
+    let truncated = dir.path().join("tiny-llm/truncated.gguf");
+    let bytes = std::fs::read(dir.path().join("tiny-llm/v2.gguf")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let trunc_pins = BTreeMap::from([("truncated.gguf".to_string(), sha(&truncated))]);
+    let wrong_pins = BTreeMap::from([("v2.gguf".to_string(), "ab".repeat(32))]);
+
+    let cases = [
+        (
+            "truncated",
+            reload_req("tiny-llm/truncated.gguf", &trunc_pins),
+            Phase::Load,
+            "format",
+            "truncated",
+        ),
+        (
+            "NaN weights",
+            reload_req(&nan_src, &nan_pins),
+            Phase::Preflight,
+            "finite_logits",
+            "not finite",
+        ),
+        (
+            "wrong sha256",
+            reload_req(&v2_src, &wrong_pins),
+            Phase::Verify,
+            "sha256",
+            "sha256 mismatch",
+        ),
+        (
+            "fails golden",
+            reload_req(&v2_src, &v2_pins),
+            Phase::Preflight,
+            "golden",
+            "lacks",
+        ),
+        (
+            "outside root",
+            reload_req("../elsewhere.gguf", &v2_pins),
+            Phase::Resolve,
+            "",
+            "not found",
+        ),
+        (
+            "missing file",
+            reload_req("tiny-llm/nope.gguf", &v2_pins),
+            Phase::Resolve,
+            "",
+            "not found",
+        ),
+    ];
+    for (what, req, phase, check, needle) in cases {
+        let (phases, result) = reload(&server, req).await;
+        assert!(!result.committed, "{what} committed");
+        assert_eq!(result.failed_phase(), phase, "{what}: {}", result.error);
+        assert_eq!(result.failed_check, check, "{what}");
+        assert!(
+            result.error.contains(needle),
+            "{what}: {:?} lacks {needle:?}",
+            result.error
+        );
+        assert!(phases
+            .iter()
+            .any(|p| p.state() == proto::PhaseState::Failed && p.phase() == phase));
+        // The old version keeps answering, untouched.
+        let mut client = server.client().await;
+        let out = collect(&mut client, greedy(LLM, "still there?", 3))
+            .await
+            .unwrap();
+        assert_eq!(out.versions[0].version, before, "{what}");
+        assert_eq!(out.versions[0].generation, 1, "{what}");
+    }
+    let mut ctl = control(&server).await;
+    let st = ctl
+        .status(proto::StatusRequest { model: LLM.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let last = st.models[0].last_result.clone().unwrap();
+    assert!(!last.committed && last.error.contains("not found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reload_at_a_time_compare_and_swap_and_cancel_drain() {
+    let mut config = real_config();
+    config.admin_token = Some(TOKEN.into());
+    let server = TestServer::start(config).await;
+    let real = "smollm2-135m-instruct";
+    let mut client = server.client().await;
+    // A long generation pins the serving version, so the reload waits in its drain phase.
+    let mut straggler = client
+        .generate(greedy(real, "1, 2, 3, 4, 5, 6,", 1500))
+        .await
+        .unwrap()
+        .into_inner();
+    straggler.message().await.unwrap().unwrap();
+    let mut ctl = control(&server).await;
+    let req = proto::ReloadRequest {
+        model: real.into(),
+        drain_timeout_ms: Some(1500),
+        drain_policy: proto::DrainPolicy::Cancel as i32,
+        ..Default::default()
+    };
+    let first = ctl.reload(req.clone()).await.unwrap().into_inner();
+    // Wait until the first reload is draining, then try a second: ABORTED at once.
+    let t = Instant::now();
+    loop {
+        let st = ctl
+            .status(proto::StatusRequest { model: real.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if st.models[0].reload_phase() == Phase::Drain {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "reload never reached drain"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let asked = Instant::now();
+    let e = ctl.reload(req.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(
+        e.message().contains("already running") && e.message().contains("Drain"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "the second reload was queued"
+    );
+    // The straggler is ended with a clear status after the deadline.
+    let err = loop {
+        match straggler.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("straggler finished normally"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("was replaced"), "{}", err.message());
+    let (_, result) = reload_events(first).await;
+    assert!(result.committed);
+    assert_eq!(result.cancelled_requests, 1);
+    assert!(result.previous_freed);
+    assert_eq!(result.version.as_ref().unwrap().generation, 2);
+
+    // Compare-and-swap: generation 1 is stale now.
+    let e = ctl
+        .reload(proto::ReloadRequest {
+            expected_generation: Some(1),
+            ..req.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message()
+            .contains("serves generation 2, not the expected 1"),
+        "{}",
+        e.message()
+    );
+    let (_, ok) = reload_events(
+        ctl.reload(proto::ReloadRequest {
+            expected_generation: Some(2),
+            ..req
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert!(ok.committed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_from_a_resident_standby_needs_no_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tiny_with_token(dir.path())).await;
+    let original = server
+        .registry
+        .slot(LLM)
+        .unwrap()
+        .active()
+        .unwrap()
+        .version
+        .clone();
+    let (src, pins) = tiny_version(dir.path(), 2, false);
+    let mut req = reload_req(&src, &pins);
+    req.keep_previous = true;
+    let (_, result) = reload(&server, req).await;
+    assert!(result.committed);
+    let mut ctl = control(&server).await;
+    let st = ctl
+        .status(proto::StatusRequest { model: LLM.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        st.models[0]
+            .standby
+            .as_ref()
+            .unwrap()
+            .version
+            .as_ref()
+            .unwrap()
+            .version,
+        original
+    );
+
+    let (phases, rb) = reload_events(
+        ctl.rollback(proto::RollbackRequest {
+            model: LLM.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert!(rb.committed, "{}", rb.error);
+    assert!(
+        phases.iter().all(|p| p.phase() != Phase::Load),
+        "rollback loaded"
+    );
+    let v = rb.version.unwrap();
+    assert_eq!(v.version, original);
+    assert_eq!(v.generation, 3, "generations never go backwards");
+    let mut client = server.client().await;
+    let out = collect(&mut client, greedy(LLM, "hello", 2)).await.unwrap();
+    assert_eq!(out.versions[0].version, original);
+
+    // Without a resident standby, rollback reloads the previous files through every check.
+    let (_, r) = reload(&server, reload_req(&src, &pins)).await;
+    assert!(r.committed);
+    let (phases, rb) = reload_events(
+        ctl.rollback(proto::RollbackRequest {
+            model: LLM.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert!(rb.committed, "{}", rb.error);
+    assert!(phases.iter().any(|p| p.phase() == Phase::Load));
+    assert!(phases.iter().any(|p| p.phase() == Phase::Preflight));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_calls_need_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tiny_with_token(dir.path())).await;
+    let mut bare = proto::model_control_client::ModelControlClient::new(server.channel().await);
+    let e = bare
+        .status(proto::StatusRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = bare
+        .reload(proto::ReloadRequest {
+            model: LLM.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut ctl = control(&server).await;
+    let st = ctl
+        .status(proto::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.models.len(), 2);
+    drop(server);
+
+    // No token configured: refused, saying how to fix it.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tiny_config(dir.path())).await;
+    let e = control(&server)
+        .await
+        .status(proto::StatusRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("SWAPD_ADMIN_TOKEN"), "{}", e.message());
+    drop(server);
+
+    // Explicitly turned off: allowed.
+    let mut c = tiny_config(dir.path());
+    c.control_auth = false;
+    let server = TestServer::start(c).await;
+    let mut bare = proto::model_control_client::ModelControlClient::new(server.channel().await);
+    assert!(bare.status(proto::StatusRequest::default()).await.is_ok());
+}
