@@ -1,7 +1,6 @@
 //! Tiny deterministic random-weight models for tests and benchmarks: a llama GGUF with a
 //! byte-level BPE tokenizer and the SmolLM2 chat template, and a small BERT directory. The
 //! same seed gives the same bytes; different seeds give different outputs.
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -39,29 +38,6 @@ pub struct TinyLlm {
     pub poison_nan: bool,
 }
 
-/// GPT-2's byte → printable character map.
-fn byte_chars() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let map: HashMap<u32, char> = bs
-        .into_iter()
-        .zip(cs)
-        .filter_map(|(b, c)| char::from_u32(c).map(|c| (b, c)))
-        .collect();
-    (0..256u32).map(|b| map[&b]).collect()
-}
-
 fn random(
     rng: &mut rand::rngs::StdRng,
     shape: (usize, usize),
@@ -80,7 +56,7 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
     let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         .map(String::from)
         .to_vec();
-    tokens.extend(byte_chars().into_iter().map(String::from));
+    tokens.extend(super::tokenizer::byte_chars().into_iter().map(String::from));
     tokens.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
     let vocab = tokens.len();
     let types: Vec<V> = (0..vocab)

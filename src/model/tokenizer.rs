@@ -46,8 +46,8 @@ fn int_of(v: &Value) -> Option<i64> {
     }
 }
 
-/// GPT-2's reversible map from bytes to printable characters, inverted: char → byte.
-fn byte_decoder() -> std::collections::HashMap<char, u8> {
+/// GPT-2's reversible map from bytes to printable characters: entry `b` is byte `b`'s char.
+pub fn byte_chars() -> Vec<char> {
     let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
         .chain(0xA1..=0xAC)
         .chain(0xAE..=0xFF)
@@ -61,9 +61,19 @@ fn byte_decoder() -> std::collections::HashMap<char, u8> {
             n += 1;
         }
     }
-    bs.into_iter()
-        .zip(cs)
-        .filter_map(|(b, c)| char::from_u32(c).map(|c| (c, b as u8)))
+    let mut out = vec!['\0'; 256];
+    for (b, c) in bs.into_iter().zip(cs) {
+        out[b as usize] = char::from_u32(c).unwrap_or('\0');
+    }
+    out
+}
+
+/// The inverse of [`byte_chars`]: char → byte.
+fn byte_decoder() -> std::collections::HashMap<char, u8> {
+    byte_chars()
+        .into_iter()
+        .enumerate()
+        .map(|(b, c)| (c, b as u8))
         .collect()
 }
 

@@ -210,6 +210,29 @@ impl Run {
     }
 }
 
+/// Runs `f` on a blocking thread. A failure is reported, naming `check`, and gives `None`.
+async fn blocking_step<T, E>(
+    run: &mut Run,
+    check: &str,
+    f: impl FnOnce() -> std::result::Result<T, E> + Send + 'static,
+) -> Option<T>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            run.fail(e, Some(check.into()));
+            None
+        }
+        Err(e) => {
+            run.fail(format!("{check} thread: {e}"), None);
+            None
+        }
+    }
+}
+
 /// Which source and digests a reload of `slot` uses when the request leaves them out.
 fn pins_for(slot: &Slot, req: &ReloadRequest) -> (String, BTreeMap<String, String>) {
     let active = slot.active();
@@ -363,20 +386,10 @@ impl Reloader {
 
         run.start(Phase::Verify, "sha256");
         let (n, p) = (name.clone(), pins.clone());
-        let digests =
-            match tokio::task::spawn_blocking(move || model::verify::verify_files(&n, &files, &p))
-                .await
-            {
-                Ok(Ok(d)) => d,
-                Ok(Err(e)) => {
-                    run.fail(e, Some("sha256".into()));
-                    return None;
-                }
-                Err(e) => {
-                    run.fail(format!("verify thread: {e}"), None);
-                    return None;
-                }
-            };
+        let digests = blocking_step(run, "sha256", move || {
+            model::verify::verify_files(&n, &files, &p)
+        })
+        .await?;
         run.done(run.event(PhaseState::Done, "every file matches its sha256"));
 
         run.start(Phase::Admit, "");
@@ -403,20 +416,11 @@ impl Reloader {
         let mut spec = slot.spec.clone();
         spec.source = source;
         let device = self.device.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || model::load_verified(&spec, digests, &device, 0))
-                .await;
-        let new = match loaded {
-            Ok(Ok(v)) => Arc::new(v),
-            Ok(Err(e)) => {
-                run.fail(e, Some("format".into()));
-                return None;
-            }
-            Err(e) => {
-                run.fail(format!("loader thread: {e}"), None);
-                return None;
-            }
-        };
+        let new = blocking_step(run, "format", move || {
+            model::load_verified(&spec, digests, &device, 0)
+        })
+        .await
+        .map(Arc::new)?;
         run.done(run.event(
             PhaseState::Done,
             format!(
