@@ -18,10 +18,15 @@ use tonic::Code;
 const LLM: &str = "tiny-llm";
 
 /// Writes version `seed` of the tiny LLM as `tiny-llm/v<seed>.gguf`; returns (source, pins).
-fn tiny_version(dir: &Path, seed: u64, poison_nan: bool) -> (String, BTreeMap<String, String>) {
-    let name = format!("v{seed}{}.gguf", if poison_nan { "-nan" } else { "" });
+fn tiny_version(dir: &Path, seed: u64, poison: &str) -> (String, BTreeMap<String, String>) {
+    let name = format!("v{seed}{poison}.gguf");
+    let opts = TinyLlm {
+        seed,
+        poison_nan: poison == "-nan",
+        overflow: poison == "-inf",
+    };
     let path = dir.join("tiny-llm").join(&name);
-    write_tiny_llama_gguf(&path, &TinyLlm { seed, poison_nan }).unwrap();
+    write_tiny_llama_gguf(&path, &opts).unwrap();
     let pins = BTreeMap::from([(name.clone(), sha(&path))]);
     (format!("tiny-llm/{name}"), pins)
 }
@@ -54,8 +59,8 @@ async fn fifty_reloads_under_load_lose_and_mix_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(tiny_with_token(dir.path())).await;
     let versions = [
-        tiny_version(dir.path(), 1, false),
-        tiny_version(dir.path(), 2, false),
+        tiny_version(dir.path(), 1, ""),
+        tiny_version(dir.path(), 2, ""),
     ];
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -157,8 +162,9 @@ async fn broken_versions_are_refused_at_the_right_phase_and_the_old_one_keeps_se
         .version
         .clone();
 
-    let (nan_src, nan_pins) = tiny_version(dir.path(), 1, true);
-    let (v2_src, v2_pins) = tiny_version(dir.path(), 2, false);
+    let (nan_src, nan_pins) = tiny_version(dir.path(), 1, "-nan");
+    let (inf_src, inf_pins) = tiny_version(dir.path(), 1, "-inf");
+    let (v2_src, v2_pins) = tiny_version(dir.path(), 2, "");
     let truncated = dir.path().join("tiny-llm/truncated.gguf");
     let bytes = std::fs::read(dir.path().join("tiny-llm/v2.gguf")).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
@@ -176,6 +182,13 @@ async fn broken_versions_are_refused_at_the_right_phase_and_the_old_one_keeps_se
         (
             "NaN weights",
             reload_req(&nan_src, &nan_pins),
+            Phase::Load,
+            "finite_weights",
+            "non-finite values",
+        ),
+        (
+            "infinite logits",
+            reload_req(&inf_src, &inf_pins),
             Phase::Preflight,
             "finite_logits",
             "not finite",
@@ -347,7 +360,7 @@ async fn rollback_from_a_resident_standby_needs_no_load() {
         .unwrap()
         .version
         .clone();
-    let (src, pins) = tiny_version(dir.path(), 2, false);
+    let (src, pins) = tiny_version(dir.path(), 2, "");
     let mut req = reload_req(&src, &pins);
     req.keep_previous = true;
     let (_, result) = reload(&server, req).await;

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
@@ -83,6 +84,30 @@ impl Llm {
             if tname == "token_embd.weight" {
                 // candle keeps a dequantized f32 copy of the embedding table for lookups.
                 weight_bytes += (elems * 4) as u64;
+            }
+        }
+        // Float tensors (the norms) are checked for NaN and infinity: a NaN there can vanish
+        // in the quantized matmuls (which quantize activations and drop NaN), so a finite-logits
+        // probe alone would not catch it.
+        for (tname, info) in &ct.tensor_infos {
+            if !matches!(
+                info.ggml_dtype,
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            ) {
+                continue;
+            }
+            let t = ct
+                .tensor(&mut file, tname, &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| format_err(name, path, e))?;
+            let count = t.iter().filter(|x| !x.is_finite()).count();
+            if count > 0 {
+                return Err(ModelError::NonFinite {
+                    model: name.to_string(),
+                    tensor: tname.clone(),
+                    count,
+                });
             }
         }
         let tokenizer = GgufTokenizer::from_gguf(&ct).map_err(|reason| ModelError::Tokenizer {

@@ -60,12 +60,32 @@ pub enum ModelError {
         format: &'static str,
         reason: String,
     },
+    #[error(
+        "model `{model}`: tensor `{tensor}` holds {count} non-finite values (NaN or infinity)"
+    )]
+    NonFinite {
+        model: String,
+        tensor: String,
+        count: usize,
+    },
     #[error("model `{model}`: tokenizer: {reason}")]
     Tokenizer { model: String, reason: String },
     #[error("model `{model}`: chat template: {reason}")]
     ChatTemplate { model: String, reason: String },
     #[error("model `{model}`: inference failed: {reason}")]
     Inference { model: String, reason: String },
+}
+
+impl ModelError {
+    /// The pre-flight check this error fails, when a load fails.
+    pub fn check_name(&self) -> &'static str {
+        match self {
+            ModelError::NonFinite { .. } => "finite_weights",
+            ModelError::Tokenizer { .. } => "tokenizer",
+            ModelError::ChatTemplate { .. } => "chat_template",
+            _ => "format",
+        }
+    }
 }
 
 /// What a model does: generate text or embed it.

@@ -34,8 +34,10 @@ const MERGES: [(&str, &str); 12] = [
 #[derive(Debug, Clone, Default)]
 pub struct TinyLlm {
     pub seed: u64,
-    /// Put a NaN into the output projection so every forward pass gives non-finite logits.
+    /// Put a NaN into the output projection (caught by the load's finite-weights check).
     pub poison_nan: bool,
+    /// Scale the output projection near f32::MAX: finite weights, infinite logits.
+    pub overflow: bool,
 }
 
 fn random(
@@ -70,6 +72,9 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
     let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu);
     // The output projection stays F32: quantizing to Q8_0 would silently turn a NaN into 0.
     let mut output = random(&mut rng, (vocab, DIM), 1.0)?;
+    if opts.overflow {
+        output = (output * 3e38)?;
+    }
     if opts.poison_nan {
         let mut v = output.flatten_all()?.to_vec1::<f32>()?;
         v[0] = f32::NAN;
@@ -266,6 +271,64 @@ pub fn write_tiny_bert(dir: &Path, opts: &TinyBert) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes a copy of the GGUF at `src` to `dst` with every F32 tensor (the norms) multiplied
+/// element-wise by `1 + U(-amount, amount)`: a second real version of a model, the same
+/// architecture and tokenizer, whose outputs differ. Quantized tensors are copied as they are.
+pub fn perturb_gguf(src: &Path, dst: &Path, seed: u64, amount: f32) -> anyhow::Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    rewrite_f32_tensors(src, dst, |_, v| {
+        v.iter()
+            .map(|x| x * (1.0 + rng.random_range(-amount..amount)))
+            .collect()
+    })
+}
+
+/// Writes a copy of the GGUF at `src` to `dst` with a NaN in its final norm: a broken version
+/// whose weights, not its file, are bad.
+pub fn poison_gguf_nan(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    rewrite_f32_tensors(src, dst, |name, mut v| {
+        if name == "output_norm.weight" {
+            v[0] = f32::NAN;
+        }
+        v
+    })
+}
+
+/// Copies a GGUF, passing each F32 tensor's values through `f` (in name order).
+fn rewrite_f32_tensors(
+    src: &Path,
+    dst: &Path,
+    mut f: impl FnMut(&str, Vec<f32>) -> Vec<f32>,
+) -> anyhow::Result<()> {
+    let mut reader = std::io::BufReader::new(std::fs::File::open(src)?);
+    let ct = gguf_file::Content::read(&mut reader)?;
+    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let t = ct.tensor(&mut reader, name, &Device::Cpu)?;
+        let t = if t.dtype() == GgmlDType::F32 {
+            let v = t.dequantize(&Device::Cpu)?;
+            let values = f(name, v.flatten_all()?.to_vec1::<f32>()?);
+            QTensor::quantize(
+                &Tensor::from_vec(values, v.shape(), &Device::Cpu)?,
+                GgmlDType::F32,
+            )?
+        } else {
+            t
+        };
+        tensors.push((name.clone(), t));
+    }
+    let mut metadata: Vec<(&str, &gguf_file::Value)> =
+        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    metadata.sort_by_key(|(k, _)| *k);
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(dst)?);
+    gguf_file::write(&mut file, &metadata, &ts)?;
+    std::io::Write::flush(&mut file)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,57 +350,50 @@ mod tests {
     #[test]
     fn tiny_llm_loads_tokenizes_and_differs_by_seed() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b, nan) = (
-            dir.path().join("a"),
-            dir.path().join("b"),
-            dir.path().join("n"),
-        );
-        write_tiny_llama_gguf(
-            &a,
-            &TinyLlm {
-                seed: 1,
-                poison_nan: false,
-            },
-        )
-        .unwrap();
-        write_tiny_llama_gguf(
-            &b,
-            &TinyLlm {
-                seed: 2,
-                poison_nan: false,
-            },
-        )
-        .unwrap();
-        write_tiny_llama_gguf(
-            &nan,
-            &TinyLlm {
-                seed: 1,
-                poison_nan: true,
-            },
-        )
-        .unwrap();
-        let la = Llm::load("a", &a, &Device::Cpu, 512).unwrap();
-        let lb = Llm::load("b", &b, &Device::Cpu, 512).unwrap();
+        let path = |n: &str| dir.path().join(n);
+        let seed = |seed| TinyLlm {
+            seed,
+            ..Default::default()
+        };
+        write_tiny_llama_gguf(&path("a"), &seed(1)).unwrap();
+        write_tiny_llama_gguf(&path("b"), &seed(2)).unwrap();
+        let la = Llm::load("a", &path("a"), &Device::Cpu, 512).unwrap();
+        let lb = Llm::load("b", &path("b"), &Device::Cpu, 512).unwrap();
         let text = "Hello the world 123";
         let ids = la.tokenizer.encode(text).unwrap();
         assert_eq!(la.tokenizer.decode(&ids), text);
         assert_eq!(la.tokenizer.encode("<|im_start|>").unwrap(), [1]);
         assert_ne!(greedy(&la, "hello", 10), greedy(&lb, "hello", 10));
-        let ln = Llm::load("n", &nan, &Device::Cpu, 512).unwrap();
-        let mut s = ln.session();
-        let logits = s.feed(&ids, &mut || true).unwrap().unwrap();
-        let v = logits.to_vec1::<f32>().unwrap();
-        assert!(v.iter().any(|x| !x.is_finite()));
         // Deterministic: the same seed writes the same bytes.
-        write_tiny_llama_gguf(
-            &b,
-            &TinyLlm {
-                seed: 1,
-                poison_nan: false,
-            },
-        )
-        .unwrap();
-        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        write_tiny_llama_gguf(&path("b"), &seed(1)).unwrap();
+        assert_eq!(
+            std::fs::read(path("a")).unwrap(),
+            std::fs::read(path("b")).unwrap()
+        );
+    }
+
+    #[test]
+    fn poisoned_models_fail_the_way_they_should() {
+        let dir = tempfile::tempdir().unwrap();
+        let (nan, inf) = (dir.path().join("nan"), dir.path().join("inf"));
+        let poison_nan = TinyLlm {
+            poison_nan: true,
+            ..Default::default()
+        };
+        write_tiny_llama_gguf(&nan, &poison_nan).unwrap();
+        let e = Llm::load("n", &nan, &Device::Cpu, 512).err().unwrap();
+        assert!(
+            matches!(e, crate::model::ModelError::NonFinite { .. }),
+            "{e}"
+        );
+        let overflow = TinyLlm {
+            overflow: true,
+            ..Default::default()
+        };
+        write_tiny_llama_gguf(&inf, &overflow).unwrap();
+        let llm = Llm::load("i", &inf, &Device::Cpu, 512).unwrap();
+        let logits = llm.next_logits(&[5, 6, 7]).unwrap();
+        assert!(logits.iter().any(|x| !x.is_finite()));
     }
 
     #[test]

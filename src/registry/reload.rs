@@ -14,7 +14,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::memory;
 use crate::model::preflight::{self, CheckResult};
-use crate::model::{self, ModelVersion, Resolver};
+use crate::model::{self, ModelError, ModelVersion, Resolver};
 
 /// Default time requests on the old version get to finish.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -210,24 +210,22 @@ impl Run {
     }
 }
 
-/// Runs `f` on a blocking thread. A failure is reported, naming `check`, and gives `None`.
-async fn blocking_step<T, E>(
+/// Runs `f` on a blocking thread. A failure is reported, naming the check it failed, and
+/// gives `None`.
+async fn blocking_step<T: Send + 'static>(
     run: &mut Run,
-    check: &str,
-    f: impl FnOnce() -> std::result::Result<T, E> + Send + 'static,
-) -> Option<T>
-where
-    T: Send + 'static,
-    E: std::fmt::Display + Send + 'static,
-{
+    check: fn(&ModelError) -> &'static str,
+    f: impl FnOnce() -> std::result::Result<T, ModelError> + Send + 'static,
+) -> Option<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Some(v),
         Ok(Err(e)) => {
-            run.fail(e, Some(check.into()));
+            let name = check(&e).to_string();
+            run.fail(e, Some(name));
             None
         }
         Err(e) => {
-            run.fail(format!("{check} thread: {e}"), None);
+            run.fail(format!("{:?} thread: {e}", run.phase), None);
             None
         }
     }
@@ -386,9 +384,11 @@ impl Reloader {
 
         run.start(Phase::Verify, "sha256");
         let (n, p) = (name.clone(), pins.clone());
-        let digests = blocking_step(run, "sha256", move || {
-            model::verify::verify_files(&n, &files, &p)
-        })
+        let digests = blocking_step(
+            run,
+            |_| "sha256",
+            move || model::verify::verify_files(&n, &files, &p),
+        )
         .await?;
         run.done(run.event(PhaseState::Done, "every file matches its sha256"));
 
@@ -416,7 +416,7 @@ impl Reloader {
         let mut spec = slot.spec.clone();
         spec.source = source;
         let device = self.device.clone();
-        let new = blocking_step(run, "format", move || {
+        let new = blocking_step(run, ModelError::check_name, move || {
             model::load_verified(&spec, digests, &device, 0)
         })
         .await
