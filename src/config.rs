@@ -92,6 +92,18 @@ pub struct ServeArgs {
     /// Require the admin token on control calls [default: true]; false turns the check off.
     #[arg(long, env = "SWAPD_CONTROL_AUTH")]
     pub control_auth: Option<bool>,
+    /// Where the last committed versions and the audit log are kept [default: <models-root>/.swapd].
+    #[arg(long, env = "SWAPD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Re-read the manifest this often (seconds) and reload changed entries; 0 = only on SIGHUP [default: 0].
+    #[arg(long, env = "SWAPD_MANIFEST_POLL_SECS")]
+    pub manifest_poll_secs: Option<u64>,
+    /// Consecutive failed reloads of one source before it cools down [default: 3].
+    #[arg(long, env = "SWAPD_RELOAD_FAILURE_LIMIT")]
+    pub reload_failure_limit: Option<u32>,
+    /// How long a failing source is refused, unless forced (seconds) [default: 300].
+    #[arg(long, env = "SWAPD_RELOAD_COOLDOWN_SECS")]
+    pub reload_cooldown_secs: Option<u64>,
 }
 
 /// The keys a config file may hold (same names as the flags).
@@ -112,6 +124,10 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     admin_token: Option<String>,
     control_auth: Option<bool>,
+    state_dir: Option<PathBuf>,
+    manifest_poll_secs: Option<u64>,
+    reload_failure_limit: Option<u32>,
+    reload_cooldown_secs: Option<u64>,
 }
 
 /// Limits that protect the server from overload and oversized input.
@@ -151,6 +167,13 @@ pub struct Config {
     /// Token control calls must carry; never logged.
     pub admin_token: Option<String>,
     pub control_auth: bool,
+    /// Committed versions and the audit log; `None` keeps nothing across restarts.
+    pub state_dir: Option<PathBuf>,
+    /// The `models` subset, re-applied when the manifest is re-read.
+    pub only_models: Option<Vec<String>>,
+    /// Manifest poll interval; `None` reloads on SIGHUP only.
+    pub manifest_poll: Option<std::time::Duration>,
+    pub cooldown: crate::registry::reload::Cooldown,
 }
 
 impl Config {
@@ -170,6 +193,10 @@ impl Config {
             log_format: LogFormat::Text,
             admin_token: None,
             control_auth: true,
+            state_dir: None,
+            only_models: None,
+            manifest_poll: None,
+            cooldown: Default::default(),
         })
     }
 
@@ -225,8 +252,9 @@ impl Config {
             .or(from_file(file.manifest))
             .unwrap_or_else(|| models_root.join("models.toml"));
         let mut manifest = Manifest::load(&manifest_path)?;
-        if let Some(only) = args.models.clone().or(file.models) {
-            for name in &only {
+        let only_models = args.models.clone().or(file.models);
+        if let Some(only) = &only_models {
+            for name in only {
                 if manifest.get(name).is_none() {
                     return Err(ConfigError::flag(
                         "models",
@@ -269,6 +297,11 @@ impl Config {
                 return Err(ConfigError::flag(key, "must be at least 1"));
             }
         }
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or(from_file(file.state_dir))
+            .unwrap_or_else(|| models_root.join(".swapd"));
         let hf_offline = args.hf_offline.or(file.hf_offline).unwrap_or_else(|| {
             std::env::var("HF_HUB_OFFLINE")
                 .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
@@ -289,6 +322,28 @@ impl Config {
                 .or(file.admin_token)
                 .filter(|t| !t.is_empty()),
             control_auth: args.control_auth.or(file.control_auth).unwrap_or(true),
+            state_dir: Some(state_dir),
+            only_models,
+            manifest_poll: args
+                .manifest_poll_secs
+                .or(file.manifest_poll_secs)
+                .filter(|s| *s > 0)
+                .map(std::time::Duration::from_secs),
+            cooldown: {
+                let d = crate::registry::reload::Cooldown::default();
+                crate::registry::reload::Cooldown {
+                    after_failures: args
+                        .reload_failure_limit
+                        .or(file.reload_failure_limit)
+                        .unwrap_or(d.after_failures)
+                        .max(1),
+                    duration: args
+                        .reload_cooldown_secs
+                        .or(file.reload_cooldown_secs)
+                        .map(std::time::Duration::from_secs)
+                        .unwrap_or(d.duration),
+                }
+            },
         })
     }
 }

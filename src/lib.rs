@@ -17,6 +17,7 @@ pub mod model;
 pub mod registry;
 pub mod server;
 pub mod service;
+pub mod triggers;
 
 /// Generated `swapd.v1` protobuf and gRPC code.
 pub mod proto {

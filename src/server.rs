@@ -14,6 +14,7 @@ use crate::manifest::ModelSpec;
 use crate::model::{self, ModelError, ModelVersion, Resolver};
 use crate::proto::inference_server::InferenceServer;
 use crate::proto::model_control_server::ModelControlServer;
+use crate::registry::persist::{Committed, StateStore};
 use crate::registry::reload::Reloader;
 use crate::registry::Registry;
 use crate::service::control::{AdminAuth, ControlService};
@@ -60,10 +61,26 @@ impl Server {
             hf_offline: config.hf_offline,
         };
         let registry = Arc::new(Registry::default());
+        let store = match &config.state_dir {
+            Some(dir) => Some(Arc::new(StateStore::open(dir).map_err(|e| {
+                ServerError::Internal(format!("state directory {}: {e}", dir.display()))
+            })?)),
+            None => None,
+        };
+        let committed = match &store {
+            Some(s) => s.committed().map_err(|e| {
+                ServerError::Internal(format!("{}: {e}", s.dir().join("committed.json").display()))
+            })?,
+            None => Default::default(),
+        };
         let mut loads = tokio::task::JoinSet::new();
         for spec in config.manifest.models.clone() {
             let (resolver, device) = (resolver.clone(), device.clone());
-            loads.spawn(async move { load(&spec, &resolver, &device, 1).await.map(|v| (spec, v)) });
+            let last = committed.get(&spec.name).cloned();
+            loads.spawn(async move {
+                let v = load_committed_or_manifest(&spec, last, &resolver, &device).await;
+                v.map(|v| (spec, v))
+            });
         }
         let mut loaded = Vec::new();
         while let Some(res) = loads.join_next().await {
@@ -82,6 +99,8 @@ impl Server {
             registry: registry.clone(),
             resolver: resolver.clone(),
             device: device.clone(),
+            store,
+            cooldown: config.cooldown,
         };
         Ok(Self {
             config,
@@ -134,18 +153,58 @@ impl Server {
             },
             auth,
         );
+        let watcher = tokio::spawn(crate::triggers::watch(
+            self.reloader.clone(),
+            crate::triggers::Watch {
+                manifest_path: self.config.manifest_path.clone(),
+                only: self.config.only_models.clone(),
+                poll: self.config.manifest_poll,
+            },
+            self.config.manifest.clone(),
+            crate::triggers::hangup(),
+        ));
         let addr = listener.local_addr().ok();
         tracing::info!(addr = ?addr, models = self.registry.slots().len(), "serving");
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(inference)
             .add_service(control)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await?;
+            .await;
+        watcher.abort();
+        served?;
         tracing::info!("server stopped");
         Ok(())
     }
+}
+
+/// Loads the version last committed for `spec` (what a restarted swapd must serve), or the
+/// manifest's when nothing was committed. If the committed files are gone or broken, the
+/// manifest's version serves and the error is logged.
+async fn load_committed_or_manifest(
+    spec: &ModelSpec,
+    committed: Option<Committed>,
+    resolver: &Resolver,
+    device: &Device,
+) -> Result<Arc<ModelVersion>, ModelError> {
+    if let Some(c) = committed {
+        let mut last = spec.clone();
+        last.source = c.source.clone();
+        last.sha256 = c.sha256.clone();
+        match load(&last, resolver, device, c.generation).await {
+            Ok(v) => {
+                tracing::info!(model = %spec.name, version = %v.version, generation = c.generation, "serving the last committed version");
+                return Ok(v);
+            }
+            Err(e) => tracing::error!(
+                model = %spec.name,
+                error = %e,
+                "the last committed version cannot be loaded; serving the manifest's"
+            ),
+        }
+    }
+    load(spec, resolver, device, 1).await
 }
 
 /// Resolves, verifies and loads one version of `spec` (verification and loading run on a

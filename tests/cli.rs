@@ -344,3 +344,122 @@ fn reload_rollback_and_status_from_the_command_line() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn after_kill_9_a_restart_serves_the_last_committed_version() {
+    use swapd::model::synth::{write_tiny_llama_gguf, TinyLlm};
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    let v2 = dir.path().join("tiny-llm").join("v2.gguf");
+    write_tiny_llama_gguf(
+        &v2,
+        &TinyLlm {
+            seed: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let pin = format!("v2.gguf={}", common::sha(&v2));
+    let mut s = serve(dir.path(), &["--admin-token", "s3cret"]);
+    let out = Command::new(BIN)
+        .args([
+            "reload",
+            "tiny-llm",
+            "--source",
+            "tiny-llm/v2.gguf",
+            "--sha256",
+            &pin,
+        ])
+        .args(["--server", &s.url, "--token", "s3cret"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let models = text(&client(&s.url, &["models"]).stdout);
+    let v2_line = models
+        .lines()
+        .find(|l| l.starts_with("tiny-llm"))
+        .unwrap()
+        .to_string();
+    assert!(v2_line.contains(" 2 "), "{v2_line}");
+
+    s.child.kill().unwrap(); // SIGKILL: no chance to clean up
+    s.child.wait().unwrap();
+    drop(s);
+    let s = serve(dir.path(), &["--admin-token", "s3cret"]);
+    let models = text(&client(&s.url, &["models"]).stdout);
+    let line = models.lines().find(|l| l.starts_with("tiny-llm")).unwrap();
+    assert_eq!(
+        line, v2_line,
+        "after a restart the committed version serves"
+    );
+
+    let audit = std::fs::read_to_string(dir.path().join(".swapd").join("audit.jsonl")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(audit.lines().next().unwrap()).unwrap();
+    assert_eq!(rec["model"], "tiny-llm");
+    assert_eq!(rec["action"], "reload");
+    assert_eq!(rec["committed"], true);
+    assert_eq!(rec["to_generation"], 2);
+    assert!(
+        rec["actor"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{rec}"
+    );
+    assert_eq!(rec["phases_ms"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn sighup_reloads_a_changed_manifest_entry() {
+    use swapd::model::synth::{write_tiny_llama_gguf, TinyLlm};
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    let s = serve(dir.path(), &["--control-auth", "false"]);
+    let v2 = dir.path().join("tiny-llm").join("v2.gguf");
+    write_tiny_llama_gguf(
+        &v2,
+        &TinyLlm {
+            seed: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let manifest = dir.path().join("models.toml");
+    let text_before = std::fs::read_to_string(&manifest).unwrap();
+    let old_sha = common::sha(&dir.path().join("tiny-llm").join("tiny.gguf"));
+    let changed = text_before
+        .replace(
+            "source = \"tiny-llm/tiny.gguf\"",
+            "source = \"tiny-llm/v2.gguf\"",
+        )
+        .replace(
+            &format!("\"tiny.gguf\" = \"{old_sha}\""),
+            &format!("\"v2.gguf\" = \"{}\"", common::sha(&v2)),
+        );
+    assert_ne!(changed, text_before);
+    std::fs::write(&manifest, changed).unwrap();
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    loop {
+        let models = text(&client(&s.url, &["models"]).stdout);
+        let line = models
+            .lines()
+            .find(|l| l.starts_with("tiny-llm"))
+            .unwrap_or("")
+            .to_string();
+        if line.contains(" 2 ") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "SIGHUP did not reload: {line}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The embedding model's entry did not change: still generation 1.
+    let models = text(&client(&s.url, &["models"]).stdout);
+    let bert = models.lines().find(|l| l.starts_with("tiny-bert")).unwrap();
+    assert!(bert.contains(" 1 "), "{bert}");
+}

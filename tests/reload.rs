@@ -469,3 +469,63 @@ async fn control_calls_need_the_admin_token() {
     let mut bare = proto::model_control_client::ModelControlClient::new(server.channel().await);
     assert!(bare.status(proto::StatusRequest::default()).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_keeps_failing_cools_down_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tiny_with_token(dir.path())).await;
+    let (src, _) = tiny_version(dir.path(), 2, "");
+    let wrong = BTreeMap::from([("v2.gguf".to_string(), "cd".repeat(32))]);
+    for _ in 0..3 {
+        let (_, r) = reload(&server, reload_req(&src, &wrong)).await;
+        assert!(!r.committed);
+    }
+    let mut ctl = control(&server).await;
+    let e = ctl.reload(reload_req(&src, &wrong)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("failed 3 reloads in a row"),
+        "{}",
+        e.message()
+    );
+    // Forced, it runs (and fails again, at verify).
+    let mut forced = reload_req(&src, &wrong);
+    forced.force = true;
+    let (_, r) = reload(&server, forced).await;
+    assert_eq!(r.failed_phase(), Phase::Verify);
+    // Another source is not affected.
+    let (_, r) = reload(&server, reload_req("tiny-llm/tiny.gguf", &BTreeMap::new())).await;
+    assert!(r.committed, "{}", r.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polled_manifest_change_reloads_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_with_token(dir.path());
+    config.manifest_poll = Some(Duration::from_millis(100));
+    let server = TestServer::start(config).await;
+    let (src, pins) = tiny_version(dir.path(), 2, "");
+    let manifest = dir.path().join("models.toml");
+    let old_sha = sha(&dir.path().join("tiny-llm/tiny.gguf"));
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace(
+            "source = \"tiny-llm/tiny.gguf\"",
+            &format!("source = \"{src}\""),
+        )
+        .replace(
+            &format!("\"tiny.gguf\" = \"{old_sha}\""),
+            &format!("\"v2.gguf\" = \"{}\"", pins["v2.gguf"]),
+        );
+    std::fs::write(&manifest, text).unwrap();
+    let slot = server.registry.slot(LLM).unwrap();
+    let t = Instant::now();
+    while slot.active().unwrap().generation() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the manifest change was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(slot.active().unwrap().source, src);
+}

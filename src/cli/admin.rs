@@ -42,6 +42,9 @@ pub struct ReloadArgs {
     /// Keep the old version resident for an instant rollback.
     #[arg(long)]
     pub keep_previous: bool,
+    /// Reload even if this source is cooling down after repeated failures.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -166,6 +169,7 @@ pub async fn reload(a: ReloadArgs) -> Result<ExitCode> {
         drain_timeout_ms: a.drain_timeout_ms,
         drain_policy: drain_policy(&a.drain_policy)?,
         keep_previous: a.keep_previous,
+        force: a.force,
     };
     follow(ctl.reload(req).await.context("Reload")?.into_inner()).await
 }

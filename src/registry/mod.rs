@@ -2,6 +2,7 @@
 //! a request takes the `Arc` once, at admission, through a [`Lease`] that it keeps until its
 //! last byte, so a request is served wholly by one version however often the slot changes.
 //! [`reload`] replaces versions.
+pub mod persist;
 pub mod reload;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,8 @@ pub struct SlotState {
     /// The phase of the reload in progress, with when it started.
     pub reloading: Option<(reload::Phase, std::time::SystemTime)>,
     pub last_result: Option<reload::ReloadOutcome>,
+    /// Consecutive failed reloads by source, with when the last one failed.
+    pub failures: std::collections::HashMap<String, (u32, std::time::Instant)>,
 }
 
 /// One served model name, its active version and its reload state.

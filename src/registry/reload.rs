@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
+use super::persist::{AuditRecord, Committed, StateStore};
 use super::{PreviousVersion, Registry, Slot};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -135,6 +136,28 @@ pub struct ReloadRequest {
     pub drain_timeout: Option<Duration>,
     pub drain_policy: DrainPolicy,
     pub keep_previous: bool,
+    /// Who asked (for the audit log).
+    pub actor: String,
+    /// Set by [`Reloader::rollback`] when it reloads the previous version's files.
+    pub rollback: bool,
+    /// Reload even while the source is cooling down after repeated failures.
+    pub force: bool,
+}
+
+/// After this many consecutive failed reloads of one source, refuse it for a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cooldown {
+    pub after_failures: u32,
+    pub duration: Duration,
+}
+
+impl Default for Cooldown {
+    fn default() -> Self {
+        Self {
+            after_failures: 3,
+            duration: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Starts reloads and rollbacks. Cheap to clone.
@@ -143,6 +166,9 @@ pub struct Reloader {
     pub registry: Arc<Registry>,
     pub resolver: Resolver,
     pub device: Device,
+    /// Where committed versions and the audit log go; `None` keeps nothing across restarts.
+    pub store: Option<Arc<StateStore>>,
+    pub cooldown: Cooldown,
 }
 
 /// Sends events to whoever listens and records the phase on the slot.
@@ -152,6 +178,12 @@ struct Run {
     outcome: ReloadOutcome,
     phase_started: Instant,
     phase: Phase,
+    store: Option<Arc<StateStore>>,
+    /// For the audit record: what was asked, by whom, for which files.
+    action: &'static str,
+    actor: String,
+    source: String,
+    pins: BTreeMap<String, String>,
 }
 
 impl Run {
@@ -204,10 +236,55 @@ impl Run {
         let mut st = self.slot.state();
         st.reloading = None;
         st.last_result = Some(self.outcome.clone());
+        if self.outcome.committed {
+            st.failures.remove(&self.source);
+        } else {
+            let entry = st
+                .failures
+                .entry(self.source.clone())
+                .or_insert((0, Instant::now()));
+            *entry = (entry.0 + 1, Instant::now());
+        }
         drop(st);
+        if let Some(store) = &self.store {
+            let o = &self.outcome;
+            let record = AuditRecord {
+                at_unix_ms: unix_ms(),
+                model: self.slot.spec.name.clone(),
+                action: self.action.into(),
+                actor: self.actor.clone(),
+                source: self.source.clone(),
+                sha256: self.pins.clone(),
+                from_version: o.previous.as_ref().map(|v| v.version.clone()),
+                from_generation: o.previous.as_ref().map(|v| v.generation),
+                to_version: o.version.as_ref().map(|v| v.version.clone()),
+                to_generation: o.version.as_ref().map(|v| v.generation),
+                committed: o.committed,
+                error: o.error.clone(),
+                failed_phase: o.failed_phase.map(|p| format!("{p:?}").to_lowercase()),
+                failed_check: o.failed_check.clone(),
+                phases_ms: o
+                    .timings
+                    .iter()
+                    .map(|(p, d)| (format!("{p:?}").to_lowercase(), d.as_secs_f64() * 1e3))
+                    .collect(),
+                cancelled_requests: o.cancelled_requests,
+                previous_freed: o.previous_freed,
+            };
+            if let Err(e) = store.audit(&record) {
+                tracing::error!(error = %e, dir = %store.dir().display(), "cannot append to the audit log");
+            }
+        }
         let outcome = std::mem::take(&mut self.outcome);
         let _ = self.tx.send(ReloadEvent::Done(outcome));
     }
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 /// Runs `f` on a blocking thread. A failure is reported, naming the check it failed, and
@@ -275,6 +352,17 @@ impl Reloader {
                 req.model
             ))
         })?;
+        let (source, _) = pins_for(&slot, &req);
+        if let Some(&(n, at)) = slot.state().failures.get(&source) {
+            let left = self.cooldown.duration.saturating_sub(at.elapsed());
+            if n >= self.cooldown.after_failures && !left.is_zero() && !req.force {
+                return Err(Error::FailedPrecondition(format!(
+                    "source `{source}` of model `{}` failed {n} reloads in a row; refused for another {} s unless forced",
+                    req.model,
+                    left.as_secs()
+                )));
+            }
+        }
         if let Some(want) = req.expected_generation {
             let serving = slot.state().generation;
             if want != serving {
@@ -300,6 +388,7 @@ impl Reloader {
         model: &str,
         drain_timeout: Option<Duration>,
         drain_policy: DrainPolicy,
+        actor: &str,
     ) -> Result<mpsc::UnboundedReceiver<ReloadEvent>> {
         let slot = self.registry.slot(model)?;
         if let Some(standby) = slot.standby() {
@@ -310,14 +399,21 @@ impl Reloader {
             let this = self.clone();
             let req = ReloadRequest {
                 model: model.to_string(),
+                source: Some(standby.source.clone()),
+                sha256: standby
+                    .files
+                    .iter()
+                    .map(|f| (f.name.clone(), f.sha256.clone()))
+                    .collect(),
                 drain_timeout,
                 drain_policy,
                 keep_previous: true,
+                actor: actor.to_string(),
                 ..Default::default()
             };
             tokio::spawn(async move {
                 let _guard = guard;
-                let mut run = this.new_run(&slot, tx);
+                let mut run = this.new_run(&slot, tx, "rollback", &req);
                 slot.standby.store(None);
                 this.swap_drain_free(&mut run, &slot, standby, &req).await;
                 run.finish();
@@ -335,17 +431,31 @@ impl Reloader {
             sha256: prev.sha256,
             drain_timeout,
             drain_policy,
+            actor: actor.to_string(),
+            rollback: true,
             ..Default::default()
         })
     }
 
-    fn new_run(&self, slot: &Arc<Slot>, tx: mpsc::UnboundedSender<ReloadEvent>) -> Run {
+    fn new_run(
+        &self,
+        slot: &Arc<Slot>,
+        tx: mpsc::UnboundedSender<ReloadEvent>,
+        action: &'static str,
+        req: &ReloadRequest,
+    ) -> Run {
+        let (source, pins) = pins_for(slot, req);
         Run {
             slot: slot.clone(),
             tx,
             outcome: ReloadOutcome::default(),
             phase_started: Instant::now(),
             phase: Phase::Resolve,
+            store: self.store.clone(),
+            action,
+            actor: req.actor.clone(),
+            source,
+            pins,
         }
     }
 
@@ -355,7 +465,8 @@ impl Reloader {
         req: ReloadRequest,
         tx: mpsc::UnboundedSender<ReloadEvent>,
     ) {
-        let mut run = self.new_run(&slot, tx);
+        let action = if req.rollback { "rollback" } else { "reload" };
+        let mut run = self.new_run(&slot, tx, action, &req);
         if let Some(new) = self.prepare(&mut run, &slot, &req).await {
             self.swap_drain_free(&mut run, &slot, new, &req).await;
         }
@@ -495,6 +606,22 @@ impl Reloader {
             old
         };
         run.outcome.committed = true;
+        if let Some(store) = &self.store {
+            let committed = Committed {
+                source: new.source.clone(),
+                sha256: new
+                    .files
+                    .iter()
+                    .map(|f| (f.name.clone(), f.sha256.clone()))
+                    .collect(),
+                version: new.version.clone(),
+                generation: new.generation(),
+                committed_at_unix_ms: unix_ms(),
+            };
+            if let Err(e) = store.commit(&slot.spec.name, committed) {
+                tracing::error!(model = %slot.spec.name, error = %e, "the swap is live but could not be recorded; a restart would serve the previous commit");
+            }
+        }
         run.outcome.version = Some(VersionName::of(&new));
         run.outcome.previous = old.as_deref().map(VersionName::of);
         run.done(run.event(

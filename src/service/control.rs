@@ -58,6 +58,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Who made a control call, for the audit log: the peer address and the `x-swapd-actor`
+/// header when the client sends one.
+fn actor<T>(req: &Request<T>) -> String {
+    let peer = req
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    match req
+        .metadata()
+        .get("x-swapd-actor")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(who) => format!("{who}@{peer}"),
+        None => peer,
+    }
+}
+
 /// The control service.
 #[derive(Clone)]
 pub struct ControlService {
@@ -175,6 +192,7 @@ impl ModelControl for ControlService {
         &self,
         req: Request<proto::ReloadRequest>,
     ) -> Result<Response<Self::ReloadStream>, Status> {
+        let actor = actor(&req);
         let r = req.into_inner();
         let req = reload::ReloadRequest {
             model: convert::model_name(&r.model).map_err(status)?,
@@ -186,6 +204,9 @@ impl ModelControl for ControlService {
                 .map(|ms| Duration::from_millis(ms as u64)),
             drain_policy: drain_policy(r.drain_policy).map_err(status)?,
             keep_previous: r.keep_previous,
+            actor,
+            rollback: false,
+            force: r.force,
         };
         tracing::info!(model = %req.model, source = ?req.source, "reload requested");
         self.reloader.reload(req).map(events).map_err(status)
@@ -195,6 +216,7 @@ impl ModelControl for ControlService {
         &self,
         req: Request<proto::RollbackRequest>,
     ) -> Result<Response<Self::RollbackStream>, Status> {
+        let actor = actor(&req);
         let r = req.into_inner();
         let model = convert::model_name(&r.model).map_err(status)?;
         let policy = drain_policy(r.drain_policy).map_err(status)?;
@@ -203,7 +225,7 @@ impl ModelControl for ControlService {
             .map(|ms| Duration::from_millis(ms as u64));
         tracing::info!(model = %model, "rollback requested");
         self.reloader
-            .rollback(&model, timeout, policy)
+            .rollback(&model, timeout, policy, &actor)
             .map(events)
             .map_err(status)
     }

@@ -99,7 +99,7 @@ impl Drop for TestServer {
     }
 }
 
-/// A greedy raw-prompt request.
+/// A greedy raw-prompt request: plain argmax, no repetition penalty.
 pub fn greedy(model: &str, prompt: &str, max_tokens: u32) -> proto::GenerateRequest {
     proto::GenerateRequest {
         model: model.into(),
@@ -107,6 +107,7 @@ pub fn greedy(model: &str, prompt: &str, max_tokens: u32) -> proto::GenerateRequ
         sampling: Some(proto::SamplingParams {
             max_tokens: Some(max_tokens),
             temperature: Some(0.0),
+            repetition_penalty: Some(1.0),
             ..Default::default()
         }),
         return_token_ids: true,

@@ -1,0 +1,175 @@
+//! What survives a restart: the last committed version of each model (written atomically, so
+//! a crash leaves the old file or the new one, never half of one) and the append-only audit
+//! log of every reload.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of a model that was last made active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    pub source: String,
+    pub sha256: BTreeMap<String, String>,
+    pub version: String,
+    pub generation: u64,
+    pub committed_at_unix_ms: i64,
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub at_unix_ms: i64,
+    pub model: String,
+    /// `reload` or `rollback`.
+    pub action: String,
+    /// Who asked: the peer address, and the `x-swapd-actor` header when sent.
+    pub actor: String,
+    pub source: String,
+    pub sha256: BTreeMap<String, String>,
+    pub from_version: Option<String>,
+    pub from_generation: Option<u64>,
+    pub to_version: Option<String>,
+    pub to_generation: Option<u64>,
+    pub committed: bool,
+    pub error: Option<String>,
+    pub failed_phase: Option<String>,
+    pub failed_check: Option<String>,
+    /// Milliseconds per phase, in order.
+    pub phases_ms: Vec<(String, f64)>,
+    pub cancelled_requests: u64,
+    pub previous_freed: bool,
+}
+
+/// Files under the state directory.
+pub struct StateStore {
+    dir: PathBuf,
+    // Serializes read-modify-write of committed.json across concurrent reloads of
+    // different models.
+    lock: Mutex<()>,
+}
+
+const COMMITTED: &str = "committed.json";
+const AUDIT: &str = "audit.jsonl";
+
+impl StateStore {
+    /// Uses (and creates) `dir`.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            lock: Mutex::new(()),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The committed versions by model name; empty when nothing was committed yet.
+    pub fn committed(&self) -> std::io::Result<BTreeMap<String, Committed>> {
+        match std::fs::read(self.dir.join(COMMITTED)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records `c` as `model`'s committed version: temp file, fsync, rename, fsync the dir.
+    pub fn commit(&self, model: &str, c: Committed) -> std::io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.committed()?;
+        all.insert(model.to_string(), c);
+        let tmp = self.dir.join(format!("{COMMITTED}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, self.dir.join(COMMITTED))?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Appends one line to the audit log.
+    pub fn audit(&self, record: &AuditRecord) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(AUDIT))?;
+        // One write of a whole line: concurrent appends never interleave within a line.
+        f.write_all(&line)?;
+        f.sync_data()
+    }
+
+    /// Every audit record so far.
+    pub fn audit_records(&self) -> std::io::Result<Vec<AuditRecord>> {
+        let text = match std::fs::read_to_string(self.dir.join(AUDIT)) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        text.lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_replace_atomically_and_audit_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(&dir.path().join("state")).unwrap();
+        assert!(s.committed().unwrap().is_empty());
+        let c = |v: &str, g| Committed {
+            source: "m/a.gguf".into(),
+            sha256: BTreeMap::from([("a.gguf".into(), "00".repeat(32))]),
+            version: v.into(),
+            generation: g,
+            committed_at_unix_ms: 1,
+        };
+        s.commit("m", c("v1", 1)).unwrap();
+        s.commit("n", c("w1", 1)).unwrap();
+        s.commit("m", c("v2", 2)).unwrap();
+        let all = s.committed().unwrap();
+        assert_eq!(all["m"], c("v2", 2));
+        assert_eq!(all["n"].version, "w1");
+        assert!(!dir.path().join("state").join("committed.json.tmp").exists());
+        for i in 0..3 {
+            s.audit(&AuditRecord {
+                at_unix_ms: i,
+                model: "m".into(),
+                action: "reload".into(),
+                actor: "test".into(),
+                source: String::new(),
+                sha256: BTreeMap::new(),
+                from_version: None,
+                from_generation: None,
+                to_version: None,
+                to_generation: None,
+                committed: false,
+                error: Some("x".into()),
+                failed_phase: None,
+                failed_check: None,
+                phases_ms: vec![],
+                cancelled_requests: 0,
+                previous_freed: false,
+            })
+            .unwrap();
+        }
+        let recs = s.audit_records().unwrap();
+        assert_eq!(
+            recs.iter().map(|r| r.at_unix_ms).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+    }
+}
