@@ -104,6 +104,13 @@ pub struct ServeArgs {
     /// How long a failing source is refused, unless forced (seconds) [default: 300].
     #[arg(long, env = "SWAPD_RELOAD_COOLDOWN_SECS")]
     pub reload_cooldown_secs: Option<u64>,
+    /// Most bytes of model weights resident at once, all versions included [default: no limit
+    /// beyond MemAvailable].
+    #[arg(long, env = "SWAPD_MEMORY_BUDGET_BYTES")]
+    pub memory_budget_bytes: Option<u64>,
+    /// refuse | resource-preserving: what a reload does when two versions do not fit [default: refuse].
+    #[arg(long, env = "SWAPD_MEMORY_POLICY")]
+    pub memory_policy: Option<crate::registry::reload::MemoryPolicy>,
 }
 
 /// The keys a config file may hold (same names as the flags).
@@ -128,6 +135,8 @@ struct FileConfig {
     manifest_poll_secs: Option<u64>,
     reload_failure_limit: Option<u32>,
     reload_cooldown_secs: Option<u64>,
+    memory_budget_bytes: Option<u64>,
+    memory_policy: Option<crate::registry::reload::MemoryPolicy>,
 }
 
 /// Limits that protect the server from overload and oversized input.
@@ -174,6 +183,8 @@ pub struct Config {
     /// Manifest poll interval; `None` reloads on SIGHUP only.
     pub manifest_poll: Option<std::time::Duration>,
     pub cooldown: crate::registry::reload::Cooldown,
+    pub memory_budget: Option<u64>,
+    pub memory_policy: crate::registry::reload::MemoryPolicy,
 }
 
 impl Config {
@@ -197,6 +208,8 @@ impl Config {
             only_models: None,
             manifest_poll: None,
             cooldown: Default::default(),
+            memory_budget: None,
+            memory_policy: Default::default(),
         })
     }
 
@@ -344,6 +357,11 @@ impl Config {
                         .unwrap_or(d.duration),
                 }
             },
+            memory_budget: args.memory_budget_bytes.or(file.memory_budget_bytes),
+            memory_policy: args
+                .memory_policy
+                .or(file.memory_policy)
+                .unwrap_or_default(),
         })
     }
 }

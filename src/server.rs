@@ -101,6 +101,8 @@ impl Server {
             device: device.clone(),
             store,
             cooldown: config.cooldown,
+            budget: config.memory_budget,
+            memory_policy: config.memory_policy,
         };
         Ok(Self {
             config,

@@ -13,6 +13,9 @@ fn freed_large_buffers_leave_the_rss() {
     drop(bufs);
     trim();
     let after = rss_bytes();
-    assert!(after < before + (8 << 20), "64 MiB freed but RSS {before} → {after}");
+    assert!(
+        after < before + (8 << 20),
+        "64 MiB freed but RSS {before} → {after}"
+    );
     assert!(available_bytes().unwrap() > 0);
 }

@@ -175,7 +175,7 @@ async fn broken_versions_are_refused_at_the_right_phase_and_the_old_one_keeps_se
         (
             "truncated",
             reload_req("tiny-llm/truncated.gguf", &trunc_pins),
-            Phase::Load,
+            Phase::Admit,
             "format",
             "truncated",
         ),

@@ -168,7 +168,7 @@ async fn broken_real_versions_are_refused() {
     swapd::model::synth::poison_gguf_nan(&smol.join("a.gguf"), &smol.join("nan.gguf")).unwrap();
     let mut ctl = control(&server).await;
     for (file, phase, check) in [
-        ("cut.gguf", proto::Phase::Load, "format"),
+        ("cut.gguf", proto::Phase::Admit, "format"),
         ("nan.gguf", proto::Phase::Load, "finite_weights"),
     ] {
         let (_, r) = reload_events(

@@ -45,6 +45,9 @@ pub struct ReloadArgs {
     /// Reload even if this source is cooling down after repeated failures.
     #[arg(long)]
     pub force: bool,
+    /// When two versions do not fit: drain and free the old one first, then load the new.
+    #[arg(long)]
+    pub resource_preserving: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -170,6 +173,11 @@ pub async fn reload(a: ReloadArgs) -> Result<ExitCode> {
         drain_policy: drain_policy(&a.drain_policy)?,
         keep_previous: a.keep_previous,
         force: a.force,
+        memory_policy: if a.resource_preserving {
+            proto::MemoryPolicy::ResourcePreserving as i32
+        } else {
+            proto::MemoryPolicy::Default as i32
+        },
     };
     follow(ctl.reload(req).await.context("Reload")?.into_inner()).await
 }

@@ -16,6 +16,36 @@ use super::ModelError;
 /// and lets a cancelled request stop between chunks.
 const PREFILL_CHUNK: usize = 256;
 
+/// Bytes the tensors of `ct` take once loaded. Every tensor must lie inside the file: a
+/// truncated download fails here, with a clear reason, instead of deep inside the loader.
+fn tensor_bytes(ct: &Content, file_len: u64) -> Result<u64, String> {
+    let mut total = 0u64;
+    for (tname, info) in &ct.tensor_infos {
+        let elems = info.shape.elem_count();
+        let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+        let end = ct.tensor_data_offset + info.offset + bytes;
+        if end > file_len {
+            return Err(format!(
+                "tensor `{tname}` ends at byte {end} but the file has {file_len} bytes (truncated?)"
+            ));
+        }
+        total += bytes;
+        if tname == "token_embd.weight" {
+            // candle keeps a dequantized f32 copy of the embedding table for lookups.
+            total += (elems * 4) as u64;
+        }
+    }
+    Ok(total)
+}
+
+/// Bytes the GGUF at `path` will hold once loaded, from its header alone.
+pub fn weight_bytes_of(path: &Path) -> Result<u64, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let ct = Content::read(&mut file).map_err(|e| e.to_string())?;
+    tensor_bytes(&ct, len)
+}
+
 /// A loaded GGUF language model: shared weights, tokenizer, chat template.
 pub struct Llm {
     weights: ModelWeights,
@@ -66,26 +96,8 @@ impl Llm {
                 format!("architecture `{arch}` is not supported (only `llama`)"),
             ));
         }
-        // Every tensor must lie inside the file: a truncated download fails here, with a
-        // clear reason, instead of deep inside the loader.
-        let mut weight_bytes = 0u64;
-        for (tname, info) in &ct.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
-            let end = ct.tensor_data_offset + info.offset + bytes;
-            if end > file_len {
-                return Err(format_err(
-                    name,
-                    path,
-                    format!("tensor `{tname}` ends at byte {end} but the file has {file_len} bytes (truncated?)"),
-                ));
-            }
-            weight_bytes += bytes;
-            if tname == "token_embd.weight" {
-                // candle keeps a dequantized f32 copy of the embedding table for lookups.
-                weight_bytes += (elems * 4) as u64;
-            }
-        }
+        let weight_bytes =
+            tensor_bytes(&ct, file_len).map_err(|reason| format_err(name, path, reason))?;
         // Float tensors (the norms) are checked for NaN and infinity: a NaN there can vanish
         // in the quantized matmuls (which quantize activations and drop NaN), so a finite-logits
         // probe alone would not catch it.

@@ -211,6 +211,23 @@ impl std::fmt::Debug for ModelVersion {
     }
 }
 
+/// Bytes a version of these verified files will hold once loaded, from the file headers
+/// (the admit phase's estimate).
+pub fn estimate_bytes(kind: ModelKind, files: &[FileDigest]) -> Result<u64, String> {
+    match kind {
+        ModelKind::Llm => {
+            let f = files.first().ok_or("no file")?;
+            llm::weight_bytes_of(&f.path).map_err(|e| e.to_string())
+        }
+        // Safetensors hold the weights as they are loaded (f32 here).
+        ModelKind::Embedding => Ok(files
+            .iter()
+            .filter(|f| f.name.ends_with(".safetensors"))
+            .map(|f| f.bytes)
+            .sum()),
+    }
+}
+
 /// Verifies and loads one version of `spec` onto `device`. Blocking: call it from a
 /// blocking thread. The returned version has no requests yet.
 pub fn load_version(

@@ -46,6 +46,10 @@ pub struct Slot {
     pub state: Mutex<SlotState>,
     /// Held by the one reload (or rollback) of this model that may run.
     reload_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Set while a resource-preserving reload has no version active: requests wait.
+    suspended: std::sync::atomic::AtomicBool,
+    /// Wakes requests waiting for a version.
+    changed: tokio::sync::Notify,
 }
 
 impl Slot {
@@ -64,9 +68,26 @@ impl Slot {
         self.active.load_full()
     }
 
-    /// Makes `version` active and returns the version it replaced.
+    /// Makes `version` active and returns the version it replaced; wakes waiting requests.
     pub fn activate(&self, version: Arc<ModelVersion>) -> Option<Arc<ModelVersion>> {
-        self.active.swap(Some(version))
+        let old = self.active.swap(Some(version));
+        self.resume();
+        old
+    }
+
+    /// Takes the active version away; requests for the model wait (bounded by admission and
+    /// their deadlines) until [`Slot::activate`] or [`Slot::resume`].
+    pub fn suspend(&self) -> Option<Arc<ModelVersion>> {
+        self.suspended
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.active.swap(None)
+    }
+
+    /// Ends a suspension (waiting requests then see whatever is active).
+    pub fn resume(&self) {
+        self.suspended
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.changed.notify_waiters();
     }
 }
 
@@ -120,6 +141,8 @@ impl Registry {
             standby: ArcSwapOption::empty(),
             state: Mutex::new(SlotState::default()),
             reload_lock: Arc::new(tokio::sync::Mutex::new(())),
+            suspended: std::sync::atomic::AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
         });
         slots.push(slot.clone());
         slot
@@ -139,6 +162,49 @@ impl Registry {
     /// Every slot, in manifest order.
     pub fn slots(&self) -> Vec<Arc<Slot>> {
         self.slots.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Bytes of weights held by every active and standby version.
+    pub fn resident_bytes(&self) -> u64 {
+        self.slots()
+            .iter()
+            .flat_map(|s| [s.active(), s.standby()])
+            .flatten()
+            .map(|v| v.weight_bytes)
+            .sum()
+    }
+
+    /// Like [`Registry::lease`], but while a resource-preserving reload has the model
+    /// suspended, waits for its next version until `deadline`.
+    pub async fn lease_wait(
+        &self,
+        name: &str,
+        kind: ModelKind,
+        rpc: &'static str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Lease> {
+        let slot = self.slot(name)?;
+        loop {
+            let notified = slot.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a wake-up between the two is not lost.
+            notified.as_mut().enable();
+            match self.lease(name, kind, rpc) {
+                Err(Error::NotReady(_))
+                    if slot.suspended.load(std::sync::atomic::Ordering::Acquire) => {}
+                other => return other,
+            }
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), notified)
+                    .await
+                    .map_err(|_| {
+                        Error::DeadlineExceeded(format!(
+                            "waiting for model `{name}` to finish reloading"
+                        ))
+                    })?,
+                None => notified.await,
+            }
+        }
     }
 
     /// Leases the active version of `name`, which must be of `kind` for `rpc`.

@@ -13,9 +13,10 @@ use super::persist::{AuditRecord, Committed, StateStore};
 use super::{PreviousVersion, Registry, Slot};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::manifest::ModelSpec;
 use crate::memory;
 use crate::model::preflight::{self, CheckResult};
-use crate::model::{self, ModelError, ModelVersion, Resolver};
+use crate::model::{self, FileDigest, ModelError, ModelVersion, Resolver};
 
 /// Default time requests on the old version get to finish.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -142,6 +143,28 @@ pub struct ReloadRequest {
     pub rollback: bool,
     /// Reload even while the source is cooling down after repeated failures.
     pub force: bool,
+    /// `None` uses the server's default.
+    pub memory_policy: Option<MemoryPolicy>,
+}
+
+/// What a reload does when the new version does not fit beside the serving one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryPolicy {
+    /// Refuse the reload (RESOURCE_EXHAUSTED).
+    #[default]
+    Refuse,
+    /// Drain and free the old version first, then load the new one; requests for the model
+    /// wait in the admission queue meanwhile. If the new version fails, the old one is
+    /// loaded back.
+    ResourcePreserving,
+}
+
+/// The admit phase's decision.
+enum Admission {
+    Fits,
+    Preserve,
+    Refused,
 }
 
 /// After this many consecutive failed reloads of one source, refuse it for a while.
@@ -169,6 +192,9 @@ pub struct Reloader {
     /// Where committed versions and the audit log go; `None` keeps nothing across restarts.
     pub store: Option<Arc<StateStore>>,
     pub cooldown: Cooldown,
+    /// Most bytes of weights resident at once (all models, standbys included), if limited.
+    pub budget: Option<u64>,
+    pub memory_policy: MemoryPolicy,
 }
 
 /// Sends events to whoever listens and records the phase on the slot.
@@ -278,6 +304,14 @@ impl Run {
         let outcome = std::mem::take(&mut self.outcome);
         let _ = self.tx.send(ReloadEvent::Done(outcome));
     }
+}
+
+/// A version's file digests by name.
+fn digests_of(v: &ModelVersion) -> BTreeMap<String, String> {
+    v.files
+        .iter()
+        .map(|f| (f.name.clone(), f.sha256.clone()))
+        .collect()
 }
 
 fn unix_ms() -> i64 {
@@ -467,19 +501,29 @@ impl Reloader {
     ) {
         let action = if req.rollback { "rollback" } else { "reload" };
         let mut run = self.new_run(&slot, tx, action, &req);
-        if let Some(new) = self.prepare(&mut run, &slot, &req).await {
-            self.swap_drain_free(&mut run, &slot, new, &req).await;
+        if let Some((spec, digests)) = self.resolve_verify(&mut run, &slot, &req).await {
+            match self.admit(&mut run, &digests, &req) {
+                Admission::Fits => {
+                    let serving = slot.active();
+                    if let Some(new) = self.load_preflight(&mut run, spec, digests, serving).await {
+                        self.swap_drain_free(&mut run, &slot, new, &req).await;
+                    }
+                }
+                Admission::Preserve => self.preserving(&mut run, &slot, spec, digests, &req).await,
+                Admission::Refused => {}
+            }
         }
         run.finish();
     }
 
-    /// resolve → verify → admit → load → preflight. `None` when a phase failed (reported).
-    async fn prepare(
+    /// resolve → verify: the spec to load and its verified files. `None` when a phase failed
+    /// (reported).
+    async fn resolve_verify(
         &self,
         run: &mut Run,
         slot: &Arc<Slot>,
         req: &ReloadRequest,
-    ) -> Option<Arc<ModelVersion>> {
+    ) -> Option<(ModelSpec, Vec<FileDigest>)> {
         let name = slot.spec.name.clone();
         let (source, pins) = pins_for(slot, req);
 
@@ -502,30 +546,68 @@ impl Reloader {
         )
         .await?;
         run.done(run.event(PhaseState::Done, "every file matches its sha256"));
-
-        run.start(Phase::Admit, "");
-        let needed: u64 = digests.iter().map(|d| d.bytes).sum();
-        let available = memory::available_bytes().unwrap_or(u64::MAX);
-        if needed > available {
-            run.fail(
-                Error::OutOfMemory(format!(
-                    "model `{name}`: the new version needs ~{needed} bytes but {available} are available beside the serving version"
-                )),
-                None,
-            );
-            return None;
-        }
-        let mut ev = run.event(
-            PhaseState::Done,
-            format!("needs ~{needed} bytes, {available} available"),
-        );
-        ev.bytes_needed = needed;
-        ev.bytes_available = available;
-        run.done(ev);
-
-        run.start(Phase::Load, format!("onto {}", self.device.label()));
         let mut spec = slot.spec.clone();
         spec.source = source;
+        spec.sha256 = pins;
+        Some((spec, digests))
+    }
+
+    /// Whether the new version fits beside what is resident (MemAvailable and the budget).
+    fn admit(&self, run: &mut Run, digests: &[FileDigest], req: &ReloadRequest) -> Admission {
+        run.start(Phase::Admit, "");
+        let name = run.slot.spec.name.clone();
+        let needed = match model::estimate_bytes(run.slot.spec.kind, digests) {
+            Ok(n) => n,
+            Err(e) => {
+                run.fail(e, Some("format".into()));
+                return Admission::Refused;
+            }
+        };
+        let available = memory::available_bytes().unwrap_or(u64::MAX);
+        let resident = self.registry.resident_bytes();
+        let over_budget = self.budget.is_some_and(|b| resident + needed > b);
+        let mut ev = run.event(PhaseState::Done, "");
+        ev.bytes_needed = needed;
+        ev.bytes_available = available;
+        if needed <= available && !over_budget {
+            ev.detail =
+                format!("needs ~{needed} bytes; {available} available, {resident} resident");
+            run.done(ev);
+            return Admission::Fits;
+        }
+        let why = if over_budget {
+            format!(
+                "the new version needs ~{needed} bytes; with {resident} resident that passes the memory budget of {} bytes",
+                self.budget.unwrap_or_default()
+            )
+        } else {
+            format!("the new version needs ~{needed} bytes but only {available} are available")
+        };
+        match req.memory_policy.unwrap_or(self.memory_policy) {
+            MemoryPolicy::Refuse => {
+                run.fail(Error::OutOfMemory(format!("model `{name}`: {why}")), None);
+                Admission::Refused
+            }
+            MemoryPolicy::ResourcePreserving => {
+                ev.detail =
+                    format!("{why}: resource-preserving, the old version drains and frees first");
+                run.done(ev);
+                Admission::Preserve
+            }
+        }
+    }
+
+    /// load → preflight against `serving`. `None` when a phase failed (reported).
+    async fn load_preflight(
+        &self,
+        run: &mut Run,
+        spec: ModelSpec,
+        digests: Vec<FileDigest>,
+        serving: Option<Arc<ModelVersion>>,
+    ) -> Option<Arc<ModelVersion>> {
+        let name = spec.name.clone();
+        run.start(Phase::Load, format!("onto {}", self.device.label()));
+        let checks = spec.preflight.clone();
         let device = self.device.clone();
         let new = blocking_step(run, ModelError::check_name, move || {
             model::load_verified(&spec, digests, &device, 0)
@@ -541,8 +623,7 @@ impl Reloader {
         ));
 
         run.start(Phase::Preflight, "");
-        let serving = slot.active();
-        let (tx, checks) = (run.tx.clone(), slot.spec.preflight.clone());
+        let tx = run.tx.clone();
         let (new2, phase_started) = (new.clone(), run.phase_started);
         let results = tokio::task::spawn_blocking(move || {
             preflight::run(&new2, serving.as_deref(), &checks, &mut |c| {
@@ -588,40 +669,8 @@ impl Reloader {
         req: &ReloadRequest,
     ) {
         run.start(Phase::Swap, "");
-        let old = {
-            let mut st = slot.state();
-            st.generation += 1;
-            new.set_generation(st.generation);
-            let old = slot.activate(new.clone());
-            st.previous = old.as_ref().map(|o| PreviousVersion {
-                version: o.version.clone(),
-                generation: o.generation(),
-                source: o.source.clone(),
-                sha256: o
-                    .files
-                    .iter()
-                    .map(|f| (f.name.clone(), f.sha256.clone()))
-                    .collect(),
-            });
-            old
-        };
+        let old = self.activate(slot, &new);
         run.outcome.committed = true;
-        if let Some(store) = &self.store {
-            let committed = Committed {
-                source: new.source.clone(),
-                sha256: new
-                    .files
-                    .iter()
-                    .map(|f| (f.name.clone(), f.sha256.clone()))
-                    .collect(),
-                version: new.version.clone(),
-                generation: new.generation(),
-                committed_at_unix_ms: unix_ms(),
-            };
-            if let Err(e) = store.commit(&slot.spec.name, committed) {
-                tracing::error!(model = %slot.spec.name, error = %e, "the swap is live but could not be recorded; a restart would serve the previous commit");
-            }
-        }
         run.outcome.version = Some(VersionName::of(&new));
         run.outcome.previous = old.as_deref().map(VersionName::of);
         run.done(run.event(
@@ -637,7 +686,119 @@ impl Reloader {
             run.outcome.previous_freed = true;
             return;
         };
+        let left = self.drain(run, &old, req).await;
+        self.free(run, slot, old, req.keep_previous, left).await;
+    }
 
+    /// The resource-preserving path: drain and free the old version, then load the new one
+    /// while requests for the model wait; if the new one fails, load the old one back.
+    async fn preserving(
+        &self,
+        run: &mut Run,
+        slot: &Arc<Slot>,
+        spec: ModelSpec,
+        digests: Vec<FileDigest>,
+        req: &ReloadRequest,
+    ) {
+        let old = slot.suspend();
+        let old_spec = old.as_ref().map(|o| {
+            let mut s = slot.spec.clone();
+            s.source = o.source.clone();
+            s.sha256 = digests_of(o);
+            s
+        });
+        if let Some(old) = old {
+            let left = self.drain(run, &old, req).await;
+            run.outcome.previous = Some(VersionName::of(&old));
+            self.free(run, slot, old, false, left).await;
+        }
+        if let Some(new) = self.load_preflight(run, spec, digests, None).await {
+            run.start(Phase::Swap, "");
+            self.activate(slot, &new);
+            run.outcome.committed = true;
+            run.outcome.version = Some(VersionName::of(&new));
+            run.done(run.event(
+                PhaseState::Done,
+                format!(
+                    "generation {} (version {}) is active",
+                    new.generation(),
+                    new.version
+                ),
+            ));
+            return;
+        }
+        let Some(old_spec) = old_spec else {
+            slot.resume();
+            return;
+        };
+        // The new version failed: the old one comes back, through the same loader.
+        let failure = run.outcome.error.clone().unwrap_or_default();
+        run.start(Phase::Load, "loading the previous version back");
+        match crate::server::load(&old_spec, &self.resolver, &self.device, 0).await {
+            Ok(v) => {
+                self.activate(slot, &v);
+                run.done(run.event(
+                    PhaseState::Done,
+                    format!(
+                        "previous version {} is active again (generation {})",
+                        v.version,
+                        v.generation()
+                    ),
+                ));
+                run.outcome.error = Some(format!(
+                    "{failure}; the previous version {} was loaded back",
+                    v.version
+                ));
+            }
+            Err(e) => {
+                slot.resume();
+                run.fail(
+                    format!(
+                        "{failure}; loading the previous version back failed too: {e}; model `{}` has no active version",
+                        slot.spec.name
+                    ),
+                    None,
+                );
+            }
+        }
+    }
+
+    /// Makes `new` active with the next generation, records the version it replaced (for
+    /// rollback) and persists the commit. Returns the replaced version.
+    fn activate(&self, slot: &Slot, new: &Arc<ModelVersion>) -> Option<Arc<ModelVersion>> {
+        let old = {
+            let mut st = slot.state();
+            st.generation += 1;
+            new.set_generation(st.generation);
+            let old = slot.activate(new.clone());
+            if let Some(o) = &old {
+                st.previous = Some(PreviousVersion {
+                    version: o.version.clone(),
+                    generation: o.generation(),
+                    source: o.source.clone(),
+                    sha256: digests_of(o),
+                });
+            }
+            old
+        };
+        if let Some(store) = &self.store {
+            let committed = Committed {
+                source: new.source.clone(),
+                sha256: digests_of(new),
+                version: new.version.clone(),
+                generation: new.generation(),
+                committed_at_unix_ms: unix_ms(),
+            };
+            if let Err(e) = store.commit(&slot.spec.name, committed) {
+                tracing::error!(model = %slot.spec.name, error = %e, "the swap is live but could not be recorded; a restart would serve the previous commit");
+            }
+        }
+        old
+    }
+
+    /// Waits for the requests still on `old`; returns how many are left (WAIT past the
+    /// deadline), after ending them at the deadline under CANCEL.
+    async fn drain(&self, run: &mut Run, old: &ModelVersion, req: &ReloadRequest) -> u64 {
         run.start(Phase::Drain, format!("{} in flight", old.in_flight()));
         let deadline = req.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
         let mut last = u64::MAX;
@@ -681,11 +842,22 @@ impl Reloader {
         );
         ev.in_flight = left;
         run.done(ev);
+        left
+    }
 
+    /// Drops `old` (or keeps it as the standby) and reports the memory that came back.
+    async fn free(
+        &self,
+        run: &mut Run,
+        slot: &Slot,
+        old: Arc<ModelVersion>,
+        keep: bool,
+        left: u64,
+    ) {
         run.start(Phase::Free, "");
         // A standby older than the version just replaced is never rolled back to: free it.
         let older = slot.standby.swap(None);
-        if req.keep_previous {
+        if keep {
             let bytes = old.weight_bytes;
             slot.standby.store(Some(old));
             drop(older);

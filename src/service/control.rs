@@ -207,6 +207,19 @@ impl ModelControl for ControlService {
             actor,
             rollback: false,
             force: r.force,
+            memory_policy: match proto::MemoryPolicy::try_from(r.memory_policy) {
+                Ok(proto::MemoryPolicy::Default) => None,
+                Ok(proto::MemoryPolicy::Refuse) => Some(reload::MemoryPolicy::Refuse),
+                Ok(proto::MemoryPolicy::ResourcePreserving) => {
+                    Some(reload::MemoryPolicy::ResourcePreserving)
+                }
+                Err(_) => {
+                    return Err(status(Error::InvalidArgument(format!(
+                        "memory_policy {}: unknown",
+                        r.memory_policy
+                    ))))
+                }
+            },
         };
         tracing::info!(model = %req.model, source = ?req.source, "reload requested");
         self.reloader.reload(req).map(events).map_err(status)

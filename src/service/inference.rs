@@ -35,11 +35,14 @@ impl Inference for InferenceService {
         let admitted_at = Instant::now();
         let deadline = deadline(&req);
         let req = engine::GenerateRequest::try_from(req.into_inner()).map_err(status)?;
+        // Admission first: a request waiting out a resource-preserving reload holds a
+        // bounded queue place.
+        let ticket = self.engine.admit().map_err(status)?;
         let lease = self
             .registry
-            .lease(&req.model, ModelKind::Llm, "Generate")
+            .lease_wait(&req.model, ModelKind::Llm, "Generate", deadline)
+            .await
             .map_err(status)?;
-        let ticket = self.engine.admit().map_err(status)?;
         let prepared = self
             .engine
             .prepare(lease.version().clone(), req.input.clone())
@@ -84,11 +87,12 @@ impl Inference for InferenceService {
                 req.texts.len()
             ))));
         }
+        let ticket = self.engine.admit().map_err(status)?;
         let lease = self
             .registry
-            .lease(&model, ModelKind::Embedding, "Embed")
+            .lease_wait(&model, ModelKind::Embedding, "Embed", deadline)
+            .await
             .map_err(status)?;
-        let ticket = self.engine.admit().map_err(status)?;
         let (lease, out) = self
             .engine
             .embed(lease, ticket, req.texts, deadline)
@@ -115,12 +119,14 @@ impl Inference for InferenceService {
         &self,
         req: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        let deadline = deadline(&req);
         let req = req.into_inner();
         let model = convert::model_name(&req.model).map_err(status)?;
         let input = convert::tokenize_input(req.input).map_err(status)?;
         let lease = self
             .registry
-            .lease(&model, ModelKind::Llm, "Tokenize")
+            .lease_wait(&model, ModelKind::Llm, "Tokenize", deadline)
+            .await
             .map_err(status)?;
         let prepared = self
             .engine
