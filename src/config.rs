@@ -111,6 +111,16 @@ pub struct ServeArgs {
     /// refuse | resource-preserving: what a reload does when two versions do not fit [default: refuse].
     #[arg(long, env = "SWAPD_MEMORY_POLICY")]
     pub memory_policy: Option<crate::registry::reload::MemoryPolicy>,
+    /// Watch a version swapped in with keep_previous for this long and roll back on an error
+    /// spike (seconds); 0 = off [default: 0].
+    #[arg(long, env = "SWAPD_AUTO_ROLLBACK_WINDOW_SECS")]
+    pub auto_rollback_window_secs: Option<f64>,
+    /// Error rate that triggers the automatic rollback [default: 0.5].
+    #[arg(long, env = "SWAPD_AUTO_ROLLBACK_ERROR_RATE")]
+    pub auto_rollback_error_rate: Option<f64>,
+    /// Requests needed before the error rate is judged [default: 5].
+    #[arg(long, env = "SWAPD_AUTO_ROLLBACK_MIN_REQUESTS")]
+    pub auto_rollback_min_requests: Option<u64>,
 }
 
 /// The keys a config file may hold (same names as the flags).
@@ -137,6 +147,9 @@ struct FileConfig {
     reload_cooldown_secs: Option<u64>,
     memory_budget_bytes: Option<u64>,
     memory_policy: Option<crate::registry::reload::MemoryPolicy>,
+    auto_rollback_window_secs: Option<f64>,
+    auto_rollback_error_rate: Option<f64>,
+    auto_rollback_min_requests: Option<u64>,
 }
 
 /// Limits that protect the server from overload and oversized input.
@@ -185,6 +198,7 @@ pub struct Config {
     pub cooldown: crate::registry::reload::Cooldown,
     pub memory_budget: Option<u64>,
     pub memory_policy: crate::registry::reload::MemoryPolicy,
+    pub auto_rollback: Option<crate::registry::reload::AutoRollback>,
 }
 
 impl Config {
@@ -210,6 +224,7 @@ impl Config {
             cooldown: Default::default(),
             memory_budget: None,
             memory_policy: Default::default(),
+            auto_rollback: None,
         })
     }
 
@@ -315,6 +330,35 @@ impl Config {
             .clone()
             .or(from_file(file.state_dir))
             .unwrap_or_else(|| models_root.join(".swapd"));
+        let window = args
+            .auto_rollback_window_secs
+            .or(file.auto_rollback_window_secs)
+            .unwrap_or(0.0);
+        let rate = args
+            .auto_rollback_error_rate
+            .or(file.auto_rollback_error_rate)
+            .unwrap_or(0.5);
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(ConfigError::flag(
+                "auto_rollback_error_rate",
+                format!("{rate}: must be in [0, 1]"),
+            ));
+        }
+        if !(window.is_finite() && window >= 0.0) {
+            return Err(ConfigError::flag(
+                "auto_rollback_window_secs",
+                format!("{window}: must be >= 0"),
+            ));
+        }
+        let auto_rollback = (window > 0.0).then(|| crate::registry::reload::AutoRollback {
+            window: std::time::Duration::from_secs_f64(window),
+            min_requests: args
+                .auto_rollback_min_requests
+                .or(file.auto_rollback_min_requests)
+                .unwrap_or(5)
+                .max(1),
+            max_error_rate: rate,
+        });
         let hf_offline = args.hf_offline.or(file.hf_offline).unwrap_or_else(|| {
             std::env::var("HF_HUB_OFFLINE")
                 .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
@@ -362,6 +406,7 @@ impl Config {
                 .memory_policy
                 .or(file.memory_policy)
                 .unwrap_or_default(),
+            auto_rollback,
         })
     }
 }

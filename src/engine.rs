@@ -189,6 +189,9 @@ impl Engine {
         let span = tracing::Span::current();
         tokio::spawn(async move {
             if let Err(e) = ticket.run_slot(job.deadline).await {
+                if e.counts_against_version() {
+                    job.lease.record(false);
+                }
                 let _ = tx.send(Err(e)).await;
                 return;
             }
@@ -197,6 +200,9 @@ impl Engine {
                 // The ticket (running slot) and lease live until the last token is sent.
                 let _ticket = ticket;
                 if let Err(e) = job.run(&tx) {
+                    if e.counts_against_version() {
+                        job.lease.record(false);
+                    }
                     let _ = tx.blocking_send(Err(e));
                 }
             });
@@ -215,14 +221,30 @@ impl Engine {
         texts: Vec<String>,
         deadline: Option<Instant>,
     ) -> Result<(Lease, Vec<EmbeddingOut>)> {
-        ticket.run_slot(deadline).await?;
+        if let Err(e) = ticket.run_slot(deadline).await {
+            if e.counts_against_version() {
+                lease.record(false);
+            }
+            return Err(e);
+        }
         tokio::task::spawn_blocking(move || {
             let _ticket = ticket;
             let LoadedModel::Embedding(m) = &lease.model else {
                 return Err(Error::Internal("embed on a non-embedding model".into()));
             };
-            let out = m.embed(&texts)?;
-            Ok((lease, out))
+            match m.embed(&texts) {
+                Ok(out) => {
+                    lease.record(true);
+                    Ok((lease, out))
+                }
+                Err(e) => {
+                    let e = Error::from(e);
+                    if e.counts_against_version() {
+                        lease.record(false);
+                    }
+                    Err(e)
+                }
+            }
         })
         .await
         .map_err(|e| Error::Internal(format!("embedding thread: {e}")))?
@@ -405,6 +427,7 @@ impl GenJob {
             seed: self.params.seed,
             stop: matched,
         };
+        self.lease.record(true);
         let _ = tx.blocking_send(Ok(GenEvent::Finished(finish)));
         Ok(())
     }

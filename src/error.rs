@@ -59,5 +59,18 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// Whether this failure counts against the model version that served it (slowness,
+    /// inference failures), as opposed to the caller's input or the server's load.
+    pub fn counts_against_version(&self) -> bool {
+        matches!(
+            self,
+            Error::DeadlineExceeded(_)
+                | Error::Internal(_)
+                | Error::Model(crate::model::ModelError::Inference { .. })
+        )
+    }
+}
+
 /// Short alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -103,6 +103,7 @@ impl Server {
             cooldown: config.cooldown,
             budget: config.memory_budget,
             memory_policy: config.memory_policy,
+            auto_rollback: config.auto_rollback,
         };
         Ok(Self {
             config,

@@ -529,3 +529,89 @@ async fn a_polled_manifest_change_reloads_the_model() {
     }
     assert_eq!(slot.active().unwrap().source, src);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_rollback_fires_on_an_error_spike() {
+    // The real model, so that a generation outlives a short deadline: the spike is requests
+    // missing their deadlines on the new version.
+    let mut config = real_config();
+    config.admin_token = Some(TOKEN.into());
+    config
+        .manifest
+        .models
+        .retain(|m| m.kind == swapd::model::ModelKind::Llm);
+    config.auto_rollback = Some(swapd::registry::reload::AutoRollback {
+        window: Duration::from_secs(60),
+        min_requests: 5,
+        max_error_rate: 0.5,
+    });
+    let real = "smollm2-135m-instruct";
+    let server = TestServer::start(config).await;
+    let slot = server.registry.slot(real).unwrap();
+    let original = slot.active().unwrap();
+    let mut ctl = control(&server).await;
+    let (_, r) = reload_events(
+        ctl.reload(proto::ReloadRequest {
+            model: real.into(),
+            keep_previous: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert!(r.committed);
+    let new_generation = r.version.unwrap().generation;
+    let mut client = server.client().await;
+    // Healthy traffic: no rollback.
+    for _ in 0..5 {
+        collect(&mut client, greedy(real, "hello", 4))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(slot.active().unwrap().generation(), new_generation);
+    // The spike: every request misses its deadline on the new version.
+    for _ in 0..8 {
+        let mut r = tonic::Request::new(greedy(real, "1, 2, 3, 4, 5, 6,", 500));
+        r.set_timeout(Duration::from_millis(250));
+        let e = async {
+            let mut s = client.generate(r).await?.into_inner();
+            while s.message().await?.is_some() {}
+            Ok::<_, tonic::Status>(())
+        }
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded);
+    }
+    let t = Instant::now();
+    while !Arc::ptr_eq(&slot.active().unwrap(), &original) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no automatic rollback"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = ctl
+        .status(proto::StatusRequest { model: real.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let why = &st.models[0].auto_rollback_reason;
+    assert!(
+        why.contains("automatic rollback") && why.contains("6 of 11 requests failed"),
+        "{why}"
+    );
+    assert_eq!(
+        st.models[0]
+            .active
+            .as_ref()
+            .unwrap()
+            .version
+            .as_ref()
+            .unwrap()
+            .generation,
+        new_generation + 1
+    );
+}

@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the manifest's models and serve them over gRPC.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Stream a generation to the terminal.
     Generate(client::GenerateArgs),
     /// Embed texts.
@@ -40,7 +40,7 @@ pub enum Command {
 /// Runs a parsed command; the exit code says whether it worked.
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Serve(args) => return serve(args).await,
+        Command::Serve(args) => return serve(*args).await,
         Command::Generate(a) => client::generate(a).await,
         Command::Embed(a) => client::embed(a).await,
         Command::Models(c) => client::models(c).await,

@@ -150,6 +150,10 @@ pub struct ModelVersion {
     in_flight: AtomicU64,
     /// Set when a drain with the cancel policy gives up on this version's stragglers.
     cancelled: AtomicBool,
+    /// Requests this version finished, and those that failed for reasons of its own (not
+    /// the caller's): what automatic rollback watches.
+    requests_ok: AtomicU64,
+    requests_failed: AtomicU64,
 }
 
 impl ModelVersion {
@@ -176,6 +180,24 @@ impl ModelVersion {
 
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Counts a finished request.
+    pub fn record(&self, ok: bool) {
+        let c = if ok {
+            &self.requests_ok
+        } else {
+            &self.requests_failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (finished, failed) requests so far.
+    pub fn outcomes(&self) -> (u64, u64) {
+        (
+            self.requests_ok.load(Ordering::Relaxed),
+            self.requests_failed.load(Ordering::Relaxed),
+        )
     }
 
     /// Requests holding this version right now.
@@ -279,5 +301,7 @@ pub fn load_verified(
         model,
         in_flight: AtomicU64::new(0),
         cancelled: AtomicBool::new(false),
+        requests_ok: AtomicU64::new(0),
+        requests_failed: AtomicU64::new(0),
     })
 }

@@ -33,6 +33,8 @@ pub struct SlotState {
     /// The phase of the reload in progress, with when it started.
     pub reloading: Option<(reload::Phase, std::time::SystemTime)>,
     pub last_result: Option<reload::ReloadOutcome>,
+    /// Why the last automatic rollback happened.
+    pub auto_rollback: Option<String>,
     /// Consecutive failed reloads by source, with when the last one failed.
     pub failures: std::collections::HashMap<String, (u32, std::time::Instant)>,
 }

@@ -167,6 +167,19 @@ enum Admission {
     Refused,
 }
 
+/// Automatic rollback: for `window` after a swap that kept the previous version resident,
+/// if at least `min_requests` finished on the new version and more than `max_error_rate` of
+/// them failed for reasons of the version's own, swap back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoRollback {
+    pub window: Duration,
+    pub min_requests: u64,
+    pub max_error_rate: f64,
+}
+
+/// How often the automatic-rollback watch looks at the new version's counters.
+const AUTO_ROLLBACK_POLL: Duration = Duration::from_millis(50);
+
 /// After this many consecutive failed reloads of one source, refuse it for a while.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cooldown {
@@ -195,6 +208,8 @@ pub struct Reloader {
     /// Most bytes of weights resident at once (all models, standbys included), if limited.
     pub budget: Option<u64>,
     pub memory_policy: MemoryPolicy,
+    /// `None`: no automatic rollback.
+    pub auto_rollback: Option<AutoRollback>,
 }
 
 /// Sends events to whoever listens and records the phase on the slot.
@@ -513,7 +528,14 @@ impl Reloader {
                 Admission::Refused => {}
             }
         }
+        let watch = run.outcome.committed && req.keep_previous && !req.rollback;
         run.finish();
+        if let (true, Some(cfg), Some(new)) = (watch, self.auto_rollback, slot.active()) {
+            tokio::spawn(
+                self.clone()
+                    .watch_new_version(slot, Arc::downgrade(&new), cfg),
+            );
+        }
     }
 
     /// resolve → verify: the spec to load and its verified files. `None` when a phase failed
@@ -760,6 +782,46 @@ impl Reloader {
                     None,
                 );
             }
+        }
+    }
+
+    /// Watches a freshly swapped-in version and rolls back to the resident standby when its
+    /// error rate passes the threshold within the window.
+    async fn watch_new_version(
+        self,
+        slot: Arc<Slot>,
+        version: std::sync::Weak<ModelVersion>,
+        cfg: AutoRollback,
+    ) {
+        let started = Instant::now();
+        while started.elapsed() < cfg.window {
+            tokio::time::sleep(AUTO_ROLLBACK_POLL).await;
+            let Some(v) = version.upgrade() else { return };
+            if !slot.active().is_some_and(|a| Arc::ptr_eq(&a, &v)) {
+                return;
+            }
+            let (ok, failed) = v.outcomes();
+            let n = ok + failed;
+            if n < cfg.min_requests || (failed as f64) <= cfg.max_error_rate * n as f64 {
+                continue;
+            }
+            let why = format!(
+                "automatic rollback: {failed} of {n} requests failed on version {} (generation {}) within {:.1} s of its swap; threshold {:.0}%",
+                v.version,
+                v.generation(),
+                started.elapsed().as_secs_f64(),
+                cfg.max_error_rate * 100.0
+            );
+            drop(v);
+            tracing::warn!(model = %slot.spec.name, reason = %why, "rolling back");
+            slot.state().auto_rollback = Some(why.clone());
+            match self.rollback(&slot.spec.name, None, DrainPolicy::Wait, &why) {
+                Ok(mut events) => while events.recv().await.is_some() {},
+                Err(e) => {
+                    tracing::error!(model = %slot.spec.name, error = %e, "automatic rollback not started")
+                }
+            }
+            return;
         }
     }
 

@@ -269,6 +269,7 @@ impl ModelControl for ControlService {
                     reloading: st.reloading.is_some(),
                     reload_phase: st.reloading.map(|(p, _)| phase(p)).unwrap_or_default() as i32,
                     last_result: st.last_result.clone().map(outcome),
+                    auto_rollback_reason: st.auto_rollback.clone().unwrap_or_default(),
                 }
             })
             .collect();
