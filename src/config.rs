@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "SWAPD_LISTEN")]
     pub listen: Option<String>,
+    /// Serve the control service (reload, rollback, status) on this address only, apart from
+    /// inference [default: on the main address].
+    #[arg(long, env = "SWAPD_CONTROL_LISTEN")]
+    pub control_listen: Option<String>,
     /// Directory holding the models; local sources must resolve inside it [default: models].
     #[arg(long, env = "SWAPD_MODELS_ROOT")]
     pub models_root: Option<PathBuf>,
@@ -128,6 +132,7 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    control_listen: Option<String>,
     models_root: Option<PathBuf>,
     manifest: Option<PathBuf>,
     models: Option<Vec<String>>,
@@ -176,6 +181,8 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The control service's own address, if apart from `listen`.
+    pub control_listen: Option<SocketAddr>,
     /// Canonical models root.
     pub models_root: PathBuf,
     pub manifest_path: PathBuf,
@@ -208,6 +215,7 @@ impl Config {
         let models_root = models_root.canonicalize()?;
         Ok(Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            control_listen: None,
             manifest_path: models_root.join("models.toml"),
             models_root,
             manifest,
@@ -259,6 +267,13 @@ impl Config {
         let listen = listen_s
             .parse()
             .map_err(|e| ConfigError::flag("listen", format!("`{listen_s}`: {e}")))?;
+        let control_listen = match args.control_listen.clone().or(file.control_listen) {
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|e| ConfigError::flag("control_listen", format!("`{a}`: {e}")))?,
+            ),
+            None => None,
+        };
         let root = args
             .models_root
             .clone()
@@ -365,6 +380,7 @@ impl Config {
         });
         Ok(Self {
             listen,
+            control_listen,
             models_root,
             manifest_path,
             manifest,

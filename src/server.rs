@@ -121,6 +121,17 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        self.serve_split(listener, None, shutdown).await
+    }
+
+    /// Like [`Server::serve`], with the control service on `control` (its own address) instead
+    /// of the main listener when given.
+    pub async fn serve_split(
+        self,
+        listener: TcpListener,
+        control_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
         health
@@ -167,14 +178,48 @@ impl Server {
             crate::triggers::hangup(),
         ));
         let addr = listener.local_addr().ok();
-        tracing::info!(addr = ?addr, models = self.registry.slots().len(), "serving");
-        let served = tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(inference)
-            .add_service(control)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await;
+        let served = match control_listener {
+            None => {
+                tracing::info!(addr = ?addr, models = self.registry.slots().len(), "serving");
+                tonic::transport::Server::builder()
+                    .add_service(health_service)
+                    .add_service(reflection)
+                    .add_service(inference)
+                    .add_service(control)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                    .await
+            }
+            Some(control_listener) => {
+                // One shutdown signal, two servers.
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown.await;
+                    let _ = stop_tx.send(true);
+                });
+                let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                let control_addr = control_listener.local_addr().ok();
+                let control_server = tonic::transport::Server::builder()
+                    .add_service(health_service.clone())
+                    .add_service(control)
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(control_listener),
+                        stopped(stop_rx.clone()),
+                    );
+                tracing::info!(addr = ?addr, control = ?control_addr, models = self.registry.slots().len(), "serving");
+                let main_server = tonic::transport::Server::builder()
+                    .add_service(health_service)
+                    .add_service(reflection)
+                    .add_service(inference)
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(listener),
+                        stopped(stop_rx),
+                    );
+                let (a, b) = tokio::join!(main_server, control_server);
+                a.and(b)
+            }
+        };
         watcher.abort();
         served?;
         tracing::info!("server stopped");

@@ -463,3 +463,34 @@ fn sighup_reloads_a_changed_manifest_entry() {
     let bert = models.lines().find(|l| l.starts_with("tiny-bert")).unwrap();
     assert!(bert.contains(" 1 "), "{bert}");
 }
+
+#[test]
+fn the_control_service_can_listen_on_its_own_address() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    let port = free_port();
+    let control_url = format!("http://127.0.0.1:{port}");
+    let s = serve(
+        dir.path(),
+        &[
+            "--control-auth",
+            "false",
+            "--control-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let out = client(&control_url, &["status"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("tiny-llm"));
+    // Not on the inference address…
+    let out = client(&s.url, &["status"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not implemented"),
+        "{}",
+        text(&out.stderr)
+    );
+    // …and inference is not on the control address.
+    assert!(client(&s.url, &["models"]).status.success());
+    assert!(!client(&control_url, &["models"]).status.success());
+}

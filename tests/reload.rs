@@ -615,3 +615,49 @@ async fn automatic_rollback_fires_on_an_error_spike() {
         new_generation + 1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_added_to_the_manifest_loads_through_the_same_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_with_token(dir.path());
+    config.manifest_poll = Some(Duration::from_millis(50));
+    let server = TestServer::start(config).await;
+    let (src, pins) = tiny_version(dir.path(), 3, "");
+    let manifest = dir.path().join("models.toml");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str(&format!(
+        "\n[[model]]\nname = \"newcomer\"\nkind = \"llm\"\nsource = \"{src}\"\n[model.sha256]\n\"v3.gguf\" = \"{}\"\n",
+        pins["v3.gguf"]
+    ));
+    std::fs::write(&manifest, text).unwrap();
+    let t = Instant::now();
+    let mut client = server.client().await;
+    loop {
+        match collect(&mut client, greedy("newcomer", "hello", 3)).await {
+            Ok(out) => {
+                assert_eq!(out.versions[0].generation, 1);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    matches!(e.code(), Code::NotFound | Code::Unavailable),
+                    "{e:?}"
+                );
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "newcomer never served"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let mut ctl = control(&server).await;
+    let st = ctl
+        .status(proto::StatusRequest {
+            model: "newcomer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.models[0].last_result.as_ref().unwrap().committed);
+}

@@ -80,7 +80,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    let listen = config.listen;
+    let (listen, control_listen) = (config.listen, config.control_listen);
     let server = match Server::start(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -96,7 +96,20 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match server.serve(listener, shutdown_signal()).await {
+    let control = match control_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("swapd: cannot listen on {addr} (control): {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    match server
+        .serve_split(listener, control, shutdown_signal())
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("swapd: {e}");
