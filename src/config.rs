@@ -426,3 +426,30 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's example config must parse: every key it documents exists.
+    #[test]
+    fn the_readme_example_config_is_valid() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("```toml\n# swapd.toml")
+            .expect("example config in README");
+        let body = &readme[start + "```toml\n".len()..];
+        let body = &body[..body.find("```").unwrap()];
+        let parsed: FileConfig = toml::from_str(body).unwrap();
+        assert_eq!(parsed.listen.as_deref(), Some("127.0.0.1:50051"));
+        assert_eq!(
+            parsed.memory_policy,
+            Some(crate::registry::reload::MemoryPolicy::Refuse)
+        );
+        assert_eq!(
+            parsed.max_concurrent,
+            Some(Limits::default().max_concurrent)
+        );
+        assert_eq!(parsed.reload_failure_limit, Some(3));
+    }
+}
