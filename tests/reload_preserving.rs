@@ -50,17 +50,29 @@ async fn two_versions_that_do_not_fit_are_refused_or_swapped_in_place() {
         ..Default::default()
     };
 
-    // Default policy: refused at admission.
-    let (_, r) = reload_events(
-        ctl.reload(req(MemoryPolicy::Default, "smollm2/a.gguf", "a.gguf"))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await;
+    // Default policy: refused at admission, and the stream ends RESOURCE_EXHAUSTED.
+    let mut stream = ctl
+        .reload(req(MemoryPolicy::Default, "smollm2/a.gguf", "a.gguf"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut result = None;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(ev)) => {
+                if let Some(proto::reload_event::Event::Result(r)) = ev.event {
+                    result = Some(r);
+                }
+            }
+            Ok(None) => panic!("the refused reload ended OK"),
+            Err(s) => break s,
+        }
+    };
+    let r = result.unwrap();
     assert!(!r.committed);
     assert_eq!(r.failed_phase(), Phase::Admit);
     assert!(r.error.contains("memory budget"), "{}", r.error);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
 
     // Resource-preserving under load: nothing fails, the peak stays near one version.
     let mut client = server.client().await;

@@ -104,7 +104,13 @@ fn phase_name(p: i32) -> String {
 /// Prints the phases as they happen; returns the result.
 async fn follow(mut stream: tonic::Streaming<proto::ReloadEvent>) -> Result<ExitCode> {
     let mut result = None;
-    while let Some(ev) = stream.message().await.context("reload stream")? {
+    // A reload that did not commit ends its stream with an error status after its result.
+    while let Some(ev) = stream.message().await.transpose() {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(_) if result.is_some() => break,
+            Err(e) => return Err(e).context("reload stream"),
+        };
         match ev.event {
             Some(Event::Phase(p)) => {
                 let state = match p.state() {

@@ -81,6 +81,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     init_tracing(config.log_format);
     let (listen, control_listen) = (config.listen, config.control_listen);
+    let shutdown = shutdown_signal();
     let server = match Server::start(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -106,10 +107,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         },
         None => None,
     };
-    match server
-        .serve_split(listener, control, shutdown_signal())
-        .await
-    {
+    match server.serve_split(listener, control, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("swapd: {e}");
@@ -118,28 +116,31 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are registered here, at once, not when the
+/// future is first polled: until they are, these signals' default action kills the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the server");
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+                        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM/SIGINT; the default actions apply");
+                    std::future::pending::<()>().await
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => tracing::info!(signal = "SIGINT", "shutting down"),
-            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
         }
     }
     #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

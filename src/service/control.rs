@@ -3,7 +3,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
@@ -154,10 +154,33 @@ fn event(ev: ReloadEvent) -> proto::ReloadEvent {
     proto::ReloadEvent { event: Some(event) }
 }
 
-fn events(rx: tokio::sync::mpsc::UnboundedReceiver<ReloadEvent>) -> Response<EventStream> {
-    Response::new(Box::pin(
-        UnboundedReceiverStream::new(rx).map(|ev| Ok(event(ev))),
-    ))
+/// The status a reload that did not commit ends its stream with, after its result: scripts
+/// and generic clients see the failure as a code, the result message says the details.
+fn failure_status(o: &ReloadOutcome) -> Status {
+    let msg = o.error.clone().unwrap_or_default();
+    let err = match o.failed_phase {
+        Some(Phase::Admit) if o.failed_check.is_none() => Error::OutOfMemory(msg),
+        _ => Error::FailedPrecondition(msg),
+    };
+    status(err)
+}
+
+/// Phase events, the result, then for a reload that did not commit, its failure status.
+fn events(mut rx: tokio::sync::mpsc::UnboundedReceiver<ReloadEvent>) -> Response<EventStream> {
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            let failed = match &ev {
+                ReloadEvent::Done(o) if !o.committed => Some(failure_status(o)),
+                _ => None,
+            };
+            let _ = tx.send(Ok(event(ev)));
+            if let Some(s) = failed {
+                let _ = tx.send(Err(s));
+            }
+        }
+    });
+    Response::new(Box::pin(UnboundedReceiverStream::new(out)))
 }
 
 fn drain_policy(p: i32) -> Result<DrainPolicy, Error> {

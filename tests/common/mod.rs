@@ -236,19 +236,36 @@ pub async fn control(
     )
 }
 
-/// Every event of a reload stream, and its result.
+/// Every event of a reload stream, and its result. A reload that did not commit must end
+/// its stream with a non-OK status after the result; one that did, with OK.
 pub async fn reload_events(
     stream: tonic::Streaming<proto::ReloadEvent>,
 ) -> (Vec<proto::PhaseEvent>, proto::ReloadResult) {
     use swapd::proto::reload_event::Event;
     let mut stream = stream;
     let mut phases = Vec::new();
-    let mut result = None;
-    while let Some(ev) = stream.message().await.expect("reload stream") {
+    let result = loop {
+        let ev = stream
+            .message()
+            .await
+            .expect("reload stream")
+            .expect("a result");
         match ev.event.expect("event") {
             Event::Phase(p) => phases.push(p),
-            Event::Result(r) => result = Some(r),
+            Event::Result(r) => break r,
         }
+    };
+    match stream.message().await {
+        Ok(None) => assert!(result.committed, "a failed reload ended its stream with OK"),
+        Err(s) => {
+            assert!(!result.committed, "a committed reload ended with {s:?}");
+            assert!(
+                s.message().contains(&result.error),
+                "{s:?} vs {}",
+                result.error
+            );
+        }
+        Ok(Some(m)) => panic!("message after the result: {m:?}"),
     }
-    (phases, result.expect("a result ends the stream"))
+    (phases, result)
 }
