@@ -1,0 +1,143 @@
+//! Memory admission: does the new version fit beside what is resident, and the
+//! resource-preserving path for when it does not.
+use std::sync::Arc;
+
+use super::super::Slot;
+use super::run::Run;
+use super::{digests_of, MemoryPolicy, Phase, PhaseState, ReloadRequest, Reloader, VersionName};
+use crate::error::Error;
+use crate::manifest::ModelSpec;
+use crate::memory;
+use crate::model::{self, FileDigest};
+
+/// The admit phase's decision.
+pub(super) enum Admission {
+    Fits,
+    Preserve,
+    Refused,
+}
+
+impl Reloader {
+    /// Whether the new version fits beside what is resident (MemAvailable and the budget).
+    pub(super) fn admit(
+        &self,
+        run: &mut Run,
+        digests: &[FileDigest],
+        req: &ReloadRequest,
+    ) -> Admission {
+        run.start(Phase::Admit, "");
+        let name = run.slot.spec.name.clone();
+        let needed = match model::estimate_bytes(run.slot.spec.kind, digests) {
+            Ok(n) => n,
+            Err(e) => {
+                run.fail(e, Some("format".into()));
+                return Admission::Refused;
+            }
+        };
+        let available = memory::available_bytes().unwrap_or(u64::MAX);
+        let resident = self.registry.resident_bytes();
+        let over_budget = self.budget.is_some_and(|b| resident + needed > b);
+        let mut ev = run.event(PhaseState::Done, "");
+        ev.bytes_needed = needed;
+        ev.bytes_available = available;
+        if needed <= available && !over_budget {
+            ev.detail =
+                format!("needs ~{needed} bytes; {available} available, {resident} resident");
+            run.done(ev);
+            return Admission::Fits;
+        }
+        let why = if over_budget {
+            format!(
+                "the new version needs ~{needed} bytes; with {resident} resident that passes the memory budget of {} bytes",
+                self.budget.unwrap_or_default()
+            )
+        } else {
+            format!("the new version needs ~{needed} bytes but only {available} are available")
+        };
+        match req.memory_policy.unwrap_or(self.memory_policy) {
+            MemoryPolicy::Refuse => {
+                run.fail(Error::OutOfMemory(format!("model `{name}`: {why}")), None);
+                Admission::Refused
+            }
+            MemoryPolicy::ResourcePreserving => {
+                ev.detail =
+                    format!("{why}: resource-preserving, the old version drains and frees first");
+                run.done(ev);
+                Admission::Preserve
+            }
+        }
+    }
+
+    /// The resource-preserving path: drain and free the old version, then load the new one
+    /// while requests for the model wait; if the new one fails, load the old one back.
+    pub(super) async fn preserving(
+        &self,
+        run: &mut Run,
+        slot: &Arc<Slot>,
+        spec: ModelSpec,
+        digests: Vec<FileDigest>,
+        req: &ReloadRequest,
+    ) {
+        let old = slot.suspend();
+        let old_spec = old.as_ref().map(|o| {
+            let mut s = slot.spec.clone();
+            s.source = o.source.clone();
+            s.sha256 = digests_of(o);
+            s
+        });
+        if let Some(old) = old {
+            let left = self.drain(run, &old, req).await;
+            run.outcome.previous = Some(VersionName::of(&old));
+            self.free(run, slot, old, false, left).await;
+        }
+        if let Some(new) = self.load_preflight(run, spec, digests, None).await {
+            run.start(Phase::Swap, "");
+            self.activate(slot, &new);
+            run.outcome.committed = true;
+            run.outcome.version = Some(VersionName::of(&new));
+            run.done(run.event(
+                PhaseState::Done,
+                format!(
+                    "generation {} (version {}) is active",
+                    new.generation(),
+                    new.version
+                ),
+            ));
+            return;
+        }
+        let Some(old_spec) = old_spec else {
+            slot.resume();
+            return;
+        };
+        // The new version failed: the old one comes back, through the same loader.
+        let failure = run.outcome.error.clone().unwrap_or_default();
+        run.start(Phase::Load, "loading the previous version back");
+        match crate::server::load(&old_spec, &self.resolver, &self.device, 0).await {
+            Ok(v) => {
+                self.activate(slot, &v);
+                run.done(run.event(
+                    PhaseState::Done,
+                    format!(
+                        "previous version {} is active again (generation {})",
+                        v.version,
+                        v.generation()
+                    ),
+                ));
+                run.outcome.error = Some(format!(
+                    "{failure}; the previous version {} was loaded back",
+                    v.version
+                ));
+            }
+            Err(e) => {
+                slot.resume();
+                run.fail(
+                    format!(
+                        "{failure}; loading the previous version back failed too: {e}; model `{}` has no active version",
+                        slot.spec.name
+                    ),
+                    None,
+                );
+            }
+        }
+    }
+}

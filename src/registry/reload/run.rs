@@ -1,0 +1,120 @@
+//! One reload's run: sends its events, records its phase on the slot, and writes its audit
+//! record when it ends.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+
+use super::super::persist::{AuditRecord, StateStore};
+use super::super::Slot;
+use super::{unix_ms, Phase, PhaseEvent, PhaseState, ReloadEvent, ReloadOutcome};
+
+/// Sends events to whoever listens and records the phase on the slot.
+pub(super) struct Run {
+    pub(super) slot: Arc<Slot>,
+    pub(super) tx: mpsc::UnboundedSender<ReloadEvent>,
+    pub(super) outcome: ReloadOutcome,
+    pub(super) phase_started: Instant,
+    pub(super) phase: Phase,
+    pub(super) store: Option<Arc<StateStore>>,
+    /// For the audit record: what was asked, by whom, for which files.
+    pub(super) action: &'static str,
+    pub(super) actor: String,
+    pub(super) source: String,
+    pub(super) pins: BTreeMap<String, String>,
+}
+
+impl Run {
+    pub(super) fn start(&mut self, phase: Phase, detail: impl Into<String>) {
+        self.phase = phase;
+        self.phase_started = Instant::now();
+        self.slot.state().reloading = Some((phase, SystemTime::now()));
+        self.emit(PhaseEvent::new(
+            phase,
+            PhaseState::Started,
+            detail,
+            Duration::ZERO,
+        ));
+    }
+
+    pub(super) fn emit(&self, ev: PhaseEvent) {
+        // Nobody listening (the caller disconnected) is fine: the reload goes on.
+        let _ = self.tx.send(ReloadEvent::Phase(ev));
+    }
+
+    pub(super) fn event(&self, state: PhaseState, detail: impl Into<String>) -> PhaseEvent {
+        PhaseEvent::new(self.phase, state, detail, self.phase_started.elapsed())
+    }
+
+    pub(super) fn done(&mut self, ev: PhaseEvent) {
+        self.outcome.timings.push((self.phase, ev.elapsed));
+        self.emit(ev);
+    }
+
+    /// Ends the reload at the current phase with `error`; the serving version is untouched.
+    pub(super) fn fail(&mut self, error: impl std::fmt::Display, check: Option<String>) {
+        let msg = error.to_string();
+        let ev = self.event(PhaseState::Failed, msg.clone());
+        self.done(ev);
+        self.outcome.error = Some(msg);
+        self.outcome.failed_phase = Some(self.phase);
+        self.outcome.failed_check = check;
+    }
+
+    pub(super) fn finish(mut self) {
+        if let Some(e) = &self.outcome.error {
+            tracing::warn!(model = %self.slot.spec.name, phase = ?self.phase, error = %e, "reload failed");
+        } else {
+            tracing::info!(
+                model = %self.slot.spec.name,
+                version = ?self.outcome.version.as_ref().map(|v| &v.version),
+                "reload committed"
+            );
+        }
+        let mut st = self.slot.state();
+        st.reloading = None;
+        st.last_result = Some(self.outcome.clone());
+        if self.outcome.committed {
+            st.failures.remove(&self.source);
+        } else {
+            let entry = st
+                .failures
+                .entry(self.source.clone())
+                .or_insert((0, Instant::now()));
+            *entry = (entry.0 + 1, Instant::now());
+        }
+        drop(st);
+        if let Some(store) = &self.store {
+            let o = &self.outcome;
+            let record = AuditRecord {
+                at_unix_ms: unix_ms(),
+                model: self.slot.spec.name.clone(),
+                action: self.action.into(),
+                actor: self.actor.clone(),
+                source: self.source.clone(),
+                sha256: self.pins.clone(),
+                from_version: o.previous.as_ref().map(|v| v.version.clone()),
+                from_generation: o.previous.as_ref().map(|v| v.generation),
+                to_version: o.version.as_ref().map(|v| v.version.clone()),
+                to_generation: o.version.as_ref().map(|v| v.generation),
+                committed: o.committed,
+                error: o.error.clone(),
+                failed_phase: o.failed_phase.map(|p| format!("{p:?}").to_lowercase()),
+                failed_check: o.failed_check.clone(),
+                phases_ms: o
+                    .timings
+                    .iter()
+                    .map(|(p, d)| (format!("{p:?}").to_lowercase(), d.as_secs_f64() * 1e3))
+                    .collect(),
+                cancelled_requests: o.cancelled_requests,
+                previous_freed: o.previous_freed,
+            };
+            if let Err(e) = store.audit(&record) {
+                tracing::error!(error = %e, dir = %store.dir().display(), "cannot append to the audit log");
+            }
+        }
+        let outcome = std::mem::take(&mut self.outcome);
+        let _ = self.tx.send(ReloadEvent::Done(outcome));
+    }
+}
