@@ -91,18 +91,8 @@ impl Reloader {
             self.free(run, slot, old, false, left).await;
         }
         if let Some(new) = self.load_preflight(run, spec, digests, None).await {
-            run.start(Phase::Swap, "");
-            self.activate(slot, &new);
-            run.outcome.committed = true;
-            run.outcome.version = Some(VersionName::of(&new));
-            run.done(run.event(
-                PhaseState::Done,
-                format!(
-                    "generation {} (version {}) is active",
-                    new.generation(),
-                    new.version
-                ),
-            ));
+            // The old version is already gone: nothing comes back from the swap.
+            self.swap_phase(run, slot, new);
             return;
         }
         let Some(old_spec) = old_spec else {

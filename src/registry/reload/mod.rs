@@ -317,11 +317,27 @@ impl Reloader {
         new: Arc<ModelVersion>,
         req: &ReloadRequest,
     ) {
+        let old = self.swap_phase(run, slot, new);
+        run.outcome.previous = old.as_deref().map(VersionName::of);
+        let Some(old) = old else {
+            run.outcome.previous_freed = true;
+            return;
+        };
+        let left = self.drain(run, &old, req).await;
+        self.free(run, slot, old, req.keep_previous, left).await;
+    }
+
+    /// The swap phase: `new` becomes active and the run commits. Returns the replaced version.
+    fn swap_phase(
+        &self,
+        run: &mut Run,
+        slot: &Slot,
+        new: Arc<ModelVersion>,
+    ) -> Option<Arc<ModelVersion>> {
         run.start(Phase::Swap, "");
         let old = self.activate(slot, &new);
         run.outcome.committed = true;
         run.outcome.version = Some(VersionName::of(&new));
-        run.outcome.previous = old.as_deref().map(VersionName::of);
         run.done(run.event(
             PhaseState::Done,
             format!(
@@ -330,13 +346,7 @@ impl Reloader {
                 new.version
             ),
         ));
-        drop(new);
-        let Some(old) = old else {
-            run.outcome.previous_freed = true;
-            return;
-        };
-        let left = self.drain(run, &old, req).await;
-        self.free(run, slot, old, req.keep_previous, left).await;
+        old
     }
 
     /// Makes `new` active with the next generation, records the version it replaced (for
