@@ -211,7 +211,7 @@ async fn concurrent_streams_equal_sequential_and_share_one_copy_of_the_weights()
         .active()
         .unwrap()
         .weight_bytes;
-    let rss_before = rss_bytes();
+    let rss_before = swapd::memory::rss_bytes();
     let mut tasks = Vec::new();
     for p in prompts.clone() {
         let mut c = server.client().await;
@@ -222,7 +222,7 @@ async fn concurrent_streams_equal_sequential_and_share_one_copy_of_the_weights()
     // Sample RSS while the 8 streams run.
     let mut peak = rss_before;
     while !tasks.iter().all(|t| t.is_finished()) {
-        peak = peak.max(rss_bytes());
+        peak = peak.max(swapd::memory::rss_bytes());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for (t, seq) in tasks.into_iter().zip(&sequential) {

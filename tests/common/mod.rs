@@ -148,18 +148,6 @@ pub async fn collect(
     Ok(out)
 }
 
-/// Resident set size of this process in bytes (Linux).
-pub fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 /// sha256 of a file.
 pub fn sha(path: &Path) -> String {
     swapd::model::verify::sha256_file(path).unwrap().0
