@@ -240,7 +240,7 @@ async fn load_committed_or_manifest(
         let mut last = spec.clone();
         last.source = c.source.clone();
         last.sha256 = c.sha256.clone();
-        match load(&last, resolver, device, c.generation).await {
+        match model::load(&last, resolver, device, c.generation).await {
             Ok(v) => {
                 tracing::info!(model = %spec.name, version = %v.version, generation = c.generation, "serving the last committed version");
                 return Ok(v);
@@ -252,37 +252,5 @@ async fn load_committed_or_manifest(
             ),
         }
     }
-    load(spec, resolver, device, 1).await
-}
-
-/// Resolves, verifies and loads one version of `spec` (verification and loading run on a
-/// blocking thread).
-pub async fn load(
-    spec: &ModelSpec,
-    resolver: &Resolver,
-    device: &Device,
-    generation: u64,
-) -> Result<Arc<ModelVersion>, ModelError> {
-    let started = std::time::Instant::now();
-    let files = resolver
-        .resolve(&spec.name, spec.kind, &spec.source)
-        .await?;
-    let (spec2, device2) = (spec.clone(), device.clone());
-    let version = tokio::task::spawn_blocking(move || {
-        model::load_version(&spec2, files, &device2, generation)
-    })
-    .await
-    .map_err(|e| ModelError::Inference {
-        model: spec.name.clone(),
-        reason: format!("loader thread: {e}"),
-    })??;
-    tracing::info!(
-        model = %version.name,
-        version = %version.version,
-        device = %version.device,
-        weight_bytes = version.weight_bytes,
-        secs = started.elapsed().as_secs_f64(),
-        "model loaded"
-    );
-    Ok(Arc::new(version))
+    model::load(spec, resolver, device, 1).await
 }

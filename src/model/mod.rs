@@ -305,3 +305,34 @@ pub fn load_verified(
         requests_failed: AtomicU64::new(0),
     })
 }
+
+/// Resolves, verifies and loads one version of `spec` (verification and loading run on a
+/// blocking thread).
+pub async fn load(
+    spec: &ModelSpec,
+    resolver: &Resolver,
+    device: &crate::device::Device,
+    generation: u64,
+) -> Result<std::sync::Arc<ModelVersion>, ModelError> {
+    let started = std::time::Instant::now();
+    let files = resolver
+        .resolve(&spec.name, spec.kind, &spec.source)
+        .await?;
+    let (spec2, device2) = (spec.clone(), device.clone());
+    let version =
+        tokio::task::spawn_blocking(move || load_version(&spec2, files, &device2, generation))
+            .await
+            .map_err(|e| ModelError::Inference {
+                model: spec.name.clone(),
+                reason: format!("loader thread: {e}"),
+            })??;
+    tracing::info!(
+        model = %version.name,
+        version = %version.version,
+        device = %version.device,
+        weight_bytes = version.weight_bytes,
+        secs = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(std::sync::Arc::new(version))
+}

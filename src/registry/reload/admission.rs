@@ -102,7 +102,7 @@ impl Reloader {
         // The new version failed: the old one comes back, through the same loader.
         let failure = run.outcome.error.clone().unwrap_or_default();
         run.start(Phase::Load, "loading the previous version back");
-        match crate::server::load(&old_spec, &self.resolver, &self.device, 0).await {
+        match model::load(&old_spec, &self.resolver, &self.device, 0).await {
             Ok(v) => {
                 self.activate(slot, &v);
                 run.done(run.event(
