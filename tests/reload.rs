@@ -46,14 +46,6 @@ fn reload_req(source: &str, pins: &BTreeMap<String, String>) -> proto::ReloadReq
     }
 }
 
-async fn reload(
-    server: &TestServer,
-    req: proto::ReloadRequest,
-) -> (Vec<proto::PhaseEvent>, proto::ReloadResult) {
-    let mut ctl = control(server).await;
-    reload_events(ctl.reload(req).await.unwrap().into_inner()).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_reloads_under_load_lose_and_mix_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -335,14 +327,12 @@ async fn one_reload_at_a_time_compare_and_swap_and_cancel_drain() {
         "{}",
         e.message()
     );
-    let (_, ok) = reload_events(
-        ctl.reload(proto::ReloadRequest {
+    let (_, ok) = reload(
+        &server,
+        proto::ReloadRequest {
             expected_generation: Some(2),
             ..req
-        })
-        .await
-        .unwrap()
-        .into_inner(),
+        },
     )
     .await;
     assert!(ok.committed);
@@ -383,16 +373,7 @@ async fn rollback_from_a_resident_standby_needs_no_load() {
         original
     );
 
-    let (phases, rb) = reload_events(
-        ctl.rollback(proto::RollbackRequest {
-            model: LLM.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner(),
-    )
-    .await;
+    let (phases, rb) = rollback(&server, LLM).await;
     assert!(rb.committed, "{}", rb.error);
     assert!(
         phases.iter().all(|p| p.phase() != Phase::Load),
@@ -408,16 +389,7 @@ async fn rollback_from_a_resident_standby_needs_no_load() {
     // Without a resident standby, rollback reloads the previous files through every check.
     let (_, r) = reload(&server, reload_req(&src, &pins)).await;
     assert!(r.committed);
-    let (phases, rb) = reload_events(
-        ctl.rollback(proto::RollbackRequest {
-            model: LLM.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner(),
-    )
-    .await;
+    let (phases, rb) = rollback(&server, LLM).await;
     assert!(rb.committed, "{}", rb.error);
     assert!(phases.iter().any(|p| p.phase() == Phase::Load));
     assert!(phases.iter().any(|p| p.phase() == Phase::Preflight));
@@ -550,15 +522,13 @@ async fn automatic_rollback_fires_on_an_error_spike() {
     let slot = server.registry.slot(real).unwrap();
     let original = slot.active().unwrap();
     let mut ctl = control(&server).await;
-    let (_, r) = reload_events(
-        ctl.reload(proto::ReloadRequest {
+    let (_, r) = reload(
+        &server,
+        proto::ReloadRequest {
             model: real.into(),
             keep_previous: true,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner(),
+        },
     )
     .await;
     assert!(r.committed);

@@ -26,16 +26,13 @@ async fn rss_returns_to_one_version_after_each_real_model_reload() {
     // Warm up: the first requests allocate caches that stay.
     collect(&mut client, greedy(llm, "Hello", 4)).await.unwrap();
     let steady = swapd::memory::rss_bytes() as i64;
-    let mut ctl = control(&server).await;
     for n in 0..3 {
-        let (phases, result) = reload_events(
-            ctl.reload(proto::ReloadRequest {
+        let (phases, result) = reload(
+            &server,
+            proto::ReloadRequest {
                 model: llm.into(),
                 ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner(),
+            },
         )
         .await;
         assert!(result.committed, "{}", result.error);

@@ -104,15 +104,9 @@ async fn two_versions_that_do_not_fit_are_refused_or_swapped_in_place() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (phases, r) = reload_events(
-        ctl.reload(req(
-            MemoryPolicy::ResourcePreserving,
-            "smollm2/a.gguf",
-            "a.gguf",
-        ))
-        .await
-        .unwrap()
-        .into_inner(),
+    let (phases, r) = reload(
+        &server,
+        req(MemoryPolicy::ResourcePreserving, "smollm2/a.gguf", "a.gguf"),
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -150,15 +144,13 @@ async fn two_versions_that_do_not_fit_are_refused_or_swapped_in_place() {
     );
 
     // A new version that fails its checks: the old one is loaded back and serves.
-    let (_, r) = reload_events(
-        ctl.reload(req(
+    let (_, r) = reload(
+        &server,
+        req(
             MemoryPolicy::ResourcePreserving,
             "smollm2/nan.gguf",
             "nan.gguf",
-        ))
-        .await
-        .unwrap()
-        .into_inner(),
+        ),
     )
     .await;
     assert!(!r.committed);

@@ -50,30 +50,27 @@ fn two_real_versions(root: &Path) -> (Config, [Pinned; 2]) {
     (config, [a, b])
 }
 
+/// A reload request that makes `v` the active version.
+fn switch_to((source, pins): &Pinned) -> proto::ReloadRequest {
+    proto::ReloadRequest {
+        model: LLM.into(),
+        source: source.clone(),
+        sha256: pins.clone().into_iter().collect(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_versions_swap_under_load_and_every_stream_is_one_versions_output() {
     let dir = tempfile::tempdir().unwrap();
     let (config, versions) = two_real_versions(dir.path());
     let server = TestServer::start(config).await;
-    let mut ctl = control(&server).await;
     let mut client = server.client().await;
 
     // Each version's greedy output for each prompt, measured alone.
     let mut expected: HashMap<(String, &str), String> = HashMap::new();
     for i in [1, 0] {
-        let (source, pins) = &versions[i];
-        let (_, r) = reload_events(
-            ctl.reload(proto::ReloadRequest {
-                model: LLM.into(),
-                source: source.clone(),
-                sha256: pins.clone().into_iter().collect(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner(),
-        )
-        .await;
+        let (_, r) = reload(&server, switch_to(&versions[i])).await;
         assert!(r.committed, "{}", r.error);
         for p in PROMPTS {
             let out = collect(&mut client, greedy(LLM, p, 10)).await.unwrap();
@@ -128,19 +125,7 @@ async fn real_versions_swap_under_load_and_every_stream_is_one_versions_output()
         }));
     }
     for n in 0..6 {
-        let (source, pins) = &versions[n % 2];
-        let (_, r) = reload_events(
-            ctl.reload(proto::ReloadRequest {
-                model: LLM.into(),
-                source: source.clone(),
-                sha256: pins.clone().into_iter().collect(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner(),
-        )
-        .await;
+        let (_, r) = reload(&server, switch_to(&versions[n % 2])).await;
         assert!(r.committed, "reload {n}: {}", r.error);
         assert!(
             r.previous_freed,
@@ -166,23 +151,20 @@ async fn broken_real_versions_are_refused() {
     std::fs::write(smol.join("cut.gguf"), &bytes[..bytes.len() - 4096]).unwrap();
     // A NaN in a norm: the quantized matmuls would hide it from the logits.
     swapd::model::synth::poison_gguf_nan(&smol.join("a.gguf"), &smol.join("nan.gguf")).unwrap();
-    let mut ctl = control(&server).await;
     for (file, phase, check) in [
         ("cut.gguf", proto::Phase::Admit, "format"),
         ("nan.gguf", proto::Phase::Load, "finite_weights"),
     ] {
-        let (_, r) = reload_events(
-            ctl.reload(proto::ReloadRequest {
+        let (_, r) = reload(
+            &server,
+            proto::ReloadRequest {
                 model: LLM.into(),
                 source: format!("smollm2/{file}"),
                 sha256: [(file.to_string(), sha(&smol.join(file)))]
                     .into_iter()
                     .collect(),
                 ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner(),
+            },
         )
         .await;
         assert!(!r.committed, "{file} committed");

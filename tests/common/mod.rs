@@ -257,3 +257,25 @@ pub async fn reload_events(
     }
     (phases, result)
 }
+
+/// Runs a reload through the control service and collects its events and result.
+pub async fn reload(
+    server: &TestServer,
+    req: proto::ReloadRequest,
+) -> (Vec<proto::PhaseEvent>, proto::ReloadResult) {
+    let mut ctl = control(server).await;
+    reload_events(ctl.reload(req).await.unwrap().into_inner()).await
+}
+
+/// Rolls `model` back through the control service and collects its events and result.
+pub async fn rollback(
+    server: &TestServer,
+    model: &str,
+) -> (Vec<proto::PhaseEvent>, proto::ReloadResult) {
+    let req = proto::RollbackRequest {
+        model: model.into(),
+        ..Default::default()
+    };
+    let mut ctl = control(server).await;
+    reload_events(ctl.rollback(req).await.unwrap().into_inner()).await
+}
