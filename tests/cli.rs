@@ -76,6 +76,15 @@ fn client(url: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `swapd models`' row for `name` (empty if absent).
+fn model_line(url: &str, name: &str) -> String {
+    text(&client(url, &["models"]).stdout)
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -347,47 +356,25 @@ fn reload_rollback_and_status_from_the_command_line() {
 
 #[test]
 fn after_kill_9_a_restart_serves_the_last_committed_version() {
-    use swapd::model::synth::{write_tiny_llama_gguf, TinyLlm};
     let dir = tempfile::tempdir().unwrap();
     tiny_config(dir.path());
-    let v2 = dir.path().join("tiny-llm").join("v2.gguf");
-    write_tiny_llama_gguf(
-        &v2,
-        &TinyLlm {
-            seed: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let pin = format!("v2.gguf={}", common::sha(&v2));
+    let (src, pins) = common::tiny_version(dir.path(), 2, "");
+    let pin = format!("v2.gguf={}", pins["v2.gguf"]);
     let mut s = serve(dir.path(), &["--admin-token", "s3cret"]);
     let out = Command::new(BIN)
-        .args([
-            "reload",
-            "tiny-llm",
-            "--source",
-            "tiny-llm/v2.gguf",
-            "--sha256",
-            &pin,
-        ])
+        .args(["reload", "tiny-llm", "--source", &src, "--sha256", &pin])
         .args(["--server", &s.url, "--token", "s3cret"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stdout));
-    let models = text(&client(&s.url, &["models"]).stdout);
-    let v2_line = models
-        .lines()
-        .find(|l| l.starts_with("tiny-llm"))
-        .unwrap()
-        .to_string();
+    let v2_line = model_line(&s.url, "tiny-llm");
     assert!(v2_line.contains(" 2 "), "{v2_line}");
 
     s.child.kill().unwrap(); // SIGKILL: no chance to clean up
     s.child.wait().unwrap();
     drop(s);
     let s = serve(dir.path(), &["--admin-token", "s3cret"]);
-    let models = text(&client(&s.url, &["models"]).stdout);
-    let line = models.lines().find(|l| l.starts_with("tiny-llm")).unwrap();
+    let line = model_line(&s.url, "tiny-llm");
     assert_eq!(
         line, v2_line,
         "after a restart the committed version serves"
@@ -408,33 +395,11 @@ fn after_kill_9_a_restart_serves_the_last_committed_version() {
 
 #[test]
 fn sighup_reloads_a_changed_manifest_entry() {
-    use swapd::model::synth::{write_tiny_llama_gguf, TinyLlm};
     let dir = tempfile::tempdir().unwrap();
     tiny_config(dir.path());
     let s = serve(dir.path(), &["--control-auth", "false"]);
-    let v2 = dir.path().join("tiny-llm").join("v2.gguf");
-    write_tiny_llama_gguf(
-        &v2,
-        &TinyLlm {
-            seed: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let manifest = dir.path().join("models.toml");
-    let text_before = std::fs::read_to_string(&manifest).unwrap();
-    let old_sha = common::sha(&dir.path().join("tiny-llm").join("tiny.gguf"));
-    let changed = text_before
-        .replace(
-            "source = \"tiny-llm/tiny.gguf\"",
-            "source = \"tiny-llm/v2.gguf\"",
-        )
-        .replace(
-            &format!("\"tiny.gguf\" = \"{old_sha}\""),
-            &format!("\"v2.gguf\" = \"{}\"", common::sha(&v2)),
-        );
-    assert_ne!(changed, text_before);
-    std::fs::write(&manifest, changed).unwrap();
+    let (src, pins) = common::tiny_version(dir.path(), 2, "");
+    common::point_manifest_at(dir.path(), &src, &pins);
     let pid = s.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-HUP", &pid])
@@ -443,12 +408,7 @@ fn sighup_reloads_a_changed_manifest_entry() {
         .success());
     let t = Instant::now();
     loop {
-        let models = text(&client(&s.url, &["models"]).stdout);
-        let line = models
-            .lines()
-            .find(|l| l.starts_with("tiny-llm"))
-            .unwrap_or("")
-            .to_string();
+        let line = model_line(&s.url, "tiny-llm");
         if line.contains(" 2 ") {
             break;
         }
@@ -459,8 +419,7 @@ fn sighup_reloads_a_changed_manifest_entry() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // The embedding model's entry did not change: still generation 1.
-    let models = text(&client(&s.url, &["models"]).stdout);
-    let bert = models.lines().find(|l| l.starts_with("tiny-bert")).unwrap();
+    let bert = model_line(&s.url, "tiny-bert");
     assert!(bert.contains(" 1 "), "{bert}");
 }
 

@@ -11,25 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use swapd::config::Config;
-use swapd::model::synth::{write_tiny_llama_gguf, TinyLlm};
 use swapd::proto::{self, Phase};
 use tonic::Code;
 
 const LLM: &str = "tiny-llm";
-
-/// Writes version `seed` of the tiny LLM as `tiny-llm/v<seed>.gguf`; returns (source, pins).
-fn tiny_version(dir: &Path, seed: u64, poison: &str) -> (String, BTreeMap<String, String>) {
-    let name = format!("v{seed}{poison}.gguf");
-    let opts = TinyLlm {
-        seed,
-        poison_nan: poison == "-nan",
-        overflow: poison == "-inf",
-    };
-    let path = dir.join("tiny-llm").join(&name);
-    write_tiny_llama_gguf(&path, &opts).unwrap();
-    let pins = BTreeMap::from([(name.clone(), sha(&path))]);
-    (format!("tiny-llm/{name}"), pins)
-}
 
 fn tiny_with_token(dir: &Path) -> Config {
     let mut c = tiny_config(dir);
@@ -477,19 +462,7 @@ async fn a_polled_manifest_change_reloads_the_model() {
     config.manifest_poll = Some(Duration::from_millis(100));
     let server = TestServer::start(config).await;
     let (src, pins) = tiny_version(dir.path(), 2, "");
-    let manifest = dir.path().join("models.toml");
-    let old_sha = sha(&dir.path().join("tiny-llm/tiny.gguf"));
-    let text = std::fs::read_to_string(&manifest)
-        .unwrap()
-        .replace(
-            "source = \"tiny-llm/tiny.gguf\"",
-            &format!("source = \"{src}\""),
-        )
-        .replace(
-            &format!("\"tiny.gguf\" = \"{old_sha}\""),
-            &format!("\"v2.gguf\" = \"{}\"", pins["v2.gguf"]),
-        );
-    std::fs::write(&manifest, text).unwrap();
+    point_manifest_at(dir.path(), &src, &pins);
     let slot = server.registry.slot(LLM).unwrap();
     let t = Instant::now();
     while slot.active().unwrap().generation() < 2 {

@@ -279,3 +279,44 @@ pub async fn rollback(
     let mut ctl = control(server).await;
     reload_events(ctl.rollback(req).await.unwrap().into_inner()).await
 }
+
+/// Writes version `seed` of the tiny LLM as `tiny-llm/v<seed>.gguf`; returns (source, pins).
+pub fn tiny_version(
+    dir: &Path,
+    seed: u64,
+    poison: &str,
+) -> (String, std::collections::BTreeMap<String, String>) {
+    let name = format!("v{seed}{poison}.gguf");
+    let opts = swapd::model::synth::TinyLlm {
+        seed,
+        poison_nan: poison == "-nan",
+        overflow: poison == "-inf",
+    };
+    let path = dir.join("tiny-llm").join(&name);
+    swapd::model::synth::write_tiny_llama_gguf(&path, &opts).unwrap();
+    let pins = std::collections::BTreeMap::from([(name.clone(), sha(&path))]);
+    (format!("tiny-llm/{name}"), pins)
+}
+
+/// Rewrites the tiny manifest so `tiny-llm` points at `source`, pinned by `pins` (one file).
+pub fn point_manifest_at(
+    dir: &Path,
+    source: &str,
+    pins: &std::collections::BTreeMap<String, String>,
+) {
+    let manifest = dir.join("models.toml");
+    let before = std::fs::read_to_string(&manifest).unwrap();
+    let old_sha = sha(&dir.join("tiny-llm/tiny.gguf"));
+    let (file, digest) = pins.iter().next().unwrap();
+    let after = before
+        .replace(
+            "source = \"tiny-llm/tiny.gguf\"",
+            &format!("source = \"{source}\""),
+        )
+        .replace(
+            &format!("\"tiny.gguf\" = \"{old_sha}\""),
+            &format!("\"{file}\" = \"{digest}\""),
+        );
+    assert_ne!(after, before, "the manifest did not change");
+    std::fs::write(&manifest, after).unwrap();
+}
