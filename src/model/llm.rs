@@ -257,9 +257,4 @@ impl Session {
         self.pos += ids.len();
         logits.squeeze(0)?.to_dtype(candle_core::DType::F32)
     }
-
-    /// Tokens in the KV cache so far.
-    pub fn position(&self) -> usize {
-        self.pos
-    }
 }

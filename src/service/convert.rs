@@ -4,7 +4,7 @@ use std::time::UNIX_EPOCH;
 use crate::engine::{self, FinishReason, PromptInput, SamplingRequest};
 use crate::error::Error;
 use crate::model::chat::ChatMessage;
-use crate::model::{LoadedModel, ModelKind, ModelVersion};
+use crate::model::{LoadedModel, ModelVersion};
 use crate::proto;
 
 /// Most stop strings per request, and the longest one in bytes.
@@ -167,7 +167,6 @@ pub fn model_info(v: &ModelVersion) -> proto::ModelInfo {
         LoadedModel::Llm(m) => (proto::ModelKind::Llm, 0, m.tokenizer.vocab_size()),
         LoadedModel::Embedding(m) => (proto::ModelKind::Embedding, m.dimension, m.vocab_size),
     };
-    debug_assert_eq!(kind == proto::ModelKind::Llm, v.kind() == ModelKind::Llm);
     proto::ModelInfo {
         name: v.name.clone(),
         kind: kind as i32,
