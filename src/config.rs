@@ -35,6 +35,36 @@ impl ConfigError {
     }
 }
 
+/// A value that must never reach a log line or a `{:?}`: its `Debug` prints a placeholder.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -87,9 +117,20 @@ pub struct ServeArgs {
     /// Resolve hf:// sources from the cache only [default: true when HF_HUB_OFFLINE=1].
     #[arg(long, env = "SWAPD_HF_OFFLINE")]
     pub hf_offline: Option<bool>,
-    /// text | json [default: text]; the level comes from RUST_LOG (default info).
+    /// text | json [default: text].
     #[arg(long, env = "SWAPD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Log level or tracing filter (`info`, `debug`, `info,swapd=debug`); RUST_LOG, when
+    /// set, wins [default: info].
+    #[arg(long, env = "SWAPD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics [default: off].
+    #[arg(long, env = "SWAPD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// On SIGTERM/SIGINT, how long requests in flight get to finish before they are ended
+    /// (seconds); a second signal exits at once [default: 30].
+    #[arg(long, env = "SWAPD_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<f64>,
     /// Bearer token that control calls (Reload, Rollback, Status) must carry.
     #[arg(long, env = "SWAPD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -144,6 +185,9 @@ struct FileConfig {
     hf_cache: Option<PathBuf>,
     hf_offline: Option<bool>,
     log_format: Option<LogFormat>,
+    log_level: Option<String>,
+    metrics_listen: Option<String>,
+    shutdown_grace_secs: Option<f64>,
     admin_token: Option<String>,
     control_auth: Option<bool>,
     state_dir: Option<PathBuf>,
@@ -156,6 +200,9 @@ struct FileConfig {
     auto_rollback_error_rate: Option<f64>,
     auto_rollback_min_requests: Option<u64>,
 }
+
+/// How long requests in flight get to finish at shutdown unless configured.
+pub const DEFAULT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Limits that protect the server from overload and oversized input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,8 +240,14 @@ pub struct Config {
     pub hf_cache: Option<PathBuf>,
     pub hf_offline: bool,
     pub log_format: LogFormat,
+    /// A tracing filter (RUST_LOG, when set, wins).
+    pub log_level: String,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long requests in flight get to finish once shutdown begins.
+    pub shutdown_grace: std::time::Duration,
     /// Token control calls must carry; never logged.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     pub control_auth: bool,
     /// Committed versions and the audit log; `None` keeps nothing across restarts.
     pub state_dir: Option<PathBuf>,
@@ -224,6 +277,9 @@ impl Config {
             hf_cache: None,
             hf_offline: true,
             log_format: LogFormat::Text,
+            log_level: "info".into(),
+            metrics_listen: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             admin_token: None,
             control_auth: true,
             state_dir: None,
@@ -236,20 +292,43 @@ impl Config {
         })
     }
 
-    /// Merges file, environment and flags and validates the result.
+    /// Merges file, environment and flags and validates the result; the first problem found
+    /// is the error.
     pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+        Self::check(args).map_err(|mut errors| errors.remove(0))
+    }
+
+    /// Like [`Config::from_args`], but reports every problem found, each naming where the
+    /// value came from (the file and key, or the flag/environment variable) and why it is
+    /// wrong. What `swapd config check` runs.
+    pub fn check(args: &ServeArgs) -> Result<Self, Vec<ConfigError>> {
+        let mut errors = Vec::new();
         let file = match &args.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|e| ConfigError::at(path, "", e))?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| {
+            Some(path) => match std::fs::read_to_string(path) {
+                Err(e) => return Err(vec![ConfigError::at(path, "", e)]),
+                Ok(text) => toml::from_str::<FileConfig>(&text).map_err(|e| {
                     let key = e.span().map(|s| text[s].to_string()).unwrap_or_default();
-                    ConfigError::at(path, key, e.message())
-                })?
-            }
+                    vec![ConfigError::at(path, key, e.message())]
+                })?,
+            },
             None => FileConfig::default(),
         };
-        let cfg_file = args.config.as_deref().unwrap_or(Path::new("command line"));
+        let config_path = args.config.clone();
+        // Where a value came from, for its error: the flag (or its environment variable)
+        // when one was given, else the config file's key.
+        let mut err = |key: &str, from_flag: bool, why: String| {
+            errors.push(match (&config_path, from_flag) {
+                (Some(path), false) => ConfigError::at(path, key, why),
+                _ => ConfigError::flag(
+                    &format!(
+                        "{key} (--{} / SWAPD_{})",
+                        key.replace('_', "-"),
+                        key.to_uppercase()
+                    ),
+                    why,
+                ),
+            })
+        };
         // A relative path in the config file is relative to the file, not the cwd.
         let base = args
             .config
@@ -258,113 +337,152 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         let from_file = |p: Option<PathBuf>| p.map(|p| base.join(p));
-
-        let listen_s = args
-            .listen
-            .clone()
-            .or(file.listen)
-            .unwrap_or_else(|| "127.0.0.1:50051".into());
-        let listen = listen_s
-            .parse()
-            .map_err(|e| ConfigError::flag("listen", format!("`{listen_s}`: {e}")))?;
-        let control_listen = match args.control_listen.clone().or(file.control_listen) {
-            Some(a) => Some(
-                a.parse()
-                    .map_err(|e| ConfigError::flag("control_listen", format!("`{a}`: {e}")))?,
-            ),
-            None => None,
+        macro_rules! pick {
+            ($key:ident) => {
+                (args.$key.is_some(), args.$key.clone().or(file.$key.clone()))
+            };
+        }
+        let addr = |err: &mut dyn FnMut(&str, bool, String),
+                    key: &str,
+                    (flag, v): (bool, Option<String>)|
+         -> Option<SocketAddr> {
+            let v = v?;
+            match v.parse() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    err(key, flag, format!("`{v}`: {e} (expected IP:PORT)"));
+                    None
+                }
+            }
         };
+
+        let listen = match pick!(listen) {
+            (_, None) => Some(SocketAddr::from(([127, 0, 0, 1], 50051))),
+            p => addr(&mut err, "listen", p),
+        };
+        let control_listen = addr(&mut err, "control_listen", pick!(control_listen));
+        let metrics_listen = addr(&mut err, "metrics_listen", pick!(metrics_listen));
+
+        let root_flag = args.models_root.is_some();
         let root = args
             .models_root
             .clone()
-            .or(from_file(file.models_root))
+            .or(from_file(file.models_root.clone()))
             .unwrap_or_else(|| PathBuf::from("models"));
-        let models_root = root.canonicalize().map_err(|e| {
-            ConfigError::at(cfg_file, "models_root", format!("{}: {e}", root.display()))
-        })?;
-        if !models_root.is_dir() {
-            return Err(ConfigError::at(
-                cfg_file,
-                "models_root",
-                format!("{} is not a directory", root.display()),
-            ));
-        }
+        let models_root = match root.canonicalize() {
+            Ok(r) if r.is_dir() => Some(r),
+            Ok(_) => {
+                err(
+                    "models_root",
+                    root_flag,
+                    format!("{} is not a directory", root.display()),
+                );
+                None
+            }
+            Err(e) => {
+                err("models_root", root_flag, format!("{}: {e}", root.display()));
+                None
+            }
+        };
         let manifest_path = args
             .manifest
             .clone()
-            .or(from_file(file.manifest))
-            .unwrap_or_else(|| models_root.join("models.toml"));
-        let mut manifest = Manifest::load(&manifest_path)?;
-        let only_models = args.models.clone().or(file.models);
-        if let Some(only) = &only_models {
-            for name in only {
-                if manifest.get(name).is_none() {
-                    return Err(ConfigError::flag(
-                        "models",
-                        format!("`{name}` is not in {}", manifest_path.display()),
-                    ));
+            .or(from_file(file.manifest.clone()))
+            .or_else(|| models_root.as_ref().map(|r| r.join("models.toml")));
+        let (models_flag, only_models) = pick!(models);
+        let mut manifest_error = None;
+        let manifest = match &manifest_path {
+            None => None,
+            Some(path) => match Manifest::load(path) {
+                Ok(mut manifest) => {
+                    if let Some(only) = &only_models {
+                        for name in only {
+                            if manifest.get(name).is_none() {
+                                err(
+                                    "models",
+                                    models_flag,
+                                    format!("`{name}` is not in {}", path.display()),
+                                );
+                            }
+                        }
+                        manifest.models.retain(|m| only.contains(&m.name));
+                    }
+                    Some(manifest)
                 }
-            }
-            manifest.models.retain(|m| only.contains(&m.name));
-        }
-        let device_s = args
-            .device
-            .clone()
-            .or(file.device)
-            .unwrap_or_else(|| "auto".into());
-        let device = device_s
-            .parse()
-            .map_err(|e| ConfigError::flag("device", e))?;
-        let d = Limits::default();
-        let limits = Limits {
-            max_concurrent: args
-                .max_concurrent
-                .or(file.max_concurrent)
-                .unwrap_or(d.max_concurrent),
-            max_queue: args.max_queue.or(file.max_queue).unwrap_or(d.max_queue),
-            max_request_bytes: args
-                .max_request_bytes
-                .or(file.max_request_bytes)
-                .unwrap_or(d.max_request_bytes),
-            max_embed_batch: args
-                .max_embed_batch
-                .or(file.max_embed_batch)
-                .unwrap_or(d.max_embed_batch),
+                // The manifest's own errors name its file and key.
+                Err(e) => {
+                    manifest_error = Some(e);
+                    None
+                }
+            },
         };
-        for (key, v) in [
-            ("max_concurrent", limits.max_concurrent),
-            ("max_request_bytes", limits.max_request_bytes),
-            ("max_embed_batch", limits.max_embed_batch),
-        ] {
-            if v == 0 {
-                return Err(ConfigError::flag(key, "must be at least 1"));
+        let device = match pick!(device) {
+            (_, None) => Some(DeviceRequest::Auto),
+            (flag, Some(v)) => match v.parse::<DeviceRequest>() {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    err("device", flag, e.to_string());
+                    None
+                }
+            },
+        };
+        let d = Limits::default();
+        let mut limit = |key: &str, (flag, v): (bool, Option<usize>), default: usize, min| {
+            let v = v.unwrap_or(default);
+            if v < min {
+                err(key, flag, format!("{v}: must be at least {min}"));
             }
-        }
-        let state_dir = args
-            .state_dir
-            .clone()
-            .or(from_file(file.state_dir))
-            .unwrap_or_else(|| models_root.join(".swapd"));
-        let window = args
-            .auto_rollback_window_secs
-            .or(file.auto_rollback_window_secs)
-            .unwrap_or(0.0);
-        let rate = args
-            .auto_rollback_error_rate
-            .or(file.auto_rollback_error_rate)
-            .unwrap_or(0.5);
+            v
+        };
+        let limits = Limits {
+            max_concurrent: limit("max_concurrent", pick!(max_concurrent), d.max_concurrent, 1),
+            max_queue: limit("max_queue", pick!(max_queue), d.max_queue, 0),
+            max_request_bytes: limit(
+                "max_request_bytes",
+                pick!(max_request_bytes),
+                d.max_request_bytes,
+                1,
+            ),
+            max_embed_batch: limit(
+                "max_embed_batch",
+                pick!(max_embed_batch),
+                d.max_embed_batch,
+                1,
+            ),
+        };
+        let mut secs = |key: &str, (flag, v): (bool, Option<f64>), default: f64| {
+            let v = v.unwrap_or(default);
+            if !(v.is_finite() && v >= 0.0) {
+                err(key, flag, format!("{v}: must be a number of seconds >= 0"));
+                return default;
+            }
+            v
+        };
+        let window = secs(
+            "auto_rollback_window_secs",
+            pick!(auto_rollback_window_secs),
+            0.0,
+        );
+        let grace = secs(
+            "shutdown_grace_secs",
+            pick!(shutdown_grace_secs),
+            DEFAULT_SHUTDOWN_GRACE.as_secs_f64(),
+        );
+        let (rate_flag, rate) = pick!(auto_rollback_error_rate);
+        let rate = rate.unwrap_or(0.5);
         if !(0.0..=1.0).contains(&rate) {
-            return Err(ConfigError::flag(
+            err(
                 "auto_rollback_error_rate",
+                rate_flag,
                 format!("{rate}: must be in [0, 1]"),
-            ));
+            );
         }
-        if !(window.is_finite() && window >= 0.0) {
-            return Err(ConfigError::flag(
-                "auto_rollback_window_secs",
-                format!("{window}: must be >= 0"),
-            ));
+        let (level_flag, log_level) = pick!(log_level);
+        let log_level = log_level.unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            err("log_level", level_flag, format!("`{log_level}`: {e}"));
         }
+        let state_dir = args.state_dir.clone().or(from_file(file.state_dir.clone()));
         let auto_rollback = (window > 0.0).then(|| crate::registry::reload::AutoRollback {
             window: std::time::Duration::from_secs_f64(window),
             min_requests: args
@@ -378,9 +496,29 @@ impl Config {
             std::env::var("HF_HUB_OFFLINE")
                 .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
         });
+        errors.extend(manifest_error);
+        let (
+            Some(listen),
+            Some(models_root),
+            Some(manifest_path),
+            Some(manifest),
+            Some(device),
+            true,
+        ) = (
+            listen,
+            models_root,
+            manifest_path,
+            manifest,
+            device,
+            errors.is_empty(),
+        )
+        else {
+            return Err(errors);
+        };
         Ok(Self {
             listen,
             control_listen,
+            state_dir: Some(state_dir.unwrap_or_else(|| models_root.join(".swapd"))),
             models_root,
             manifest_path,
             manifest,
@@ -389,13 +527,16 @@ impl Config {
             hf_cache: args.hf_cache.clone().or(from_file(file.hf_cache)),
             hf_offline,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            log_level,
+            metrics_listen,
+            shutdown_grace: std::time::Duration::from_secs_f64(grace),
             admin_token: args
                 .admin_token
                 .clone()
                 .or(file.admin_token)
-                .filter(|t| !t.is_empty()),
+                .filter(|t| !t.is_empty())
+                .map(Secret),
             control_auth: args.control_auth.or(file.control_auth).unwrap_or(true),
-            state_dir: Some(state_dir),
             only_models,
             manifest_poll: args
                 .manifest_poll_secs

@@ -114,6 +114,10 @@ impl Drop for Ticket {
 pub struct Engine {
     admission: Arc<Admission>,
     pub limits: Limits,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set when the shutdown grace period is over: running generations end at their next
+    /// token with UNAVAILABLE.
+    cut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A prompt ready to generate from.
@@ -123,8 +127,10 @@ pub struct Prepared {
 }
 
 impl Engine {
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(limits: Limits, metrics: Arc<crate::metrics::Metrics>) -> Self {
         Self {
+            metrics,
+            cut: Default::default(),
             admission: Arc::new(Admission {
                 running: Arc::new(Semaphore::new(limits.max_concurrent)),
                 admitted: AtomicUsize::new(0),
@@ -141,6 +147,7 @@ impl Engine {
         let prev = a.admitted.fetch_add(1, Ordering::AcqRel);
         if prev >= a.max_admitted {
             a.admitted.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.rejected();
             return Err(Error::Overloaded(format!(
                 "{} requests running and {} queued (limits {} + {})",
                 a.max_concurrent.min(prev),
@@ -158,6 +165,18 @@ impl Engine {
     /// Requests admitted right now (running or queued).
     pub fn admitted(&self) -> usize {
         self.admission.admitted.load(Ordering::Acquire)
+    }
+
+    /// (running, queued) requests right now.
+    pub fn load(&self) -> (usize, usize) {
+        let a = &self.admission;
+        let running = a.max_concurrent - a.running.available_permits().min(a.max_concurrent);
+        (running, self.admitted().saturating_sub(running))
+    }
+
+    /// Ends every running generation at its next token (the shutdown grace period is over).
+    pub fn cut_all(&self) {
+        self.cut.store(true, Ordering::Release);
     }
 
     /// Renders and tokenizes `input` on a blocking thread; checks it fits the context.
@@ -183,7 +202,9 @@ impl Engine {
         deadline: Option<Instant>,
         admitted_at: Instant,
     ) -> Result<mpsc::Receiver<Result<GenEvent>>> {
-        let job = GenJob::new(lease, prompt, req, deadline, admitted_at)?;
+        let mut job = GenJob::new(lease, prompt, req, deadline, admitted_at)?;
+        job.metrics = Some(self.metrics.clone());
+        job.cut = self.cut.clone();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut ticket = ticket;
         let span = tracing::Span::current();
@@ -297,6 +318,8 @@ struct GenJob {
     return_ids: bool,
     deadline: Option<Instant>,
     admitted_at: Instant,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GenJob {
@@ -333,7 +356,13 @@ impl GenJob {
             deadline,
             admitted_at,
             lease,
+            metrics: None,
+            cut: Default::default(),
         })
+    }
+
+    fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
     }
 
     fn expired(&self) -> bool {
@@ -354,17 +383,33 @@ impl GenJob {
         let mut utf8 = Utf8Stream::default();
         let mut stops = StopMatcher::new(self.stop.clone());
         let mut history = self.prompt.clone();
-        let mut keep_going = || !tx.is_closed() && !self.expired() && !self.lease.is_cancelled();
+        let mut keep_going =
+            || !tx.is_closed() && !self.expired() && !self.lease.is_cancelled() && !self.is_cut();
         let Some(mut logits) = session.feed(&self.prompt, &mut keep_going)? else {
             return self.interrupted(tx);
         };
         let mut completion = 0usize;
         let mut first_token_at = None;
+        let mut last_token_at: Option<Instant> = None;
         let mut matched = None;
         let reason = loop {
             let token = sampler.sample(&logits, &history).map_err(model_err)?;
             completion += 1;
             let now = Instant::now();
+            if let Some(m) = &self.metrics {
+                if first_token_at.is_none() {
+                    m.first_token(
+                        &self.lease.name,
+                        now.duration_since(self.admitted_at),
+                        self.prompt.len(),
+                    );
+                }
+                m.token(
+                    &self.lease.name,
+                    last_token_at.map(|t| now.duration_since(t)),
+                );
+            }
+            last_token_at = Some(now);
             first_token_at.get_or_insert(now);
             history.push(token);
             if llm.tokenizer.end_of_generation.contains(&token) {
@@ -437,6 +482,9 @@ impl GenJob {
     fn interrupted(&self, tx: &mpsc::Sender<Result<GenEvent>>) -> Result<()> {
         if tx.is_closed() {
             return Ok(());
+        }
+        if self.is_cut() {
+            return Err(Error::ShuttingDown);
         }
         if self.lease.is_cancelled() {
             return Err(Error::Drained {

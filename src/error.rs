@@ -36,6 +36,10 @@ pub enum Error {
     /// version serves).
     #[error("model `{model}` version {version} was replaced and its drain deadline passed; retry to be served by the new version")]
     Drained { model: String, version: String },
+    /// The server is shutting down: its grace period ended this request, or it accepts no
+    /// new work (retry against another replica).
+    #[error("the server is shutting down; retry against another replica")]
+    ShuttingDown,
     /// A reload of this model is already running.
     #[error("{0}")]
     ReloadBusy(String),

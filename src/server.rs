@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::device::{self, Device, DeviceError};
@@ -43,6 +42,24 @@ pub struct Server {
     pub device: Device,
     pub resolver: Resolver,
     pub reloader: Reloader,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub health: Arc<crate::health::Health>,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Requests in flight when shutdown began.
+    pub in_flight_at_start: usize,
+    /// Requests still running when the grace period ended (they were ended with UNAVAILABLE).
+    pub cut: usize,
+}
+
+impl DrainReport {
+    /// Every request in flight finished within the grace period.
+    pub fn clean(&self) -> bool {
+        self.cut == 0
+    }
 }
 
 impl Server {
@@ -94,7 +111,8 @@ impl Server {
                 slot.activate(v.clone());
             }
         }
-        let engine = Engine::new(config.limits);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let engine = Engine::new(config.limits, metrics.clone());
         let reloader = Reloader {
             registry: registry.clone(),
             resolver: resolver.clone(),
@@ -104,6 +122,8 @@ impl Server {
             budget: config.memory_budget,
             memory_policy: config.memory_policy,
             auto_rollback: config.auto_rollback,
+            metrics: metrics.clone(),
+            stopping: Default::default(),
         };
         Ok(Self {
             config,
@@ -112,39 +132,44 @@ impl Server {
             device,
             resolver,
             reloader,
+            metrics,
+            health: Default::default(),
         })
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then lets open streams finish.
+    /// Serves on `listener` until `shutdown` resolves, then drains (see
+    /// [`Server::serve_split`]).
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), ServerError> {
+    ) -> Result<DrainReport, ServerError> {
         self.serve_split(listener, None, shutdown).await
     }
 
-    /// Like [`Server::serve`], with the control service on `control` (its own address) instead
-    /// of the main listener when given.
+    /// What `/metrics` reads.
+    pub fn metrics_endpoint(&self) -> crate::metrics::Endpoint {
+        crate::metrics::Endpoint {
+            metrics: self.metrics.clone(),
+            registry: self.registry.clone(),
+            engine: self.engine.clone(),
+        }
+    }
+
+    /// Serves inference, health and reflection on `listener`, and control there too or on
+    /// `control_listener` when given, until `shutdown` resolves. Then it drains: health goes
+    /// NOT_SERVING, no new connection or request is accepted, a reload in progress stops
+    /// before its swap, and requests in flight get `config.shutdown_grace` to finish; those
+    /// still running then end with UNAVAILABLE. The report says how it went.
     pub async fn serve_split(
         self,
         listener: TcpListener,
         control_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), ServerError> {
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_service_status("", ServingStatus::Serving).await;
-        health
-            .set_serving::<InferenceServer<InferenceService>>()
-            .await;
-        for slot in self.registry.slots() {
-            let status = if slot.active().is_some() {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            health.set_service_status(&slot.spec.name, status).await;
-        }
+    ) -> Result<DrainReport, ServerError> {
+        self.health.refresh(&self.registry).await;
+        let health_service = self.health.service();
+        let follower = tokio::spawn(self.health.clone().follow(self.registry.clone()));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -178,52 +203,112 @@ impl Server {
             crate::triggers::hangup(),
         ));
         let addr = listener.local_addr().ok();
-        let served = match control_listener {
-            None => {
-                tracing::info!(addr = ?addr, models = self.registry.slots().len(), "serving");
-                tonic::transport::Server::builder()
-                    .add_service(health_service)
-                    .add_service(reflection)
-                    .add_service(inference)
-                    .add_service(control)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-                    .await
+        // The signal first flips health and stops reloads, then the servers stop accepting.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (engine, health, registry, reloader) = (
+            self.engine.clone(),
+            self.health.clone(),
+            self.registry.clone(),
+            self.reloader.clone(),
+        );
+        let in_flight_at_start = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let at_start = in_flight_at_start.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let n = engine.admitted();
+            at_start.store(n, std::sync::atomic::Ordering::Release);
+            tracing::info!(
+                in_flight = n,
+                "shutdown: health NOT_SERVING, no new requests, draining"
+            );
+            health.shutting_down(&registry).await;
+            reloader.stop();
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let builder = || {
+            tonic::transport::Server::builder().layer(crate::service::request_id::RequestIdLayer)
+        };
+        let served = async {
+            match control_listener {
+                None => {
+                    tracing::info!(addr = ?addr, models = self.registry.slots().len(), "serving");
+                    builder()
+                        .add_service(health_service)
+                        .add_service(reflection)
+                        .add_service(inference)
+                        .add_service(control)
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            stopped(stop_rx.clone()),
+                        )
+                        .await
+                }
+                Some(control_listener) => {
+                    let control_addr = control_listener.local_addr().ok();
+                    let control_server = builder()
+                        .add_service(health_service.clone())
+                        .add_service(control)
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(control_listener),
+                            stopped(stop_rx.clone()),
+                        );
+                    tracing::info!(addr = ?addr, control = ?control_addr, models = self.registry.slots().len(), "serving");
+                    let main_server = builder()
+                        .add_service(health_service)
+                        .add_service(reflection)
+                        .add_service(inference)
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            stopped(stop_rx.clone()),
+                        );
+                    let (a, b) = tokio::join!(main_server, control_server);
+                    a.and(b)
+                }
             }
-            Some(control_listener) => {
-                // One shutdown signal, two servers.
-                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-                tokio::spawn(async move {
-                    shutdown.await;
-                    let _ = stop_tx.send(true);
-                });
-                let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                };
-                let control_addr = control_listener.local_addr().ok();
-                let control_server = tonic::transport::Server::builder()
-                    .add_service(health_service.clone())
-                    .add_service(control)
-                    .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(control_listener),
-                        stopped(stop_rx.clone()),
-                    );
-                tracing::info!(addr = ?addr, control = ?control_addr, models = self.registry.slots().len(), "serving");
-                let main_server = tonic::transport::Server::builder()
-                    .add_service(health_service)
-                    .add_service(reflection)
-                    .add_service(inference)
-                    .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(listener),
-                        stopped(stop_rx),
-                    );
-                let (a, b) = tokio::join!(main_server, control_server);
-                a.and(b)
+        };
+        tokio::pin!(served);
+        let grace = self.config.shutdown_grace;
+        let grace_over = async {
+            stopped(stop_rx.clone()).await;
+            tokio::time::sleep(grace).await;
+        };
+        let mut cut = 0;
+        let result = tokio::select! {
+            r = &mut served => r,
+            () = grace_over => {
+                cut = self.engine.admitted();
+                tracing::warn!(still_running = cut, grace_secs = grace.as_secs_f64(), "shutdown: grace period over; ending the requests still running with UNAVAILABLE");
+                self.engine.cut_all();
+                // Generations stop at their next token; give their last messages a moment.
+                match tokio::time::timeout(std::time::Duration::from_secs(2), &mut served).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(()),
+                }
             }
         };
         watcher.abort();
-        served?;
-        tracing::info!("server stopped");
-        Ok(())
+        follower.abort();
+        result?;
+        let report = DrainReport {
+            in_flight_at_start: in_flight_at_start.load(std::sync::atomic::Ordering::Acquire),
+            cut,
+        };
+        if report.clean() {
+            tracing::info!(
+                drained = report.in_flight_at_start,
+                "shutdown: drain clean, every request in flight finished"
+            );
+        } else {
+            tracing::warn!(
+                drained = report.in_flight_at_start - cut.min(report.in_flight_at_start),
+                cut,
+                "shutdown: drain not clean"
+            );
+        }
+        Ok(report)
     }
 }
 

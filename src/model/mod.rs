@@ -147,13 +147,36 @@ pub struct ModelVersion {
     pub weight_bytes: u64,
     pub defaults: ModelDefaults,
     pub model: LoadedModel,
-    in_flight: AtomicU64,
     /// Set when a drain with the cancel policy gives up on this version's stragglers.
     cancelled: AtomicBool,
+    /// Its request counters, shared (without the weights) with the metrics.
+    stats: std::sync::Arc<VersionStats>,
+}
+
+/// A version's request counters. They live apart from the weights so that metrics can read
+/// them without holding the version (which would keep its weights alive).
+#[derive(Debug, Default)]
+pub struct VersionStats {
+    in_flight: AtomicU64,
     /// Requests this version finished, and those that failed for reasons of its own (not
     /// the caller's): what automatic rollback watches.
     requests_ok: AtomicU64,
     requests_failed: AtomicU64,
+}
+
+impl VersionStats {
+    /// Requests holding the version right now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// (finished, failed) requests so far.
+    pub fn outcomes(&self) -> (u64, u64) {
+        (
+            self.requests_ok.load(Ordering::Relaxed),
+            self.requests_failed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl ModelVersion {
@@ -185,32 +208,43 @@ impl ModelVersion {
     /// Counts a finished request.
     pub fn record(&self, ok: bool) {
         let c = if ok {
-            &self.requests_ok
+            &self.stats.requests_ok
         } else {
-            &self.requests_failed
+            &self.stats.requests_failed
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// (finished, failed) requests so far.
     pub fn outcomes(&self) -> (u64, u64) {
-        (
-            self.requests_ok.load(Ordering::Relaxed),
-            self.requests_failed.load(Ordering::Relaxed),
-        )
+        self.stats.outcomes()
     }
 
     /// Requests holding this version right now.
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Acquire)
+        self.stats.in_flight()
+    }
+
+    /// The counters, to read after the version is gone.
+    pub fn stats(&self) -> &std::sync::Arc<VersionStats> {
+        &self.stats
+    }
+
+    /// sha256 of its largest file (the weights): what operators compare with a registry.
+    pub fn weights_sha256(&self) -> &str {
+        self.files
+            .iter()
+            .max_by_key(|f| f.bytes)
+            .map(|f| f.sha256.as_str())
+            .unwrap_or("")
     }
 
     pub(crate) fn enter(&self) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.stats.in_flight.fetch_add(1, Ordering::AcqRel);
     }
 
     pub(crate) fn exit(&self) {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.stats.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Context length in tokens (prompt + completion for LLMs, input for embedders).
@@ -299,10 +333,8 @@ pub fn load_verified(
         weight_bytes,
         defaults: spec.defaults.clone(),
         model,
-        in_flight: AtomicU64::new(0),
         cancelled: AtomicBool::new(false),
-        requests_ok: AtomicU64::new(0),
-        requests_failed: AtomicU64::new(0),
+        stats: Default::default(),
     })
 }
 

@@ -52,6 +52,42 @@ pub struct Slot {
     suspended: std::sync::atomic::AtomicBool,
     /// Wakes requests waiting for a version.
     changed: tokio::sync::Notify,
+    /// Every version activated here that may still be alive (active, standby, draining), for
+    /// the metrics; entries whose version is gone are pruned when read.
+    tracked: Mutex<Vec<Tracked>>,
+    /// Bumped whenever what the slot serves changes (health follows it).
+    serving: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// A version as the metrics see it: a `Weak` (never upgraded there, so a scrape cannot keep
+/// weights alive) and copies of what the labels need.
+#[derive(Clone)]
+pub struct Tracked {
+    pub version: std::sync::Weak<ModelVersion>,
+    pub name: String,
+    pub generation: u64,
+    pub device: String,
+    pub weight_bytes: u64,
+    pub stats: Arc<crate::model::VersionStats>,
+}
+
+/// What a tracked version is to its slot right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Active,
+    Standby,
+    /// Replaced, still held by requests or a reload.
+    Retiring,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+            Role::Retiring => "retiring",
+        }
+    }
 }
 
 impl Slot {
@@ -72,9 +108,60 @@ impl Slot {
 
     /// Makes `version` active and returns the version it replaced; wakes waiting requests.
     pub fn activate(&self, version: Arc<ModelVersion>) -> Option<Arc<ModelVersion>> {
+        self.track(&version);
         let old = self.active.swap(Some(version));
         self.resume();
         old
+    }
+
+    fn track(&self, v: &Arc<ModelVersion>) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        tracked.retain(|t| t.version.strong_count() > 0);
+        let entry = Tracked {
+            version: Arc::downgrade(v),
+            name: v.version.clone(),
+            generation: v.generation(),
+            device: v.device.clone(),
+            weight_bytes: v.weight_bytes,
+            stats: v.stats().clone(),
+        };
+        match tracked
+            .iter_mut()
+            .find(|t| std::ptr::eq(t.version.as_ptr(), Arc::as_ptr(v)))
+        {
+            Some(t) => *t = entry,
+            None => tracked.push(entry),
+        }
+    }
+
+    /// The versions of this slot still alive, each with its role.
+    pub fn live_versions(&self) -> Vec<(Tracked, Role)> {
+        let active = self.active.load();
+        let standby = self.standby.load();
+        let is = |v: &Option<Arc<ModelVersion>>, t: &Tracked| {
+            v.as_ref()
+                .is_some_and(|v| std::ptr::eq(Arc::as_ptr(v), t.version.as_ptr()))
+        };
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        tracked.retain(|t| t.version.strong_count() > 0);
+        tracked
+            .iter()
+            .map(|t| {
+                let role = if is(&active, t) {
+                    Role::Active
+                } else if is(&standby, t) {
+                    Role::Standby
+                } else {
+                    Role::Retiring
+                };
+                (t.clone(), role)
+            })
+            .collect()
+    }
+
+    /// True while a version is active and the slot is not suspended.
+    pub fn is_serving(&self) -> bool {
+        self.active.load().is_some() && !self.suspended.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Takes the active version away; requests for the model wait (bounded by admission and
@@ -82,7 +169,9 @@ impl Slot {
     pub fn suspend(&self) -> Option<Arc<ModelVersion>> {
         self.suspended
             .store(true, std::sync::atomic::Ordering::Release);
-        self.active.swap(None)
+        let old = self.active.swap(None);
+        self.serving.send_modify(|n| *n += 1);
+        old
     }
 
     /// Ends a suspension (waiting requests then see whatever is active).
@@ -90,6 +179,7 @@ impl Slot {
         self.suspended
             .store(false, std::sync::atomic::Ordering::Release);
         self.changed.notify_waiters();
+        self.serving.send_modify(|n| *n += 1);
     }
 }
 
@@ -124,10 +214,20 @@ impl std::ops::Deref for Lease {
 }
 
 /// All served models, in manifest order.
-#[derive(Default)]
 pub struct Registry {
     // A read lock per request is uncontended: writers only add model names, which is rare.
     slots: RwLock<Vec<Arc<Slot>>>,
+    /// Bumped when a model is added or what a slot serves changes.
+    serving: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            slots: RwLock::default(),
+            serving: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 impl Registry {
@@ -145,9 +245,17 @@ impl Registry {
             reload_lock: Arc::new(tokio::sync::Mutex::new(())),
             suspended: std::sync::atomic::AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
+            tracked: Mutex::new(Vec::new()),
+            serving: self.serving.clone(),
         });
         slots.push(slot.clone());
+        self.serving.send_modify(|n| *n += 1);
         slot
+    }
+
+    /// Changes whenever a model is added or what a slot serves changes.
+    pub fn watch_serving(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.serving.subscribe()
     }
 
     /// The slot named `name`.

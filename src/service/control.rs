@@ -20,7 +20,7 @@ use crate::registry::reload::{
 #[derive(Clone)]
 pub struct AdminAuth {
     /// `None` with `required` means no token is configured: every call is refused.
-    pub token: Option<String>,
+    pub token: Option<crate::config::Secret>,
     pub required: bool,
 }
 
@@ -40,7 +40,7 @@ impl tonic::service::Interceptor for AdminAuth {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
             Ok(req)
         } else {
             Err(status(Error::Unauthenticated(
@@ -206,6 +206,29 @@ fn version_status(v: &ModelVersion) -> proto::VersionStatus {
     }
 }
 
+impl ControlService {
+    /// Counts a control call by whether it started (the reload's own result is counted by
+    /// `swapd_reload_total` when it ends).
+    fn record<T>(&self, model: &str, rpc: &'static str, r: &Result<T, Status>) {
+        let code = r
+            .as_ref()
+            .map(|_| tonic::Code::Ok)
+            .unwrap_or_else(|s| s.code());
+        let label = if self.reloader.registry.slot(model).is_ok() {
+            model
+        } else {
+            "_unknown"
+        };
+        self.reloader.metrics.request(label, rpc, code);
+        tracing::info!(
+            model = label,
+            rpc,
+            code = crate::metrics::code_name(code),
+            "control call"
+        );
+    }
+}
+
 #[tonic::async_trait]
 impl ModelControl for ControlService {
     type ReloadStream = EventStream;
@@ -245,7 +268,10 @@ impl ModelControl for ControlService {
             },
         };
         tracing::info!(model = %req.model, source = ?req.source, "reload requested");
-        self.reloader.reload(req).map(events).map_err(status)
+        let model = req.model.clone();
+        let r = self.reloader.reload(req).map(events).map_err(status);
+        self.record(&model, "Reload", &r);
+        r
     }
 
     async fn rollback(
@@ -260,10 +286,13 @@ impl ModelControl for ControlService {
             .drain_timeout_ms
             .map(|ms| Duration::from_millis(ms as u64));
         tracing::info!(model = %model, "rollback requested");
-        self.reloader
+        let r = self
+            .reloader
             .rollback(&model, timeout, policy, &actor)
             .map(events)
-            .map_err(status)
+            .map_err(status);
+        self.record(&model, "Rollback", &r);
+        r
     }
 
     async fn status(

@@ -10,6 +10,7 @@ use super::convert::{self, version_ref};
 use super::{deadline, status};
 use crate::engine::{self, Engine, GenEvent};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::model::ModelKind;
 use crate::proto;
 use crate::proto::inference_server::Inference;
@@ -24,14 +25,30 @@ pub struct InferenceService {
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Inference for InferenceService {
-    type GenerateStream = GenerateStream;
+impl InferenceService {
+    /// The model label for metrics: a configured model's name, never a caller's arbitrary
+    /// string (which would grow the label set without bound).
+    fn label(&self, model: &str) -> String {
+        if model.is_empty() || self.registry.slot(model).is_err() {
+            "_unknown".into()
+        } else {
+            model.to_string()
+        }
+    }
 
-    async fn generate(
+    /// Counts and logs a finished unary call.
+    fn done<T>(&self, model: &str, rpc: &'static str, started: Instant, r: &Result<T, Status>) {
+        let code = r
+            .as_ref()
+            .map(|_| tonic::Code::Ok)
+            .unwrap_or_else(|s| s.code());
+        finished(&self.engine.metrics, &self.label(model), rpc, code, started);
+    }
+
+    async fn generate_inner(
         &self,
         req: Request<proto::GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
+    ) -> Result<GenerateStream, Status> {
         let admitted_at = Instant::now();
         let deadline = deadline(&req);
         let req = engine::GenerateRequest::try_from(req.into_inner()).map_err(status)?;
@@ -67,10 +84,10 @@ impl Inference for InferenceService {
                 event: Some(event),
             })
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Box::pin(stream))
     }
 
-    async fn embed(
+    async fn embed_inner(
         &self,
         req: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
@@ -115,7 +132,7 @@ impl Inference for InferenceService {
         }))
     }
 
-    async fn tokenize(
+    async fn tokenize_inner(
         &self,
         req: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
@@ -138,6 +155,55 @@ impl Inference for InferenceService {
             ids: prepared.ids,
             text: prepared.text,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        req: Request<proto::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let started = Instant::now();
+        let model = self.label(&req.get_ref().model);
+        match self.generate_inner(req).await {
+            Ok(stream) => Ok(Response::new(Box::pin(Recorded {
+                inner: stream,
+                metrics: self.engine.metrics.clone(),
+                model,
+                started,
+                code: None,
+                span: tracing::Span::current(),
+            }))),
+            Err(s) => {
+                finished(&self.engine.metrics, &model, "Generate", s.code(), started);
+                Err(s)
+            }
+        }
+    }
+
+    async fn embed(
+        &self,
+        req: Request<proto::EmbedRequest>,
+    ) -> Result<Response<proto::EmbedResponse>, Status> {
+        let started = Instant::now();
+        let model = req.get_ref().model.clone();
+        let r = self.embed_inner(req).await;
+        self.done(&model, "Embed", started, &r);
+        r
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<proto::TokenizeRequest>,
+    ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        let started = Instant::now();
+        let model = req.get_ref().model.clone();
+        let r = self.tokenize_inner(req).await;
+        self.done(&model, "Tokenize", started, &r);
+        r
     }
 
     async fn list_models(
@@ -162,5 +228,62 @@ impl Inference for InferenceService {
         let slot = self.registry.slot(&name).map_err(status)?;
         let v = slot.active().ok_or_else(|| status(Error::NotReady(name)))?;
         Ok(Response::new(convert::model_info(&v)))
+    }
+}
+
+/// Counts a finished request and logs it (inside the request's span, which names its id).
+fn finished(
+    metrics: &Metrics,
+    model: &str,
+    rpc: &'static str,
+    code: tonic::Code,
+    started: Instant,
+) {
+    metrics.request(model, rpc, code);
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let code = crate::metrics::code_name(code);
+    tracing::info!(model, rpc, code, ms, "request finished");
+}
+
+/// A generation stream that counts and logs itself when it ends: OK after its `Finished`
+/// event, the error's code after an error, CANCELLED when the client left before either.
+struct Recorded {
+    inner: GenerateStream,
+    metrics: Arc<Metrics>,
+    model: String,
+    started: Instant,
+    code: Option<tonic::Code>,
+    /// The request's span: the stream ends outside the handler, on the connection's task.
+    span: tracing::Span,
+}
+
+impl Stream for Recorded {
+    type Item = Result<proto::GenerateResponse, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let item = this.inner.as_mut().poll_next(cx);
+        if let std::task::Poll::Ready(Some(r)) = &item {
+            match r {
+                Ok(resp) => {
+                    if let Some(proto::generate_response::Event::Finished(_)) = &resp.event {
+                        this.code = Some(tonic::Code::Ok);
+                    }
+                }
+                Err(s) => this.code = Some(s.code()),
+            }
+        }
+        item
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        let _in_request = self.span.enter();
+        finished(&self.metrics, &self.model, "Generate", code, self.started);
     }
 }

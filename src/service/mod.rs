@@ -4,6 +4,7 @@ pub mod codec;
 pub mod control;
 pub mod convert;
 pub mod inference;
+pub mod request_id;
 
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ pub fn status(e: Error) -> Status {
         Error::Overloaded(_) => Code::ResourceExhausted,
         Error::NotReady(_) => Code::Unavailable,
         Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-        Error::Drained { .. } => Code::Unavailable,
+        Error::Drained { .. } | Error::ShuttingDown => Code::Unavailable,
         Error::ReloadBusy(_) => Code::Aborted,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::OutOfMemory(_) => Code::ResourceExhausted,

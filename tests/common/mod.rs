@@ -45,6 +45,9 @@ pub fn real_config() -> Config {
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Where its `/metrics` endpoint listens.
+    pub metrics_addr: SocketAddr,
+    pub health: Arc<swapd::health::Health>,
     pub registry: Arc<Registry>,
     pub engine: swapd::engine::Engine,
     shutdown: Option<oneshot::Sender<()>>,
@@ -58,6 +61,14 @@ impl TestServer {
         let (tx, rx) = oneshot::channel();
         let registry = server.registry.clone();
         let engine = server.engine.clone();
+        let health = server.health.clone();
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics_listener.local_addr().unwrap();
+        tokio::spawn(swapd::metrics::serve(
+            metrics_listener,
+            server.metrics_endpoint(),
+            std::future::pending(),
+        ));
         tokio::spawn(async move {
             server
                 .serve(listener, async {
@@ -68,6 +79,8 @@ impl TestServer {
         });
         Self {
             addr,
+            metrics_addr,
+            health,
             registry,
             engine,
             shutdown: Some(tx),
@@ -319,4 +332,34 @@ pub fn point_manifest_at(
         );
     assert_ne!(after, before, "the manifest did not change");
     std::fs::write(&manifest, after).unwrap();
+}
+
+/// One scrape of a `/metrics` endpoint, over plain HTTP/1.0, parsed.
+pub async fn scrape(addr: SocketAddr) -> Vec<swapd::metrics::Sample> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: swapd\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    let (head, text) = body.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    assert!(text.ends_with("# EOF\n"), "not OpenMetrics text: {text}");
+    swapd::metrics::parse(text)
+}
+
+/// The value of the one sample named `name` with these labels (others ignored).
+pub fn value(
+    samples: &[swapd::metrics::Sample],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
 }

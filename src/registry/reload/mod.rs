@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use self::admission::Admission;
 use self::run::Run;
@@ -47,6 +48,9 @@ pub struct Reloader {
     pub memory_policy: MemoryPolicy,
     /// `None`: no automatic rollback.
     pub auto_rollback: Option<AutoRollback>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set when shutdown begins: no new reloads, and one in progress stops before its swap.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A version's file digests by name.
@@ -114,6 +118,9 @@ impl Reloader {
     /// need no work (unknown model, a reload already running, a stale generation) are errors
     /// here; everything else is reported through the events.
     pub fn reload(&self, req: ReloadRequest) -> Result<mpsc::UnboundedReceiver<ReloadEvent>> {
+        if self.is_stopping() {
+            return Err(Error::ShuttingDown);
+        }
         let slot = self.registry.slot(&req.model)?;
         let guard = slot.reload_lock.clone().try_lock_owned().map_err(|_| {
             let st = slot.state();
@@ -151,11 +158,36 @@ impl Reloader {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let this = self.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            this.run_reload(slot, req, tx).await;
-        });
+        let span = tracing::info_span!(
+            "reload",
+            model = %req.model,
+            action = if req.rollback { "rollback" } else { "reload" },
+            actor = %req.actor,
+        );
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                this.run_reload(slot, req, tx).await;
+            }
+            .instrument(span),
+        );
         Ok(rx)
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Shutdown begins: refuse new reloads and stop running ones before their swap.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        for slot in self.registry.slots() {
+            if let Some((phase, _)) = slot.state().reloading {
+                tracing::warn!(model = %slot.spec.name, phase = ?phase, "shutting down during a reload: it stops before its swap and the committed version stays committed");
+            }
+        }
     }
 
     fn new_run(
@@ -173,6 +205,7 @@ impl Reloader {
             phase_started: Instant::now(),
             phase: Phase::Resolve,
             store: self.store.clone(),
+            metrics: self.metrics.clone(),
             action,
             actor: req.actor.clone(),
             source,
@@ -317,6 +350,13 @@ impl Reloader {
         new: Arc<ModelVersion>,
         req: &ReloadRequest,
     ) {
+        if self.is_stopping() {
+            run.fail(
+                "the server is shutting down: reload abandoned before the swap; the serving version stays committed",
+                None,
+            );
+            return;
+        }
         let old = self.swap_phase(run, slot, new);
         run.outcome.previous = old.as_deref().map(VersionName::of);
         let Some(old) = old else {
@@ -474,6 +514,7 @@ impl Reloader {
             },
         );
         ev.bytes_released = released;
+        run.outcome.bytes_released = released;
         run.done(ev);
     }
 }

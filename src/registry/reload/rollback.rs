@@ -23,6 +23,9 @@ impl Reloader {
         drain_policy: DrainPolicy,
         actor: &str,
     ) -> Result<mpsc::UnboundedReceiver<ReloadEvent>> {
+        if self.is_stopping() {
+            return Err(Error::ShuttingDown);
+        }
         let slot = self.registry.slot(model)?;
         if let Some(standby) = slot.standby() {
             let guard = slot.reload_lock.clone().try_lock_owned().map_err(|_| {

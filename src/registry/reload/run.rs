@@ -18,6 +18,7 @@ pub(super) struct Run {
     pub(super) phase_started: Instant,
     pub(super) phase: Phase,
     pub(super) store: Option<Arc<StateStore>>,
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
     /// For the audit record: what was asked, by whom, for which files.
     pub(super) action: &'static str,
     pub(super) actor: String,
@@ -85,6 +86,8 @@ impl Run {
             *entry = (entry.0 + 1, Instant::now());
         }
         drop(st);
+        self.metrics
+            .reload_done(&self.slot.spec.name, self.action, &self.outcome);
         if let Some(store) = &self.store {
             let o = &self.outcome;
             let record = AuditRecord {

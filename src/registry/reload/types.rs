@@ -104,6 +104,8 @@ pub struct ReloadOutcome {
     pub failed_phase: Option<Phase>,
     pub previous_freed: bool,
     pub cancelled_requests: u64,
+    /// What the free phase saw come back (process RSS on the CPU).
+    pub bytes_released: i64,
 }
 
 /// A reload's stream of events: phases, then one `Done`.

@@ -1,0 +1,474 @@
+//! Prometheus metrics, served as text on their own HTTP address (`--metrics-listen`).
+//!
+//! Counters and histograms are recorded where things happen (the engine, the services, the
+//! reload); gauges that describe state (active versions, in-flight requests per version,
+//! memory per version, queue depth) are read from the registry and the engine at each scrape,
+//! so they can never drift from what the server really holds.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry as PromRegistry;
+
+use crate::engine::Engine;
+use crate::registry::reload::{Phase, ReloadOutcome};
+use crate::registry::Registry;
+
+/// Label pairs; a `Vec` keeps the families generic and the call sites readable.
+pub type Labels = Vec<(&'static str, String)>;
+type Hist = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+fn phase_histogram() -> Histogram {
+    // 1 ms .. ~9 min: a drain may wait out long streams.
+    Histogram::new(exponential_buckets(0.001, 2.5, 15))
+}
+
+/// Every metric swapd exports. One per server (tests run several servers in one process).
+pub struct Metrics {
+    registry: PromRegistry,
+    reloads: Family<Labels, Counter>,
+    reload_phase: Hist,
+    preflight_failures: Family<Labels, Counter>,
+    memory_reclaimed: Family<Labels, Counter>,
+    requests: Family<Labels, Counter>,
+    ttft: Hist,
+    inter_token: Hist,
+    generated_tokens: Family<Labels, Counter>,
+    prompt_tokens: Family<Labels, Counter>,
+    rejected: Counter,
+    // Read at scrape time.
+    active_info: Family<Labels, Gauge>,
+    in_flight: Family<Labels, Gauge>,
+    model_memory: Family<Labels, Gauge>,
+    reloading: Family<Labels, Gauge>,
+    running: Gauge,
+    queued: Gauge,
+    resident: Gauge,
+    scrape: std::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = PromRegistry::with_prefix("swapd");
+        let m = Self {
+            reloads: Family::default(),
+            reload_phase: Family::new_with_constructor(phase_histogram),
+            preflight_failures: Family::default(),
+            memory_reclaimed: Family::default(),
+            requests: Family::default(),
+            ttft: Family::new_with_constructor(latency_histogram),
+            inter_token: Family::new_with_constructor(latency_histogram),
+            generated_tokens: Family::default(),
+            prompt_tokens: Family::default(),
+            rejected: Counter::default(),
+            active_info: Family::default(),
+            in_flight: Family::default(),
+            model_memory: Family::default(),
+            reloading: Family::default(),
+            running: Gauge::default(),
+            queued: Gauge::default(),
+            resident: Gauge::default(),
+            scrape: std::sync::Mutex::new(()),
+            registry: PromRegistry::default(),
+        };
+        // Counters get `_total` appended by the encoder.
+        r.register(
+            "reload",
+            "Reloads and rollbacks by model, action (reload, rollback, auto_rollback) and result (committed, failed)",
+            m.reloads.clone(),
+        );
+        r.register(
+            "reload_phase_seconds",
+            "Duration of each reload phase (resolve, verify, admit, load, preflight, swap, drain, free)",
+            m.reload_phase.clone(),
+        );
+        r.register(
+            "preflight_failures",
+            "Reloads refused by a pre-flight check, by check",
+            m.preflight_failures.clone(),
+        );
+        r.register(
+            "memory_reclaimed_bytes",
+            "Bytes that came back when a replaced version was freed (process RSS on the CPU)",
+            m.memory_reclaimed.clone(),
+        );
+        r.register(
+            "requests",
+            "Finished requests by model, RPC and gRPC status code",
+            m.requests.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "From admission to the first generated token",
+            m.ttft.clone(),
+        );
+        r.register(
+            "inter_token_seconds",
+            "Time between consecutive generated tokens of one stream",
+            m.inter_token.clone(),
+        );
+        r.register(
+            "generated_tokens",
+            "Tokens generated",
+            m.generated_tokens.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "admission_rejected",
+            "Requests refused because the running and queued limits were full",
+            m.rejected.clone(),
+        );
+        r.register(
+            "active_model_info",
+            "The active version of each model (value 1)",
+            m.active_info.clone(),
+        );
+        r.register(
+            "inflight_requests",
+            "Requests holding each live version (active, standby or retiring)",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "model_memory_bytes",
+            "Weight bytes held by each live version",
+            m.model_memory.clone(),
+        );
+        r.register(
+            "reload_in_progress",
+            "1 while a reload or rollback of the model runs",
+            m.reloading.clone(),
+        );
+        r.register(
+            "running_requests",
+            "Requests holding a running slot",
+            m.running.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Requests admitted and waiting for a running slot",
+            m.queued.clone(),
+        );
+        r.register(
+            "resident_memory_bytes",
+            "Resident set size of the process",
+            m.resident.clone(),
+        );
+        Self { registry: r, ..m }
+    }
+
+    /// A finished request: `code` is the gRPC code name (`OK`, `INVALID_ARGUMENT`, ...).
+    pub fn request(&self, model: &str, rpc: &'static str, code: tonic::Code) {
+        self.requests
+            .get_or_create(&vec![
+                ("model", model.to_string()),
+                ("rpc", rpc.to_string()),
+                ("code", code_name(code).to_string()),
+            ])
+            .inc();
+    }
+
+    pub fn rejected(&self) {
+        self.rejected.inc();
+    }
+
+    pub fn first_token(&self, model: &str, after: Duration, prompt_tokens: usize) {
+        let l = vec![("model", model.to_string())];
+        self.ttft.get_or_create(&l).observe(after.as_secs_f64());
+        self.prompt_tokens
+            .get_or_create(&l)
+            .inc_by(prompt_tokens as u64);
+    }
+
+    pub fn token(&self, model: &str, since_previous: Option<Duration>) {
+        let l = vec![("model", model.to_string())];
+        self.generated_tokens.get_or_create(&l).inc();
+        if let Some(d) = since_previous {
+            self.inter_token.get_or_create(&l).observe(d.as_secs_f64());
+        }
+    }
+
+    /// A reload or rollback ended: one count, one phase sample per phase it went through.
+    pub fn reload_done(&self, model: &str, action: &str, o: &ReloadOutcome) {
+        let result = if o.committed { "committed" } else { "failed" };
+        self.reloads
+            .get_or_create(&vec![
+                ("model", model.to_string()),
+                ("action", action.to_string()),
+                ("result", result.to_string()),
+            ])
+            .inc();
+        for (phase, d) in &o.timings {
+            self.reload_phase
+                .get_or_create(&vec![
+                    ("model", model.to_string()),
+                    ("phase", phase_name(*phase).to_string()),
+                ])
+                .observe(d.as_secs_f64());
+        }
+        if let Some(check) = &o.failed_check {
+            self.preflight_failures
+                .get_or_create(&vec![
+                    ("model", model.to_string()),
+                    ("check", check.clone()),
+                ])
+                .inc();
+        }
+        if o.bytes_released > 0 {
+            self.memory_reclaimed
+                .get_or_create(&vec![("model", model.to_string())])
+                .inc_by(o.bytes_released as u64);
+        }
+    }
+
+    /// Reads the state gauges and renders every metric in the OpenMetrics text format.
+    pub fn render(&self, registry: &Registry, engine: &Engine) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        self.active_info.clear();
+        self.in_flight.clear();
+        self.model_memory.clear();
+        self.reloading.clear();
+        for slot in registry.slots() {
+            let model = slot.spec.name.clone();
+            if let Some(v) = slot.active() {
+                self.active_info
+                    .get_or_create(&vec![
+                        ("model", model.clone()),
+                        ("version", v.version.clone()),
+                        ("generation", v.generation().to_string()),
+                        ("sha256", v.weights_sha256().to_string()),
+                        ("device", v.device.clone()),
+                    ])
+                    .set(1);
+            }
+            for (t, role) in slot.live_versions() {
+                let labels = vec![
+                    ("model", model.clone()),
+                    ("version", t.name.clone()),
+                    ("role", role.as_str().to_string()),
+                ];
+                self.in_flight
+                    .get_or_create(&labels)
+                    .set(t.stats.in_flight() as i64);
+                let mut mem = labels;
+                mem.push(("device", t.device.clone()));
+                self.model_memory
+                    .get_or_create(&mem)
+                    .set(t.weight_bytes as i64);
+            }
+            let reloading = slot.state().reloading.is_some();
+            self.reloading
+                .get_or_create(&vec![("model", model)])
+                .set(reloading as i64);
+        }
+        let (running, queued) = engine.load();
+        self.running.set(running as i64);
+        self.queued.set(queued as i64);
+        self.resident.set(crate::memory::rss_bytes() as i64);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// gRPC's upper-case code names, as dashboards expect them.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+pub fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Resolve => "resolve",
+        Phase::Verify => "verify",
+        Phase::Admit => "admit",
+        Phase::Load => "load",
+        Phase::Preflight => "preflight",
+        Phase::Swap => "swap",
+        Phase::Drain => "drain",
+        Phase::Free => "free",
+    }
+}
+
+/// What the `/metrics` endpoint reads.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
+    pub engine: Engine,
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    endpoint: Endpoint,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::routing::get;
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let e = endpoint.clone();
+            async move {
+                let body =
+                    tokio::task::spawn_blocking(move || e.metrics.render(&e.registry, &e.engine))
+                        .await
+                        .unwrap_or_default();
+                (
+                    [(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    );
+    tracing::info!(addr = ?addr, "metrics endpoint listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// One sample of a scrape, parsed (for tests and tools).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses the text exposition format's samples (comments skipped). Label values may not
+/// hold `"` or `,` here; swapd's never do.
+pub fn parse(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|line| {
+            let (head, value) = line.rsplit_once(' ')?;
+            let value = value.parse().ok()?;
+            let (name, labels) = match head.split_once('{') {
+                Some((n, rest)) => {
+                    let body = rest.strip_suffix('}')?;
+                    let labels = body
+                        .split(',')
+                        .filter(|kv| !kv.is_empty())
+                        .filter_map(|kv| {
+                            let (k, v) = kv.split_once('=')?;
+                            Some((k.to_string(), v.trim_matches('"').to_string()))
+                        })
+                        .collect();
+                    (n.to_string(), labels)
+                }
+                None => (head.to_string(), Vec::new()),
+            };
+            Some(Sample {
+                name,
+                labels,
+                value,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_histograms_render_under_the_documented_names() {
+        let m = Metrics::new();
+        m.request("m", "Generate", tonic::Code::Ok);
+        m.token("m", Some(Duration::from_millis(10)));
+        let o = ReloadOutcome {
+            committed: true,
+            timings: vec![
+                (Phase::Resolve, Duration::from_millis(1)),
+                (Phase::Swap, Duration::ZERO),
+            ],
+            bytes_released: 1000,
+            ..Default::default()
+        };
+        m.reload_done("m", "reload", &o);
+        let r = Registry::default();
+        let e = Engine::new(Default::default(), Arc::new(Metrics::new()));
+        let text = m.render(&r, &e);
+        let s = parse(&text);
+        let one = |name: &str| s.iter().find(|x| x.name == name).map(|x| x.value);
+        assert_eq!(one("swapd_requests_total"), Some(1.0));
+        assert_eq!(one("swapd_reload_total"), Some(1.0));
+        assert_eq!(one("swapd_memory_reclaimed_bytes_total"), Some(1000.0));
+        assert_eq!(one("swapd_generated_tokens_total"), Some(1.0));
+        assert_eq!(one("swapd_inter_token_seconds_count"), Some(1.0));
+        let phases: Vec<_> = s
+            .iter()
+            .filter(|x| x.name == "swapd_reload_phase_seconds_count")
+            .map(|x| x.label("phase").unwrap().to_string())
+            .collect();
+        assert_eq!(phases.len(), 2, "{phases:?}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn parse_reads_labels_and_values() {
+        let s = parse("# HELP x y\nx_total{a=\"1\",b=\"two\"} 3\ny 4.5\n# EOF\n");
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].label("b"), Some("two"));
+        assert_eq!(s[0].value, 3.0);
+        assert_eq!(s[1].name, "y");
+    }
+}
