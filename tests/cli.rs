@@ -453,3 +453,75 @@ fn the_control_service_can_listen_on_its_own_address() {
     assert!(client(&s.url, &["models"]).status.success());
     assert!(!client(&control_url, &["models"]).status.success());
 }
+
+#[test]
+fn config_check_validates_without_starting_and_names_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_config(dir.path());
+    let cfg = dir.path().join("swapd.toml");
+    std::fs::write(
+        &cfg,
+        "models_root = \".\"\nlisten = \"127.0.0.1:7\"\nmetrics_listen = \"127.0.0.1:9464\"\nshutdown_grace_secs = 10\n",
+    )
+    .unwrap();
+    let check = |envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["config", "check"]).arg(&cfg);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = check(&[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(
+        o.contains("ok")
+            && o.contains("tiny-llm, tiny-bert")
+            && o.contains("http://127.0.0.1:9464/metrics"),
+        "{o}"
+    );
+
+    // Several problems in the file: each named with the file and its key.
+    std::fs::write(
+        &cfg,
+        "models_root = \".\"\nlisten = \"nowhere\"\nmax_concurrent = 0\nshutdown_grace_secs = -1\nlog_level = \"info,=[\"\n",
+    )
+    .unwrap();
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    for key in [
+        "listen",
+        "max_concurrent",
+        "shutdown_grace_secs",
+        "log_level",
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains("swapd.toml") && l.contains(&format!(": {key}: "))),
+            "{key} not named with the file:\n{err}"
+        );
+    }
+    assert!(err.contains("4 problem(s)"), "{err}");
+
+    // The environment overrides the file, and its errors name the variable.
+    std::fs::write(&cfg, "models_root = \".\"\n").unwrap();
+    let out = check(&[("SWAPD_DEVICE", "tpu")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("SWAPD_DEVICE"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A manifest error names the manifest.
+    std::fs::write(dir.path().join("models.toml"), "[[model]]\nname = 3\n").unwrap();
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("models.toml"),
+        "{}",
+        text(&out.stderr)
+    );
+}
