@@ -66,7 +66,9 @@ impl From<String> for Secret {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -169,7 +171,7 @@ pub struct ServeArgs {
 }
 
 /// The keys a config file may hold (same names as the flags).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
@@ -592,5 +594,15 @@ mod tests {
             Some(Limits::default().max_concurrent)
         );
         assert_eq!(parsed.reload_failure_limit, Some(3));
+        assert_eq!(parsed.shutdown_grace_secs, Some(30.0));
+        // Every key the file may hold is documented there (set, or commented out).
+        let keys = serde_json::to_value(FileConfig::default()).unwrap();
+        for key in keys.as_object().unwrap().keys() {
+            assert!(
+                body.lines()
+                    .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} = "))),
+                "`{key}` is missing from the README's example config"
+            );
+        }
     }
 }

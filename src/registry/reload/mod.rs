@@ -514,7 +514,11 @@ impl Reloader {
             },
         );
         ev.bytes_released = released;
-        run.outcome.bytes_released = released;
+        // Only a version that really went away gave memory back; an RSS delta while it is
+        // still referenced is noise.
+        if freed {
+            run.outcome.bytes_released = released;
+        }
         run.done(ev);
     }
 }

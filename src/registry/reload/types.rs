@@ -138,7 +138,17 @@ pub struct ReloadRequest {
 }
 
 /// What a reload does when the new version does not fit beside the serving one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum MemoryPolicy {
     /// Refuse the reload (RESOURCE_EXHAUSTED).
