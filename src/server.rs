@@ -325,7 +325,7 @@ async fn load_committed_or_manifest(
         let mut last = spec.clone();
         last.source = c.source.clone();
         last.sha256 = c.sha256.clone();
-        match model::load(&last, resolver, device, c.generation).await {
+        match load_checked(&last, resolver, device, c.generation).await {
             Ok(v) => {
                 tracing::info!(model = %spec.name, version = %v.version, generation = c.generation, "serving the last committed version");
                 return Ok(v);
@@ -337,5 +337,33 @@ async fn load_committed_or_manifest(
             ),
         }
     }
-    model::load(spec, resolver, device, 1).await
+    load_checked(spec, resolver, device, 1).await
+}
+
+/// Loads a version and runs its pre-flight checks (no serving version to compare with), so a
+/// model is only ever served, and reported SERVING, once it passed them.
+async fn load_checked(
+    spec: &ModelSpec,
+    resolver: &Resolver,
+    device: &Device,
+    generation: u64,
+) -> Result<Arc<ModelVersion>, ModelError> {
+    let v = model::load(spec, resolver, device, generation).await?;
+    let (v2, checks) = (v.clone(), spec.preflight.clone());
+    let results =
+        tokio::task::spawn_blocking(move || model::preflight::run(&v2, None, &checks, &mut |_| {}))
+            .await
+            .map_err(|e| ModelError::Inference {
+                model: spec.name.clone(),
+                reason: format!("pre-flight thread: {e}"),
+            })?;
+    if let Some(bad) = results.into_iter().find(|c| !c.passed) {
+        return Err(ModelError::Preflight {
+            model: spec.name.clone(),
+            check: bad.name,
+            detail: bad.detail,
+        });
+    }
+    tracing::info!(model = %spec.name, version = %v.version, "pre-flight checks passed");
+    Ok(v)
 }

@@ -146,3 +146,23 @@ async fn a_model_path_outside_the_root_is_refused() {
     let e = start_err(config).await;
     assert!(e.contains("outside the models root"), "{e}");
 }
+
+#[tokio::test]
+async fn a_model_that_fails_its_preflight_checks_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config(dir.path());
+    // Random weights cannot know this.
+    config.manifest.models[0]
+        .preflight
+        .golden
+        .push(swapd::manifest::Golden {
+            prompt: "The capital of France is".into(),
+            contains: Some("Paris".into()),
+            token_prefix: Vec::new(),
+        });
+    let e = start_err(config).await;
+    assert!(
+        e.contains("tiny-llm") && e.contains("pre-flight check `golden` failed"),
+        "{e}"
+    );
+}

@@ -74,6 +74,12 @@ pub enum ModelError {
     ChatTemplate { model: String, reason: String },
     #[error("model `{model}`: inference failed: {reason}")]
     Inference { model: String, reason: String },
+    #[error("model `{model}`: pre-flight check `{check}` failed: {detail}")]
+    Preflight {
+        model: String,
+        check: String,
+        detail: String,
+    },
 }
 
 impl ModelError {
