@@ -207,8 +207,8 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
         .context("Status")?
         .into_inner();
     println!(
-        "{:<24} {:<17} {:>4} {:>9} {:<17} {:<10} LAST RELOAD",
-        "MODEL", "ACTIVE", "GEN", "IN-FLIGHT", "STANDBY/PREVIOUS", "RELOADING"
+        "{:<24} {:<17} {:>4} {:>9} {:>15} {:<17} {:<10} LAST RELOAD",
+        "MODEL", "ACTIVE", "GEN", "IN-FLIGHT", "OK/FAILED", "STANDBY/PREVIOUS", "RELOADING"
     );
     for m in st.models {
         let active = m.active.clone().unwrap_or_default();
@@ -231,9 +231,10 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
             Some(r) => format!("failed: {}", r.error),
             None => "-".into(),
         };
+        let outcomes = format!("{}/{}", active.requests_ok, active.requests_failed);
         println!(
-            "{:<24} {:<17} {:>4} {:>9} {:<17} {:<10} {}",
-            m.name, av.version, av.generation, active.in_flight, prev, reloading, last
+            "{:<24} {:<17} {:>4} {:>9} {:>15} {:<17} {:<10} {}",
+            m.name, av.version, av.generation, active.in_flight, outcomes, prev, reloading, last
         );
     }
     Ok(ExitCode::SUCCESS)

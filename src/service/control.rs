@@ -195,6 +195,7 @@ fn drain_policy(p: i32) -> Result<DrainPolicy, Error> {
 
 fn version_status(v: &ModelVersion) -> proto::VersionStatus {
     let info = convert::model_info(v);
+    let (requests_ok, requests_failed) = v.outcomes();
     proto::VersionStatus {
         version: info.version,
         source: info.source,
@@ -203,6 +204,8 @@ fn version_status(v: &ModelVersion) -> proto::VersionStatus {
         weight_bytes: info.weight_bytes,
         loaded_at_unix_ms: info.loaded_at_unix_ms,
         in_flight: v.in_flight(),
+        requests_ok,
+        requests_failed,
     }
 }
 
