@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
 use super::client::{channel, Conn};
@@ -24,15 +24,22 @@ pub struct ReloadArgs {
     #[command(flatten)]
     pub admin: AdminConn,
     pub model: String,
+    /// Refuse unless this generation is serving (compare-and-swap).
+    #[arg(long)]
+    pub expected_generation: Option<u64>,
+    #[command(flatten)]
+    pub options: ReloadOptions,
+}
+
+/// What to load and how to swap it in: shared by `reload` and `fleet-reload`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReloadOptions {
     /// New source (path inside the models root or hf://…) [default: the current one].
     #[arg(long)]
     pub source: Option<String>,
     /// Expected digest of a file, as NAME=HEX (repeatable) [default: the manifest's].
     #[arg(long, value_parser = parse_pin)]
     pub sha256: Vec<(String, String)>,
-    /// Refuse unless this generation is serving (compare-and-swap).
-    #[arg(long)]
-    pub expected_generation: Option<u64>,
     /// How long requests on the old version get to finish [default: 30000].
     #[arg(long)]
     pub drain_timeout_ms: Option<u32>,
@@ -48,6 +55,31 @@ pub struct ReloadArgs {
     /// When two versions do not fit: drain and free the old one first, then load the new.
     #[arg(long)]
     pub resource_preserving: bool,
+}
+
+impl ReloadOptions {
+    /// The Reload request these options ask for.
+    pub(crate) fn request(
+        &self,
+        model: &str,
+        expected_generation: Option<u64>,
+    ) -> Result<proto::ReloadRequest> {
+        Ok(proto::ReloadRequest {
+            model: model.to_string(),
+            source: self.source.clone().unwrap_or_default(),
+            sha256: self.sha256.iter().cloned().collect(),
+            expected_generation,
+            drain_timeout_ms: self.drain_timeout_ms,
+            drain_policy: drain_policy(&self.drain_policy)?,
+            keep_previous: self.keep_previous,
+            force: self.force,
+            memory_policy: if self.resource_preserving {
+                proto::MemoryPolicy::ResourcePreserving as i32
+            } else {
+                proto::MemoryPolicy::Default as i32
+            },
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,34 +103,70 @@ fn parse_pin(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}`: expected NAME=HEX"))
 }
 
-/// Adds the bearer token to each call.
-type AddToken =
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
-type Ctl = ModelControlClient<tonic::service::interceptor::InterceptedService<Channel, AddToken>>;
-
-async fn client(a: &AdminConn) -> Result<Ctl> {
-    let ch = channel(&a.conn).await?;
-    let auth: Option<MetadataValue<_>> = match &a.token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .context("the token is not a valid header value")?,
-        ),
-        None => None,
-    };
-    let f: AddToken = Box::new(move |mut req| {
-        if let Some(v) = &auth {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    });
-    Ok(ModelControlClient::with_interceptor(ch, f))
+/// Adds the bearer token (and, when set, the `x-swapd-actor` the audit log records) to each
+/// call.
+#[derive(Clone)]
+pub(crate) struct AddToken {
+    auth: Option<MetadataValue<Ascii>>,
+    actor: Option<MetadataValue<Ascii>>,
 }
 
-fn phase_name(p: i32) -> String {
+impl tonic::service::Interceptor for AddToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.auth {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        if let Some(v) = &self.actor {
+            req.metadata_mut().insert("x-swapd-actor", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub(crate) type Ctl =
+    ModelControlClient<tonic::service::interceptor::InterceptedService<Channel, AddToken>>;
+
+/// A control client on `ch` that sends `token` (and `actor`) with every call.
+pub(crate) fn control_client(ch: Channel, token: Option<&str>, actor: Option<&str>) -> Result<Ctl> {
+    let auth = token
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .context("the token is not a valid header value")?;
+    let actor = actor
+        .map(|a| a.parse())
+        .transpose()
+        .context("the actor is not a valid header value")?;
+    Ok(ModelControlClient::with_interceptor(
+        ch,
+        AddToken { auth, actor },
+    ))
+}
+
+async fn client(a: &AdminConn) -> Result<Ctl> {
+    control_client(channel(&a.conn).await?, a.token.as_deref(), None)
+}
+
+pub(crate) fn phase_name(p: i32) -> String {
     proto::Phase::try_from(p)
         .map(|p| format!("{p:?}").to_lowercase())
         .unwrap_or_else(|_| "?".into())
+}
+
+/// One phase event as the operator reads it: state, phase, elapsed time, detail.
+pub(crate) fn phase_line(p: &proto::PhaseEvent) -> String {
+    let state = match p.state() {
+        proto::PhaseState::Started => "…",
+        proto::PhaseState::Progress => "·",
+        proto::PhaseState::Done => "✓",
+        proto::PhaseState::Failed => "✗",
+        proto::PhaseState::Unspecified => "?",
+    };
+    format!(
+        "{state} {:<10} {:>8.1} ms  {}",
+        phase_name(p.phase),
+        p.elapsed_ms,
+        p.detail
+    )
 }
 
 /// Prints the phases as they happen; returns the result.
@@ -112,21 +180,7 @@ async fn follow(mut stream: tonic::Streaming<proto::ReloadEvent>) -> Result<Exit
             Err(e) => return Err(e).context("reload stream"),
         };
         match ev.event {
-            Some(Event::Phase(p)) => {
-                let state = match p.state() {
-                    proto::PhaseState::Started => "…",
-                    proto::PhaseState::Progress => "·",
-                    proto::PhaseState::Done => "✓",
-                    proto::PhaseState::Failed => "✗",
-                    proto::PhaseState::Unspecified => "?",
-                };
-                println!(
-                    "{state} {:<10} {:>8.1} ms  {}",
-                    phase_name(p.phase),
-                    p.elapsed_ms,
-                    p.detail
-                );
-            }
+            Some(Event::Phase(p)) => println!("{}", phase_line(&p)),
             Some(Event::Result(r)) => result = Some(r),
             None => {}
         }
@@ -160,7 +214,7 @@ async fn follow(mut stream: tonic::Streaming<proto::ReloadEvent>) -> Result<Exit
     }
 }
 
-fn drain_policy(s: &str) -> Result<i32> {
+pub(crate) fn drain_policy(s: &str) -> Result<i32> {
     match s {
         "wait" => Ok(proto::DrainPolicy::Wait as i32),
         "cancel" => Ok(proto::DrainPolicy::Cancel as i32),
@@ -170,21 +224,7 @@ fn drain_policy(s: &str) -> Result<i32> {
 
 pub async fn reload(a: ReloadArgs) -> Result<ExitCode> {
     let mut ctl = client(&a.admin).await?;
-    let req = proto::ReloadRequest {
-        model: a.model,
-        source: a.source.unwrap_or_default(),
-        sha256: a.sha256.into_iter().collect(),
-        expected_generation: a.expected_generation,
-        drain_timeout_ms: a.drain_timeout_ms,
-        drain_policy: drain_policy(&a.drain_policy)?,
-        keep_previous: a.keep_previous,
-        force: a.force,
-        memory_policy: if a.resource_preserving {
-            proto::MemoryPolicy::ResourcePreserving as i32
-        } else {
-            proto::MemoryPolicy::Default as i32
-        },
-    };
+    let req = a.options.request(&a.model, a.expected_generation)?;
     follow(ctl.reload(req).await.context("Reload")?.into_inner()).await
 }
 
