@@ -1,6 +1,7 @@
 //! The command line: `swapd serve` and the client commands operators and scripts use.
 pub mod admin;
 pub mod client;
+pub mod fleet;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,9 @@ pub enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Roll a new model version across replicas: a canary, then batches, each watched;
+    /// on any failure stop and roll back every replica changed.
+    FleetReload(fleet::FleetArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +67,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Rollback(a) => admin::rollback(a).await,
         Command::Status(a) => admin::status(a).await,
         Command::Config(ConfigCommand::Check { file }) => return config_check(file),
+        Command::FleetReload(a) => fleet::fleet_reload(a).await,
     };
     match result {
         Ok(code) => code,
