@@ -290,6 +290,34 @@ fn a_good_version_rolls_out_canary_first_to_every_replica() {
         o.contains(&format!("every replica serves {}", v2.version)),
         "{o}"
     );
+    // `swapd status` counts the new version's finished requests.
+    for _ in 0..2 {
+        let out = Command::new(BIN)
+            .args([
+                "generate",
+                "--max-tokens",
+                "3",
+                "--server",
+                &reps[0].url,
+                "hi",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = Command::new(BIN)
+        .args(["status", LLM, "--server", &reps[0].url, "--token", TOKEN])
+        .output()
+        .unwrap();
+    let st = text(&out.stdout);
+    assert!(st.contains("OK/FAILED"), "{st}");
+    let fields: Vec<&str> = st
+        .lines()
+        .find(|l| l.starts_with(LLM))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(fields[1..5], [v2.version.as_str(), "2", "0", "2/0"], "{st}");
     // Each replica's own audit log agrees on the order, and names the tool.
     let at: Vec<u64> = reps
         .iter()
@@ -564,6 +592,60 @@ fn a_canary_that_fails_requests_while_watched_is_rolled_back() {
             .any(|l| l.contains("rollback ✓ load") || l.contains("rollback … load")),
         "{o}"
     );
+    let now = reps[0].active();
+    assert_eq!(
+        (now.version.as_str(), now.generation),
+        (v1.version.as_str(), 3)
+    );
+    assert_eq!(row(&o, &reps[0].url).2, "rolled-back");
+    assert_eq!(reps[1].active(), v1);
+    assert_eq!(row(&o, &reps[1].url).2, "skipped");
+}
+
+#[test]
+fn ctrl_c_during_the_canary_watch_rolls_the_canary_back() {
+    let reps = [Replica::start(), Replica::start()];
+    let digest = reps[0].write_v2(false);
+    reps[1].write_v2(false);
+    let v1 = reps[0].active();
+    let mut child = fleet_cmd(
+        &[&reps[0], &reps[1]],
+        &[
+            "--source",
+            V2,
+            "--sha256",
+            &pin(&digest),
+            "--canary-window",
+            "30s",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t = Instant::now();
+    let mut lines = Vec::new();
+    let mut sent = false;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        // Once: a second Ctrl-C quits at once.
+        if line.contains("] watch ") && !sent {
+            sent = true;
+            // The script execs the binary: this is fleet-reload's own pid.
+            let pid = child.id().to_string();
+            assert!(Command::new("kill")
+                .args(["-INT", &pid])
+                .status()
+                .unwrap()
+                .success());
+        }
+        lines.push(line);
+    }
+    let status = child.wait().unwrap();
+    let o = lines.join("\n") + "\n";
+    assert_eq!(status.code(), Some(1), "{o}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{o}");
+    assert!(o.contains("watch FAILED: interrupted"), "{o}");
     let now = reps[0].active();
     assert_eq!(
         (now.version.as_str(), now.generation),

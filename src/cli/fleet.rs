@@ -639,19 +639,32 @@ pub async fn fleet_reload(a: FleetArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    // Ctrl-C stops the rollout at the next step and rolls back; a second one exits at once.
+    // Ctrl-C (or SIGTERM) stops the rollout at its next step and rolls back what it
+    // changed; a second one exits at once. Registered now: until then the default action
+    // (exit) applies, which is right while nothing has changed yet.
     let interrupted = Arc::new(AtomicBool::new(false));
+    #[cfg(unix)]
     {
-        let flag = interrupted.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("fleet-reload: interrupted: stopping after the reloads running now, then rolling back (Ctrl-C again to quit at once)");
-                flag.store(true, Ordering::Relaxed);
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
+        use tokio::signal::unix::{signal, SignalKind};
+        if let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            let flag = interrupted.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
                 }
-            }
-        });
+                eprintln!("fleet-reload: interrupted: stopping after the reloads running now, then rolling back (again to quit at once)");
+                flag.store(true, Ordering::Relaxed);
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                std::process::exit(130);
+            });
+        }
     }
 
     let mut target: Option<proto::VersionRef> = None;
