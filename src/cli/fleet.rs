@@ -540,7 +540,10 @@ fn replica_urls(a: &FleetArgs) -> Result<Vec<String>> {
         bail!("no replicas: give --replica URL (repeatable) or --replicas-file FILE");
     }
     for (i, u) in urls.iter().enumerate() {
-        if !(u.starts_with("http://") || u.starts_with("https://")) {
+        if u.starts_with("https://") {
+            bail!("replica `{u}`: swapd serves plaintext gRPC only; use http://");
+        }
+        if !u.starts_with("http://") {
             bail!("replica `{u}`: expected a URL such as http://10.0.0.5:50052");
         }
         Endpoint::from_shared(u.clone()).with_context(|| format!("replica `{u}`: bad URL"))?;
