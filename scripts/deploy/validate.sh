@@ -3,10 +3,10 @@
 #   - every Kubernetes manifest against the schemas of Kubernetes $K8S_VERSION, strictly
 #     (an unknown or misspelt field is an error), with kubernetes-validate pinned in
 #     requirements.txt and installed into a scratch virtualenv under target/;
-#   - the shutdown arithmetic: terminationGracePeriodSeconds > shutdown_grace + preStop sleep,
+#   - the shutdown arithmetic: terminationGracePeriodSeconds > shutdown_grace_secs + preStop sleep,
 #     maxUnavailable 0, gRPC probes, the admin token from a Secret;
 #   - the systemd unit with `systemd-analyze verify` (any diagnostic fails), if available,
-#     and its TimeoutStopSec > shutdown_grace.
+#     and its TimeoutStopSec > shutdown_grace_secs.
 # Usage: scripts/deploy/validate.sh [MANIFEST.yaml...]   (default: scripts/deploy/kubernetes/*.yaml)
 # Exits non-zero on the first kind of check that fails.
 set -euo pipefail
@@ -38,15 +38,7 @@ echo "== kubernetes-validate --strict -k $K8S_VERSION"
 
 echo "== shutdown and rollout settings"
 "$venv/bin/python" - "${manifests[@]}" <<'PY'
-import re, sys, tomllib, yaml
-
-def seconds(v, what):
-    if isinstance(v, (int, float)):
-        return float(v)
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", str(v).strip())
-    if not m:
-        sys.exit(f"{what}: cannot read duration {v!r}")
-    return float(m[1]) * {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}[m[2]]
+import sys, tomllib, yaml
 
 docs = []
 for path in sys.argv[1:]:
@@ -57,8 +49,8 @@ grace, grace_from = 30.0, "the server's default"
 for path, d in docs:
     if d.get("kind") == "ConfigMap" and "swapd.toml" in d.get("data", {}):
         cfg = tomllib.loads(d["data"]["swapd.toml"])
-        if "shutdown_grace" in cfg:
-            grace = seconds(cfg["shutdown_grace"], f"{path}: shutdown_grace")
+        if "shutdown_grace_secs" in cfg:
+            grace = float(cfg["shutdown_grace_secs"])
             grace_from = f"{path}: ConfigMap {d['metadata']['name']}"
 
 errors = []
@@ -77,7 +69,7 @@ for path, d in docs:
         sleep = pre.get("sleep", {}).get("seconds", 0)
         if tgp <= grace + sleep:
             errors.append(
-                f"{name}: terminationGracePeriodSeconds {tgp} must exceed shutdown_grace {grace:g} s "
+                f"{name}: terminationGracePeriodSeconds {tgp} must exceed shutdown_grace_secs {grace:g} "
                 f"({grace_from}) + preStop sleep {sleep} s")
         for probe in ("readinessProbe", "livenessProbe"):
             if "grpc" not in c.get(probe, {}):
@@ -85,7 +77,7 @@ for path, d in docs:
         token = [e for e in c.get("env", []) if e.get("name") == "SWAPD_ADMIN_TOKEN"]
         if not token or "secretKeyRef" not in token[0].get("valueFrom", {}):
             errors.append(f"{name}: container {c['name']}: SWAPD_ADMIN_TOKEN must come from a Secret")
-    print(f"{name}: terminationGracePeriodSeconds {tgp}, shutdown_grace {grace:g} s")
+    print(f"{name}: terminationGracePeriodSeconds {tgp}, shutdown_grace_secs {grace:g}")
 for e in errors:
     print(f"ERROR {e}", file=sys.stderr)
 sys.exit(1 if errors else 0)
@@ -95,7 +87,7 @@ unit="$here/systemd/swapd.service"
 echo "== systemd unit $unit"
 stop="$(sed -n 's/^TimeoutStopSec=\([0-9]*\)$/\1/p' "$unit")"
 if [[ -z "$stop" ]] || ((stop <= 30)); then
-    echo "ERROR $unit: TimeoutStopSec (${stop:-unset}) must be a number of seconds above shutdown_grace (30 s)" >&2
+    echo "ERROR $unit: TimeoutStopSec (${stop:-unset}) must be a number of seconds above shutdown_grace_secs (30)" >&2
     exit 1
 fi
 if command -v systemd-analyze >/dev/null; then
