@@ -1,7 +1,7 @@
 //! grpc.health.v1 as orchestrators read it. Per model name: SERVING while a version is
 //! active (a reload keeps it SERVING: the old version serves until the swap), NOT_SERVING
 //! while it has none (before its first load, or while a resource-preserving reload has it
-//! suspended). The overall status (`""`) and `swapd.v1.Inference` are SERVING only while every
+//! suspended), and once unloaded (its manifest entry removed). The overall status (`""`) and `swapd.v1.Inference` are SERVING only while every
 //! configured model is. Once shutdown begins, everything is NOT_SERVING.
 //!
 //! The statuses are recomputed from the registry whenever it reports a change, and only
@@ -67,10 +67,17 @@ impl Health {
         out
     }
 
-    /// Publishes the statuses that changed.
+    /// Publishes the statuses that changed. A model no longer configured (unloaded) stays
+    /// NOT_SERVING, so a watcher learns it is gone.
     pub async fn refresh(&self, registry: &Registry) {
         let mut published = self.published.lock().await;
-        for (name, status) in self.compute(registry) {
+        let mut now = self.compute(registry);
+        for name in published.keys() {
+            if !now.iter().any(|(n, _)| n == name) {
+                now.push((name.clone(), ServingStatus::NotServing));
+            }
+        }
+        for (name, status) in now {
             if published.get(&name) != Some(&status) {
                 tracing::info!(service = %name, status = ?status, "health");
                 self.reporter.set_service_status(&name, status).await;

@@ -115,5 +115,21 @@ pub async fn watch(reloader: Reloader, w: Watch, initial: Manifest, hup: Option<
                 }
             }
         }
+        // Entries gone from the manifest are unloaded: new requests get NOT_FOUND, health
+        // reports NOT_SERVING, and the version is freed when its last request ends.
+        let gone: Vec<String> = seen
+            .keys()
+            .filter(|name| manifest.get(name).is_none())
+            .cloned()
+            .collect();
+        for name in gone {
+            match reloader.unload(&name) {
+                Ok(()) => {
+                    tracing::info!(cause, model = %name, "manifest entry removed; model unloaded");
+                    seen.remove(&name);
+                }
+                Err(e) => tracing::warn!(cause, model = %name, error = %e, "not unloaded"),
+            }
+        }
     }
 }

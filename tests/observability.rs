@@ -407,3 +407,67 @@ async fn request_ids_are_echoed_or_generated() {
         "err-1"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_removed_from_the_manifest_is_unloaded_and_reported_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config(dir.path());
+    config.manifest_poll = Some(Duration::from_millis(100));
+    let server = TestServer::start(config).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut bert = health
+        .watch(HealthCheckRequest {
+            service: "tiny-bert".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_status(&mut bert).await, ServingStatus::Serving as i32);
+    let weak =
+        std::sync::Arc::downgrade(&server.registry.slot("tiny-bert").unwrap().active().unwrap());
+
+    // Drop the tiny-bert entry (the second one) from the manifest.
+    let path = dir.path().join("models.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let second = text.match_indices("[[model]]").nth(1).unwrap().0;
+    std::fs::write(&path, &text[..second]).unwrap();
+
+    assert_eq!(
+        next_status(&mut bert).await,
+        ServingStatus::NotServing as i32
+    );
+    let mut client = server.client().await;
+    let err = client
+        .embed(proto::EmbedRequest {
+            model: "tiny-bert".into(),
+            texts: vec!["hello".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let models = client
+        .list_models(proto::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1, "{models:?}");
+    // Its weights are freed (nothing holds them any more).
+    let t = std::time::Instant::now();
+    while weak.strong_count() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the unloaded version was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The other model serves on, so overall is SERVING again (every configured model is).
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(overall.status, ServingStatus::Serving as i32);
+}

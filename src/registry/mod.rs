@@ -253,6 +253,15 @@ impl Registry {
         slot
     }
 
+    /// Removes the slot named `name` (requests already holding its versions keep them).
+    pub fn remove(&self, name: &str) -> Option<Arc<Slot>> {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let i = slots.iter().position(|s| s.spec.name == name)?;
+        let slot = slots.remove(i);
+        self.serving.send_modify(|n| *n += 1);
+        Some(slot)
+    }
+
     /// Changes whenever a model is added or what a slot serves changes.
     pub fn watch_serving(&self) -> tokio::sync::watch::Receiver<u64> {
         self.serving.subscribe()

@@ -73,6 +73,22 @@ impl Reloader {
         })
     }
 
+    /// Stops serving `model`: its slot leaves the registry (new requests get NOT_FOUND) and
+    /// its versions are freed when the requests still holding them end. Refused while a
+    /// reload of it runs.
+    pub fn unload(&self, model: &str) -> Result<()> {
+        let slot = self.registry.slot(model)?;
+        let _guard = slot.reload_lock.clone().try_lock_owned().map_err(|_| {
+            Error::ReloadBusy(format!(
+                "a reload of model `{model}` is running; unload it once that ends"
+            ))
+        })?;
+        self.registry.remove(model);
+        slot.standby.store(None);
+        slot.active.store(None);
+        Ok(())
+    }
+
     /// Watches a freshly swapped-in version and rolls back to the resident standby when its
     /// error rate passes the threshold within the window.
     pub(super) async fn watch_new_version(
