@@ -2,70 +2,18 @@
 //! startup failures and SIGTERM, against tiny generated models on loopback.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::process::{free_port, Served, BIN};
 use common::tiny_config;
-
-const BIN: &str = env!("CARGO_BIN_EXE_swapd");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `swapd serve` child process, killed on drop.
-struct Served {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Starts `swapd serve` on `root` and waits for its `serving` log line.
 fn serve(root: &Path, extra: &[&str]) -> Served {
-    let port = free_port();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--device", "cpu", "--models-root"])
-        .arg(root)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("swapd serve did not log `serving`");
-        if line.contains("serving") {
-            break;
-        }
-    }
-    Served {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    }
+    let mut args = vec!["--models-root", root.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Served::start(&args, &[])
 }
 
 fn client(url: &str, args: &[&str]) -> Output {

@@ -3,12 +3,7 @@
 //! grace-period checks of the manifests are scripts/deploy/validate.sh's.)
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_swapd");
 
 /// The `swapd.toml: |` block of the ConfigMap, unindented.
 fn configmap_toml() -> String {
@@ -38,43 +33,23 @@ fn the_kubernetes_configmap_config_starts_a_server() {
     let cfg = dir.path().join("swapd.toml");
     std::fs::write(&cfg, &toml).unwrap();
     // The pod's paths and ports, pointed at this test's: flags override the file.
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--models-root")
-        .arg(dir.path())
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .env("SWAPD_ADMIN_TOKEN", common::TOKEN)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut log = Vec::new();
-    let served = loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) if line.contains("\"serving\"") => break true,
-            Ok(line) => log.push(line),
-            Err(_) => break false,
-        }
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        served,
-        "swapd serve with the ConfigMap's config did not start:\n{toml}\n{}",
-        log.join("\n")
+    let dir_s = dir.path().to_str().unwrap();
+    let state = dir.path().join("state");
+    let served = common::process::Served::start(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--models-root",
+            dir_s,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--control-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[("SWAPD_ADMIN_TOKEN", common::TOKEN)],
     );
+    // It logged `serving` (or `start` would have failed, with the log).
+    assert!(served.log_text().contains("serving"), "{toml}");
 }

@@ -6,13 +6,14 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
+
+use common::process::{free_port, Served, BIN};
 use std::time::{Duration, Instant};
 
 use common::{sha, tiny_config, TOKEN};
 use swapd::proto;
 
-const BIN: &str = env!("CARGO_BIN_EXE_swapd");
 const LLM: &str = "tiny-llm";
 /// The new version's path, the same on every replica.
 const V2: &str = "tiny-llm/v2.gguf";
@@ -21,66 +22,35 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fleet-reload")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A `swapd serve` process with its own models root, killed on drop.
 struct Replica {
-    child: Child,
+    /// Dropping the replica kills its process.
+    _served: Served,
     url: String,
     dir: tempfile::TempDir,
 }
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Replica {
-    /// Writes the tiny models, starts `swapd serve` on a free port and waits for `serving`.
+    /// Writes the tiny models, starts `swapd serve` and waits for `serving`.
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         tiny_config(dir.path());
-        let port = free_port();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--device", "cpu", "--models", LLM, "--models-root"])
-            .arg(dir.path())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-token", TOKEN])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Keeps draining the log after startup, so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let replica = Replica {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
+        let served = Served::start(
+            &[
+                "--models",
+                LLM,
+                "--models-root",
+                dir.path().to_str().unwrap(),
+                "--admin-token",
+                TOKEN,
+            ],
+            &[],
+        );
+        let url = served.url.clone();
+        Replica {
+            _served: served,
+            url,
             dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("swapd serve did not log `serving`");
-            if line.contains("serving") {
-                return replica;
-            }
         }
     }
 

@@ -3,115 +3,14 @@
 //! signal exits at once. And no secret ever reaches the log.
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use common::process::{Served, BIN};
 use common::*;
 use swapd::proto::inference_client::InferenceClient;
 
-const BIN: &str = env!("CARGO_BIN_EXE_swapd");
 const LLM: &str = "smollm2-135m-instruct";
-
-/// A `swapd serve` child whose stderr is kept; killed on drop.
-struct Proc {
-    child: Child,
-    url: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--device", "cpu"])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let p = Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        p.wait_for_log("\"serving\"", "serving", Duration::from_secs(120));
-        p
-    }
-
-    /// Waits until a log line contains `a` or `b`.
-    fn wait_for_log(&self, a: &str, b: &str, within: Duration) {
-        let t = Instant::now();
-        while !self
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(a) || l.contains(b))
-        {
-            assert!(
-                t.elapsed() < within,
-                "no `{b}` in the log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-
-    /// Waits for the process to exit; its exit code.
-    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let t = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                t.elapsed() < within,
-                "still running after {within:?}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 fn real_args(extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = vec![
@@ -179,14 +78,10 @@ async fn streams_in_flight(
 async fn sigterm_under_load_finishes_every_stream_then_exits_0() {
     let args = real_args(&["--shutdown-grace-secs", "120", "--max-concurrent", "4"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut p = Proc::start(&args, &[]);
+    let mut p = Served::start(&args, &[]);
     let handles = streams_in_flight(&p.url, 4, 40).await;
     p.signal("TERM");
-    p.wait_for_log(
-        "shutdown: health NOT_SERVING",
-        "NOT_SERVING",
-        Duration::from_secs(10),
-    );
+    p.wait_for_log("shutdown: health NOT_SERVING", Duration::from_secs(10));
     // No new request is accepted once the drain began.
     let refused = async {
         let mut c = InferenceClient::connect(p.url.clone()).await?;
@@ -220,7 +115,7 @@ async fn sigterm_under_load_finishes_every_stream_then_exits_0() {
 async fn past_the_grace_period_streams_end_unavailable_and_the_exit_is_still_0() {
     let args = real_args(&["--shutdown-grace-secs", "0.5"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut p = Proc::start(&args, &[]);
+    let mut p = Served::start(&args, &[]);
     let handles = streams_in_flight(&p.url, 2, 1000).await;
     p.signal("TERM");
     for h in handles {
@@ -245,14 +140,10 @@ async fn past_the_grace_period_streams_end_unavailable_and_the_exit_is_still_0()
 async fn a_second_signal_exits_at_once() {
     let args = real_args(&["--shutdown-grace-secs", "300"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut p = Proc::start(&args, &[]);
+    let mut p = Served::start(&args, &[]);
     let _handles = streams_in_flight(&p.url, 1, 1000).await;
     p.signal("TERM");
-    p.wait_for_log(
-        "a second signal exits at once",
-        "second signal",
-        Duration::from_secs(10),
-    );
+    p.wait_for_log("a second signal exits at once", Duration::from_secs(10));
     p.signal("INT");
     let (code, log) = tokio::task::spawn_blocking(move || {
         let code = p.wait_exit(Duration::from_secs(10));
@@ -270,7 +161,7 @@ fn no_secret_reaches_the_log_even_at_trace_level() {
     let admin = "s3cr3t-admin-token-XYZ";
     let wrong = "wr0ng-guess-token-ABC";
     for format in ["text", "json"] {
-        let mut p = Proc::start(
+        let mut p = Served::start(
             &[
                 "--models-root",
                 dir.path().to_str().unwrap(),

@@ -363,3 +363,4 @@ pub fn value(
         .find(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
         .map(|s| s.value)
 }
+pub mod process;
