@@ -214,17 +214,7 @@ async fn a_failed_preflight_and_requests_are_counted_by_their_labels() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
-    let (source, pins) = tiny_version(dir.path(), 5, "-inf");
-    let (_, result) = reload(
-        &server,
-        proto::ReloadRequest {
-            model: "tiny-llm".into(),
-            source,
-            sha256: pins.into_iter().collect(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (_, result) = reload(&server, reload_to_tiny(dir.path(), 5, "-inf")).await;
     assert!(!result.committed);
     let s = scrape(server.metrics_addr).await;
     let ok = [("model", "tiny-llm"), ("rpc", "Generate"), ("code", "OK")];
@@ -292,13 +282,7 @@ async fn health_transitions_are_reported_through_watch() {
     assert_eq!(next_status(&mut overall).await, serving);
     assert_eq!(next_status(&mut other).await, serving);
 
-    let (source, pins) = tiny_version(dir.path(), 2, "");
-    let preserving = proto::ReloadRequest {
-        model: "tiny-llm".into(),
-        source,
-        sha256: pins.into_iter().collect(),
-        ..Default::default()
-    };
+    let preserving = reload_to_tiny(dir.path(), 2, "");
     // Resource-preserving: NOT_SERVING while the model has no version, then SERVING.
     let (_, result) = reload(&server, preserving).await;
     assert!(result.committed, "{}", result.error);
@@ -338,17 +322,7 @@ async fn a_reload_that_fits_keeps_the_model_serving() {
         .into_inner();
     assert_eq!(next_status(&mut model).await, ServingStatus::Serving as i32);
     for seed in [2, 3] {
-        let (source, pins) = tiny_version(dir.path(), seed, "");
-        let (_, result) = reload(
-            &server,
-            proto::ReloadRequest {
-                model: "tiny-llm".into(),
-                source,
-                sha256: pins.into_iter().collect(),
-                ..Default::default()
-            },
-        )
-        .await;
+        let (_, result) = reload(&server, reload_to_tiny(dir.path(), seed, "")).await;
         assert!(result.committed, "{}", result.error);
     }
     // No transition was published: the next one is shutdown's.

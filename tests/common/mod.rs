@@ -364,3 +364,14 @@ pub fn value(
         .map(|s| s.value)
 }
 pub mod process;
+
+/// A reload request that makes tiny version `seed` (see [`tiny_version`]) the `tiny-llm`.
+pub fn reload_to_tiny(dir: &Path, seed: u64, poison: &str) -> proto::ReloadRequest {
+    let (source, pins) = tiny_version(dir, seed, poison);
+    proto::ReloadRequest {
+        model: "tiny-llm".into(),
+        source,
+        sha256: pins.into_iter().collect(),
+        ..Default::default()
+    }
+}
