@@ -2,7 +2,7 @@
 //! (`models::quantized_llama`), with its projections and output head on [`QLinear`], which
 //! runs this crate's SIMD kernels on the CPU (and candle's `QMatMul` elsewhere).
 //!
-//! Attention, RoPE, masking and the KV cache are candle's, line for line, with two changes:
+//! Attention, RoPE, masking and the KV cache are candle's, with three changes:
 //! - projections sharing an input (query/key/value, gate/up) are applied with
 //!   [`QLinear::forward_many`], which quantizes that input once and runs them in one
 //!   parallel region;
@@ -10,7 +10,9 @@
 //!   cache and f16 K·Q product do. The kernels' activation quantization is llama.cpp's
 //!   (closer to exact than candle's), and without this rounding greedy decoding of the
 //!   fixture prompts parts from llama.cpp's on near-ties (logit margins under 0.1) where
-//!   exact arithmetic would part from it too; with it, margins there grow to 0.15–0.3.
+//!   exact arithmetic would part from it too; with it, margins there grow to 0.15–0.3;
+//! - grouped-query attention multiplies each key/value head with its group of query heads
+//!   directly instead of repeating K and V (same products, no copy of the cache per step).
 //!
 //! The GGML (pre-GGUF) loader is left out: swapd only reads GGUF.
 use std::collections::HashMap;
@@ -19,7 +21,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{CpuStorage, DType, Device, IndexOp, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
-use candle_transformers::utils::{build_causal_mask, repeat_kv};
+use candle_transformers::utils::build_causal_mask;
 
 use crate::quant::QLinear;
 
@@ -246,11 +248,15 @@ impl LayerWeights {
                 1.,
             )?
         } else {
-            // MQA/GQA: repeat the key/value heads.
-            let k = repeat_kv(k, self.n_head / self.n_kv_head)?;
-            let v = repeat_kv(v, self.n_head / self.n_kv_head)?;
-
+            // MQA/GQA: each key/value head serves its `n_rep` query heads (candle repeats K
+            // and V `n_rep` times for this, copying the whole cache every step). The query
+            // heads of one key/value head are adjacent, so viewing q as `n_kv_head` heads
+            // of `n_rep · seq_len` rows gives the same products with no copies.
+            let n_rep = self.n_head / self.n_kv_head;
+            let kv_len = k.dim(2)?;
+            let q = q.reshape((b_sz, self.n_kv_head, n_rep * seq_len, self.head_dim))?;
             let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+            let att = att.reshape((b_sz, self.n_head, seq_len, kv_len))?;
             let att = match mask {
                 None => att,
                 Some(mask) => {
@@ -259,8 +265,10 @@ impl LayerWeights {
                 }
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let att = att.reshape((b_sz, self.n_kv_head, n_rep * seq_len, kv_len))?;
             // matmul does not take a strided v.
             att.matmul(&v.contiguous()?)?
+                .reshape((b_sz, self.n_head, seq_len, self.head_dim))?
         };
 
         let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
