@@ -3,7 +3,8 @@
 //! The library holds everything; `main.rs` only parses the command line and hands off.
 //! Data flow: `service` (proto ⇄ domain) → `registry` (which version is active) → `engine`
 //! (admission, blocking inference threads) → `model` (candle models, tokenizers, sampling).
-//! `unsafe` is denied everywhere but `memory`, which calls the C allocator.
+//! `unsafe` is denied everywhere but `memory`, which calls the C allocator, and `quant`, whose
+//! SIMD kernels read packed weights through raw pointers.
 #![deny(unsafe_code)]
 
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod manifest;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod quant;
 pub mod registry;
 pub mod server;
 pub mod service;

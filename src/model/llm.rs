@@ -1,12 +1,13 @@
-//! A causal language model from a GGUF file, run through candle-transformers' quantized llama.
+//! A causal language model from a GGUF file, run through swapd's copy of candle-transformers'
+//! quantized llama ([`super::qllama`]), whose matmuls use the SIMD kernels of [`crate::quant`].
 //! The weights are loaded once per version; every request decodes in its own [`Session`],
 //! which clones the model cheaply (weights are shared through `Arc`, the KV cache is not).
 use std::path::Path;
 
+use super::qllama::{ModelWeights, MAX_SEQ_LEN};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
 use super::chat::{ChatMessage, ChatTemplate};
 use super::tokenizer::GgufTokenizer;

@@ -4,6 +4,7 @@ pub mod chat;
 pub mod embed;
 pub mod llm;
 pub mod preflight;
+pub mod qllama;
 pub mod sampling;
 pub mod source;
 pub mod stream;

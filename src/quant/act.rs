@@ -1,0 +1,213 @@
+//! Activation quantization: every input row is cut into 32-value blocks, each stored as 32
+//! signed bytes and a scale, as llama.cpp's `quantize_row_q8_1` / `quantize_row_q8_0` do:
+//! `d = amax / 127`, `q = round(x / d)` (ties to even), `d` kept at f16 precision.
+//!
+//! The scalar and SIMD quantizers produce bit-identical results, so every kernel sees the
+//! same activations and kernels can be compared exactly on their integer work.
+use half::f16;
+
+use super::{Isa, BLOCK};
+
+/// What is stored next to each block's scale, and how its bytes are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActKind {
+    /// Q8_1: `s = f16(d · Σq)`, for weights with an offset (Q4_1).
+    Q8_1,
+    /// Q8_0: `s = Σq` (exact), for Q4_0 (which subtracts 8 from every weight) and Q8_0.
+    Q8_0,
+    /// Q8_0 stored as `q + 128` (unsigned), for VNNI's unsigned × signed products.
+    Q8_0Unsigned,
+}
+
+/// Quantized activations: `m` rows of `k` values.
+#[derive(Clone, Debug)]
+pub struct Acts {
+    kind: ActKind,
+    m: usize,
+    k: usize,
+    /// `m · k` quantized values (`i8`, or `q + 128` for [`ActKind::Q8_0Unsigned`]).
+    qs: Vec<u8>,
+    /// `m · k / 32` block scales, rounded to f16 precision.
+    d: Vec<f32>,
+    /// `m · k / 32` per-block sums (see [`ActKind`]).
+    s: Vec<f32>,
+}
+
+impl Acts {
+    /// An empty buffer, to be filled by [`Acts::quantize_into`].
+    pub fn new(kind: ActKind) -> Self {
+        Self {
+            kind,
+            m: 0,
+            k: 0,
+            qs: Vec::new(),
+            d: Vec::new(),
+            s: Vec::new(),
+        }
+    }
+
+    /// Quantizes `x` (`m` rows of `k` values, `k` a multiple of 32).
+    pub fn quantize(kind: ActKind, x: &[f32], m: usize, k: usize, isa: Isa) -> Self {
+        let mut a = Self::new(kind);
+        a.quantize_into(x, m, k, isa);
+        a
+    }
+
+    /// Quantizes `x` into this buffer, reusing its allocations.
+    pub fn quantize_into(&mut self, x: &[f32], m: usize, k: usize, isa: Isa) {
+        assert!(
+            k.is_multiple_of(BLOCK),
+            "k = {k} is not a multiple of {BLOCK}"
+        );
+        assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
+        let nb = m * k / BLOCK;
+        self.m = m;
+        self.k = k;
+        self.qs.resize(m * k, 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        let simd = matches!(isa, Isa::Avx2 | Isa::Avx512);
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        if simd {
+            assert!(isa.is_supported(), "{isa:?} is not supported by this CPU");
+        }
+        let blocks = x
+            .chunks_exact(BLOCK)
+            .zip(self.qs.chunks_exact_mut(BLOCK))
+            .zip(self.d.iter_mut().zip(self.s.iter_mut()));
+        for ((xb, qb), (d, s)) in blocks {
+            let xb: &[f32; BLOCK] = xb.try_into().expect("block of 32");
+            let qb: &mut [u8; BLOCK] = qb.try_into().expect("block of 32");
+            #[cfg(target_arch = "x86_64")]
+            let (dd, ss) = if simd {
+                // SAFETY: `simd` means AVX2 or AVX-512, both of which include AVX2, and the
+                // CPU was checked to support it above.
+                unsafe { quantize_block_avx2(self.kind, xb, qb) }
+            } else {
+                quantize_block(self.kind, xb, qb)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (dd, ss) = quantize_block(self.kind, xb, qb);
+            *d = dd;
+            *s = ss;
+        }
+    }
+
+    pub fn kind(&self) -> ActKind {
+        self.kind
+    }
+
+    /// Rows.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Values per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The quantized values of row `t`.
+    pub fn qs_row(&self, t: usize) -> &[u8] {
+        &self.qs[t * self.k..(t + 1) * self.k]
+    }
+
+    /// The block scales of row `t`.
+    pub fn d_row(&self, t: usize) -> &[f32] {
+        let nb = self.k / BLOCK;
+        &self.d[t * nb..(t + 1) * nb]
+    }
+
+    /// The block sums of row `t`.
+    pub fn s_row(&self, t: usize) -> &[f32] {
+        let nb = self.k / BLOCK;
+        &self.s[t * nb..(t + 1) * nb]
+    }
+}
+
+fn round_f16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// The scale, inverse scale and stored sum of a block, shared by both quantizers.
+fn scales(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (d, id)
+}
+
+fn finish(kind: ActKind, d: f32, sum: i32) -> (f32, f32) {
+    let s = match kind {
+        ActKind::Q8_1 => round_f16(d * sum as f32),
+        ActKind::Q8_0 | ActKind::Q8_0Unsigned => sum as f32,
+    };
+    (round_f16(d), s)
+}
+
+/// Portable quantizer of one block: returns (scale, sum).
+pub(crate) fn quantize_block(kind: ActKind, x: &[f32; BLOCK], q: &mut [u8; BLOCK]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let (d, id) = scales(amax);
+    let mut sum = 0i32;
+    for (q, &x) in q.iter_mut().zip(x) {
+        let v = ((x * id).round_ties_even() as i32).clamp(-128, 127);
+        sum += v;
+        *q = match kind {
+            ActKind::Q8_0Unsigned => (v + 128) as u8,
+            _ => v as i8 as u8,
+        };
+    }
+    finish(kind, d, sum)
+}
+
+/// AVX2 quantizer of one block, bit-identical to [`quantize_block`] for finite inputs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_block_avx2(kind: ActKind, x: &[f32; BLOCK], q: &mut [u8; BLOCK]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: `x` holds 32 f32 (four unaligned 8-lane loads) and `q` 32 bytes (one unaligned
+    // 32-byte store); the intrinsics need AVX2, which this function's callers guarantee.
+    unsafe {
+        let p = x.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let sign = _mm256_set1_ps(-0.0);
+        let a = v.map(|v| _mm256_andnot_ps(sign, v));
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let amax = _mm_cvtss_f32(m);
+        let (d, id) = scales(amax);
+        let idv = _mm256_set1_ps(id);
+        let i = v.map(|v| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(_mm256_mul_ps(v, idv)))
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let sum = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256::<1>(sum),
+        );
+        let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b01>(sum));
+        let sum = _mm_cvtsi128_si32(sum);
+        // Narrow i32 → i16 → i8; packs interleave 128-bit lanes, the permute undoes it.
+        let w = _mm256_packs_epi32(i[0], i[1]);
+        let z = _mm256_packs_epi32(i[2], i[3]);
+        let b = _mm256_packs_epi16(w, z);
+        let mut b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        if kind == ActKind::Q8_0Unsigned {
+            b = _mm256_xor_si256(b, _mm256_set1_epi8(-128));
+        }
+        _mm256_storeu_si256(q.as_mut_ptr().cast(), b);
+        finish(kind, d, sum)
+    }
+}

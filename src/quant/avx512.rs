@@ -1,0 +1,204 @@
+//! AVX-512 VNNI kernels over the 16-row packed layout: one 512-bit vector holds sub-block `j`
+//! (4 values) of 16 rows; `vpdpbusd` multiplies unsigned by signed bytes and adds groups of
+//! four straight into i32 lanes, one lane per row.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::arch::x86_64::*;
+
+use super::act::Acts;
+use super::pack::Tile;
+use super::{Format, BLOCK};
+
+const R: usize = 16;
+
+/// Rows `0..16` of the group `g` (`nb` packed blocks) against tokens `t0 .. t0 + nt`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
+pub(crate) unsafe fn kernel(
+    format: Format,
+    g: &[u8],
+    nb: usize,
+    acts: &Acts,
+    t0: usize,
+    nt: usize,
+    tile: &mut Tile,
+) {
+    assert!(
+        g.len() >= nb * format.packed_block_bytes(R),
+        "group too short"
+    );
+    assert!(
+        (1..=4).contains(&nt) && t0 + nt <= acts.m(),
+        "tokens out of range"
+    );
+    assert_eq!(acts.k(), nb * BLOCK, "activations have the wrong width");
+    // SAFETY: the caller guarantees the CPU features; the asserts above establish the bounds
+    // each kernel relies on.
+    unsafe {
+        match (format, nt) {
+            (Format::Q4_1, 1) => q4::<1, true>(g, nb, acts, t0, tile),
+            (Format::Q4_1, 2) => q4::<2, true>(g, nb, acts, t0, tile),
+            (Format::Q4_1, 3) => q4::<3, true>(g, nb, acts, t0, tile),
+            (Format::Q4_1, _) => q4::<4, true>(g, nb, acts, t0, tile),
+            (Format::Q4_0, 1) => q4::<1, false>(g, nb, acts, t0, tile),
+            (Format::Q4_0, 2) => q4::<2, false>(g, nb, acts, t0, tile),
+            (Format::Q4_0, 3) => q4::<3, false>(g, nb, acts, t0, tile),
+            (Format::Q4_0, _) => q4::<4, false>(g, nb, acts, t0, tile),
+            (Format::Q8_0, 1) => q8_0::<1>(g, nb, acts, t0, tile),
+            (Format::Q8_0, 2) => q8_0::<2>(g, nb, acts, t0, tile),
+            (Format::Q8_0, 3) => q8_0::<3>(g, nb, acts, t0, tile),
+            (Format::Q8_0, _) => q8_0::<4>(g, nb, acts, t0, tile),
+        }
+    }
+}
+
+struct TokenPtrs<const T: usize> {
+    qs: [*const u8; T],
+    d: [*const f32; T],
+    s: [*const f32; T],
+}
+
+impl<const T: usize> TokenPtrs<T> {
+    fn new(acts: &Acts, t0: usize) -> Self {
+        Self {
+            qs: std::array::from_fn(|t| acts.qs_row(t0 + t).as_ptr()),
+            d: std::array::from_fn(|t| acts.d_row(t0 + t).as_ptr()),
+            s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
+        }
+    }
+}
+
+/// Broadcast of activation bytes `4j .. 4j+4` at `p`.
+///
+/// # Safety
+/// `p .. p + 4j + 4` must be readable.
+#[inline(always)]
+unsafe fn bcast4(p: *const u8, j: usize) -> __m512i {
+    // SAFETY: the caller guarantees the 4 bytes are readable; the read is unaligned.
+    unsafe { _mm512_set1_epi32(p.add(4 * j).cast::<i32>().read_unaligned()) }
+}
+
+/// Q4_1 (`OFFSET`, activations Q8_1) or Q4_0 (activations Q8_0): weights are unsigned
+/// nibbles, activations signed bytes, exactly `vpdpbusd`'s operands.
+///
+/// # Safety
+/// AVX-512 VNNI etc.; `g` holds `nb` packed 16-row blocks; `acts` has tokens
+/// `t0 .. t0 + T` of width `nb · 32`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4<const T: usize, const OFFSET: bool>(
+    g: &[u8],
+    nb: usize,
+    acts: &Acts,
+    t0: usize,
+    tile: &mut Tile,
+) {
+    let pb = if OFFSET { 20 * R } else { 18 * R };
+    let tok = TokenPtrs::<T>::new(acts, t0);
+    let mask = _mm512_set1_epi8(0x0F);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); T];
+    let p = g.as_ptr();
+    for b in 0..nb {
+        // SAFETY: block `b < nb` spans `p + b·pb .. p + (b+1)·pb`, inside `g` (asserted by
+        // `kernel`): 256 bytes of nibbles, 16 f16 scales and, with OFFSET, 16 f16 mins.
+        // Token pointers index `b·32 .. b·32+32` of rows of width `nb·32`, and `b` of rows of
+        // `nb` scales.
+        unsafe {
+            let blk = p.add(b * pb);
+            let c = [
+                _mm512_loadu_si512(blk.cast()),
+                _mm512_loadu_si512(blk.add(64).cast()),
+                _mm512_loadu_si512(blk.add(128).cast()),
+                _mm512_loadu_si512(blk.add(192).cast()),
+            ];
+            let w = [
+                _mm512_and_si512(c[0], mask),
+                _mm512_and_si512(c[1], mask),
+                _mm512_and_si512(c[2], mask),
+                _mm512_and_si512(c[3], mask),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(c[0]), mask),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(c[1]), mask),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(c[2]), mask),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(c[3]), mask),
+            ];
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
+            let mw = if OFFSET {
+                _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(288).cast()))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let a = tok.qs[t].add(b * BLOCK);
+                // Two independent accumulation chains halve the dpbusd latency.
+                let mut s0 = _mm512_dpbusd_epi32(zero, w[0], bcast4(a, 0));
+                let mut s1 = _mm512_dpbusd_epi32(zero, w[1], bcast4(a, 1));
+                s0 = _mm512_dpbusd_epi32(s0, w[2], bcast4(a, 2));
+                s1 = _mm512_dpbusd_epi32(s1, w[3], bcast4(a, 3));
+                s0 = _mm512_dpbusd_epi32(s0, w[4], bcast4(a, 4));
+                s1 = _mm512_dpbusd_epi32(s1, w[5], bcast4(a, 5));
+                s0 = _mm512_dpbusd_epi32(s0, w[6], bcast4(a, 6));
+                s1 = _mm512_dpbusd_epi32(s1, w[7], bcast4(a, 7));
+                let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let da = _mm512_set1_ps(*tok.d[t].add(b));
+                let sa = _mm512_set1_ps(*tok.s[t].add(b));
+                if OFFSET {
+                    *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, da), *acc);
+                    *acc = _mm512_fmadd_ps(mw, sa, *acc);
+                } else {
+                    let centred = _mm512_fmadd_ps(sa, _mm512_set1_ps(-8.0), isum);
+                    *acc = _mm512_fmadd_ps(centred, _mm512_mul_ps(dw, da), *acc);
+                }
+            }
+        }
+    }
+    for (row, acc) in tile.iter_mut().zip(acc) {
+        // SAFETY: each tile row has MAX_R = 16 f32.
+        unsafe { _mm512_storeu_ps(row.as_mut_ptr(), acc) };
+    }
+}
+
+/// Q8_0 against activations stored as `a + 128` (unsigned): `vpdpbusd` gives
+/// `Σ (a + 128)·w`, and subtracting `128 · Σ w` (packed with the block) leaves `Σ a·w`.
+///
+/// # Safety
+/// As for [`q4`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q8_0<const T: usize>(g: &[u8], nb: usize, acts: &Acts, t0: usize, tile: &mut Tile) {
+    let pb = 36 * R;
+    let tok = TokenPtrs::<T>::new(acts, t0);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); T];
+    let p = g.as_ptr();
+    for b in 0..nb {
+        // SAFETY: block `b < nb` spans `p + b·pb .. p + (b+1)·pb`, inside `g`: 512 bytes of
+        // quants, 16 f16 scales, 16 i16 sums. Token pointers stay inside their rows.
+        unsafe {
+            let blk = p.add(b * pb);
+            let w: [__m512i; 8] =
+                std::array::from_fn(|j| _mm512_loadu_si512(blk.add(64 * j).cast()));
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(512).cast()));
+            let bias = _mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(_mm256_loadu_si256(
+                blk.add(544).cast(),
+            )));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let a = tok.qs[t].add(b * BLOCK);
+                let mut s0 = _mm512_dpbusd_epi32(zero, bcast4(a, 0), w[0]);
+                let mut s1 = _mm512_dpbusd_epi32(zero, bcast4(a, 1), w[1]);
+                s0 = _mm512_dpbusd_epi32(s0, bcast4(a, 2), w[2]);
+                s1 = _mm512_dpbusd_epi32(s1, bcast4(a, 3), w[3]);
+                s0 = _mm512_dpbusd_epi32(s0, bcast4(a, 4), w[4]);
+                s1 = _mm512_dpbusd_epi32(s1, bcast4(a, 5), w[5]);
+                s0 = _mm512_dpbusd_epi32(s0, bcast4(a, 6), w[6]);
+                s1 = _mm512_dpbusd_epi32(s1, bcast4(a, 7), w[7]);
+                let s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias);
+                let da = _mm512_set1_ps(*tok.d[t].add(b));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, da), *acc);
+            }
+        }
+    }
+    for (row, acc) in tile.iter_mut().zip(acc) {
+        // SAFETY: each tile row has MAX_R = 16 f32.
+        unsafe { _mm512_storeu_ps(row.as_mut_ptr(), acc) };
+    }
+}

@@ -1,0 +1,231 @@
+//! Quantized matrix multiplication for the GGUF block formats the served models use (Q4_1,
+//! Q4_0, Q8_0) on the CPU, with explicit SIMD kernels.
+//!
+//! candle's own CPU path for Q4_1 runs a scalar dot product per (token, weight row). Here a
+//! weight matrix is repacked once at load time into groups of `R` interleaved rows (8 for the
+//! scalar and AVX2 kernels, 16 for AVX-512): for each 32-value block, the bytes of sub-block
+//! `j` (4 consecutive values) of all `R` rows sit side by side, so one broadcast of 4
+//! activation bytes and one `maddubs`/`dpbusd` produce partial dot products for `R` rows at
+//! once, and the per-block scales of the `R` rows form one vector. The repacked matrix has
+//! the same size as the GGUF tensor (Q8_0 grows by 2 bytes a row-block: the sum of its
+//! quants, which the AVX-512 kernel needs to treat activations as unsigned).
+//!
+//! Activations are quantized once per input row — to Q8_1 (scale and scaled sum) for Q4_1,
+//! as llama.cpp does, and to Q8_0 (plus the integer sum) for Q4_0 and Q8_0 — and reused for
+//! every weight row and, via [`QLinear::forward_many`], for every matrix sharing an input.
+//! Kernels compute `R` rows × up to 4 tokens at a time, so during prefill every weight block
+//! is loaded once per 4 tokens rather than once per token.
+//!
+//! Work is split by row groups across candle's own CPU thread pool (the bounded barrier pool
+//! its quantized matmuls use; concurrent callers queue on it), and small products run on
+//! the calling thread alone.
+//!
+//! The instruction set is picked once at run time ([`Isa::best`]); every kernel also exists
+//! in portable scalar form, and tests call each path explicitly.
+#![allow(unsafe_code)]
+
+mod act;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod linear;
+mod pack;
+mod scalar;
+
+use std::sync::OnceLock;
+
+pub use act::{ActKind, Acts};
+pub use linear::QLinear;
+pub use pack::{dequantize, PackedMatrix};
+
+/// Values per quantization block in every supported format.
+pub const BLOCK: usize = 32;
+
+/// Tokens one kernel call handles at most (the micro-tile is `R` rows × `TILE_T` tokens).
+pub const TILE_T: usize = 4;
+
+/// Largest `R` of any kernel.
+pub(crate) const MAX_R: usize = 16;
+
+/// A GGUF block format with a native kernel here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl Format {
+    /// The format of a GGUF dtype, when it has a native kernel.
+    pub fn from_ggml(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType as G;
+        match dtype {
+            G::Q4_0 => Some(Self::Q4_0),
+            G::Q4_1 => Some(Self::Q4_1),
+            G::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// The matching candle dtype.
+    pub fn ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as G;
+        match self {
+            Self::Q4_0 => G::Q4_0,
+            Self::Q4_1 => G::Q4_1,
+            Self::Q8_0 => G::Q8_0,
+        }
+    }
+
+    /// Bytes of one GGUF block (one row, 32 values).
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of one repacked block of `r` interleaved rows.
+    pub(crate) fn packed_block_bytes(self, r: usize) -> usize {
+        match self {
+            Self::Q4_0 => r * 18,
+            Self::Q4_1 => r * 20,
+            Self::Q8_0 => r * 36,
+        }
+    }
+
+    /// How activations are quantized for this weight format and instruction set.
+    pub(crate) fn act_kind(self, isa: Isa) -> act::ActKind {
+        match (self, isa) {
+            (Self::Q4_1, _) => act::ActKind::Q8_1,
+            // The VNNI kernel multiplies unsigned activations with signed weights.
+            (Self::Q8_0, Isa::Avx512) => act::ActKind::Q8_0Unsigned,
+            _ => act::ActKind::Q8_0,
+        }
+    }
+}
+
+/// An instruction set a kernel is written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust, for any target.
+    Scalar,
+    /// AVX2 with FMA and F16C (x86-64-v3).
+    Avx2,
+    /// AVX-512 F/BW/VL with VNNI, plus FMA and F16C.
+    Avx512,
+}
+
+impl Isa {
+    /// Rows interleaved in one packed group.
+    pub fn rows(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Scalar | Isa::Avx2 => 8,
+        }
+    }
+
+    /// Whether this CPU runs the kernels for `self`.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.is_supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every instruction set this CPU supports, scalar first.
+    pub fn supported() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.is_supported())
+            .collect()
+    }
+
+    /// The fastest supported instruction set, detected once. `SWAPD_QUANT_ISA` (`scalar`,
+    /// `avx2`, `avx512`) caps it, for benchmarks and for ruling a kernel out.
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let cap = match std::env::var("SWAPD_QUANT_ISA").as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                Ok("avx2") => Isa::Avx2,
+                _ => Isa::Avx512,
+            };
+            let order = [Isa::Avx512, Isa::Avx2, Isa::Scalar];
+            order
+                .into_iter()
+                .skip_while(|i| *i != cap)
+                .find(|i| i.is_supported())
+                .unwrap_or(Isa::Scalar)
+        })
+    }
+}
+
+/// Multiply-accumulates below which a product runs on the calling thread: waking the pool
+/// costs a few microseconds, about what one core needs for this many.
+const PARALLEL_MIN_MACS: usize = 64 * 1024;
+
+/// `out[t * ldo + col_off + row] = Σ_k w[row, k] · x[t, k]` for every matrix in `mats` (all
+/// with the same `k`), with `acts` the quantized `x`. `outs[i]` receives matrix `i` as an
+/// `[m, n_i]` row-major block. The matrices are split into row groups across the pool.
+pub(crate) fn matmul_many(mats: &[&PackedMatrix], acts: &[&Acts], outs: &mut [&mut [f32]]) {
+    let m = acts[0].m();
+    // (matrix, first group) for every work item.
+    let mut items: Vec<(usize, usize)> = Vec::new();
+    let mut macs = 0usize;
+    for (i, w) in mats.iter().enumerate() {
+        assert_eq!(outs[i].len(), m * w.n(), "output size of matrix {i}");
+        for g in 0..w.groups() {
+            items.push((i, g));
+        }
+        macs += w.n() * w.k() * m;
+    }
+    let outs: Vec<OutPtr> = outs
+        .iter_mut()
+        .map(|o| OutPtr(o.as_mut_ptr(), o.len()))
+        .collect();
+    let run = |range: std::ops::Range<usize>| {
+        for &(i, g) in &items[range] {
+            let w = mats[i];
+            let acts = acts
+                .iter()
+                .find(|a| a.kind() == w.format().act_kind(w.isa()))
+                .expect("activations quantized for every format");
+            // SAFETY: each (matrix, group) item is handed to exactly one worker, and
+            // `run_group` writes only the columns of group `g`, so no two workers write the
+            // same element; the buffer outlives the pool call, which blocks until all finish.
+            unsafe { w.run_group(g, acts, outs[i].0, outs[i].1) };
+        }
+    };
+    if macs < PARALLEL_MIN_MACS || items.len() < 2 {
+        run(0..items.len());
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items.len(), run);
+    }
+}
+
+/// A raw output pointer handed to pool workers.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32, usize);
+// SAFETY: workers write disjoint elements through it (see `matmul_many`), and the buffer
+// outlives the parallel region.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; shared references only copy the pointer.
+unsafe impl Sync for OutPtr {}

@@ -1,0 +1,245 @@
+//! Repacking GGUF blocks into groups of `R` interleaved rows, and running one group.
+//!
+//! GGUF stores a weight matrix row by row, each row a run of 32-value blocks:
+//! - Q4_0: `d: f16, qs: [u8; 16]` — value `j` is `d · (q_j − 8)`,
+//! - Q4_1: `d: f16, m: f16, qs: [u8; 16]` — value `j` is `d · q_j + m`,
+//! - Q8_0: `d: f16, qs: [i8; 32]` — value `j` is `d · q_j`,
+//!
+//! where for the 4-bit formats byte `i` holds `q_i` in its low nibble and `q_{i+16}` in its
+//! high nibble. A packed group-block holds block `b` of rows `g·R .. g·R+R`:
+//! - Q4_x: `qs: [u8; 16·R]` as 4 chunks of `4·R` bytes; chunk `c` holds bytes `4c..4c+4` of
+//!   each row in turn, so its low nibbles are values `4c..4c+4` and its high nibbles values
+//!   `16+4c..16+4c+4` of the `R` rows; then `d: [f16; R]` and, for Q4_1, `m: [f16; R]`.
+//! - Q8_0: `qs: [i8; 32·R]` as 8 chunks of `4·R` bytes, chunk `j` holding values
+//!   `4j..4j+4` of each row in turn; then `d: [f16; R]` and `sum: [i16; R]` (Σ q of the
+//!   row's block).
+//!
+//! So sub-block `j` (values `4j..4j+4`) of all `R` rows is one `4·R`-byte vector, matched by
+//! one 4-byte broadcast of the activations. Rows past `n` are zero (scale 0).
+use half::f16;
+
+use super::act::Acts;
+use super::{Format, Isa, BLOCK, MAX_R, TILE_T};
+
+/// One kernel call's results: `TILE_T` tokens × up to `MAX_R` rows.
+pub(crate) type Tile = [[f32; MAX_R]; TILE_T];
+
+/// A weight matrix (`n` rows of `k` values) repacked for one instruction set's kernels.
+pub struct PackedMatrix {
+    format: Format,
+    isa: Isa,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix")
+            .field("format", &self.format)
+            .field("isa", &self.isa)
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .finish()
+    }
+}
+
+fn rd_f16(b: &[u8], off: usize) -> f16 {
+    f16::from_le_bytes([b[off], b[off + 1]])
+}
+
+impl PackedMatrix {
+    /// Repacks `raw`, the GGUF bytes of an `n × k` matrix in `format`, for `isa`'s kernels.
+    pub fn pack(format: Format, raw: &[u8], n: usize, k: usize, isa: Isa) -> Result<Self, String> {
+        if !isa.is_supported() {
+            return Err(format!("{isa:?} is not supported by this CPU"));
+        }
+        if k == 0 || !k.is_multiple_of(BLOCK) {
+            return Err(format!("k = {k} is not a positive multiple of {BLOCK}"));
+        }
+        let nb = k / BLOCK;
+        let bb = format.block_bytes();
+        if raw.len() != n * nb * bb {
+            return Err(format!(
+                "{format:?} {n}×{k} needs {} bytes, got {}",
+                n * nb * bb,
+                raw.len()
+            ));
+        }
+        let r = isa.rows();
+        let groups = n.div_ceil(r);
+        let pb = format.packed_block_bytes(r);
+        let mut data = vec![0u8; groups * nb * pb];
+        for (gi, gdata) in data.chunks_exact_mut(nb * pb).enumerate() {
+            for (b, dst) in gdata.chunks_exact_mut(pb).enumerate() {
+                for ri in 0..r {
+                    let row = gi * r + ri;
+                    if row >= n {
+                        break;
+                    }
+                    let src = &raw[(row * nb + b) * bb..(row * nb + b + 1) * bb];
+                    match format {
+                        Format::Q4_0 | Format::Q4_1 => {
+                            let qs_off = if format == Format::Q4_1 { 4 } else { 2 };
+                            let qs = &src[qs_off..qs_off + 16];
+                            for c in 0..4 {
+                                let at = c * 4 * r + ri * 4;
+                                dst[at..at + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
+                            }
+                            dst[16 * r + 2 * ri..16 * r + 2 * ri + 2].copy_from_slice(&src[0..2]);
+                            if format == Format::Q4_1 {
+                                let at = 18 * r + 2 * ri;
+                                dst[at..at + 2].copy_from_slice(&src[2..4]);
+                            }
+                        }
+                        Format::Q8_0 => {
+                            let qs = &src[2..34];
+                            for j in 0..8 {
+                                let at = j * 4 * r + ri * 4;
+                                dst[at..at + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
+                            }
+                            dst[32 * r + 2 * ri..32 * r + 2 * ri + 2].copy_from_slice(&src[0..2]);
+                            let sum: i16 = qs.iter().map(|&q| q as i8 as i16).sum();
+                            let at = 34 * r + 2 * ri;
+                            dst[at..at + 2].copy_from_slice(&sum.to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            format,
+            isa,
+            n,
+            k,
+            data,
+        })
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Output rows.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input values per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Row groups (`⌈n / R⌉`).
+    pub fn groups(&self) -> usize {
+        self.n.div_ceil(self.isa.rows())
+    }
+
+    /// Bytes the packed weights take.
+    pub fn storage_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// `x` (`m × k`, row-major) times this matrix transposed: `m × n`, row-major. Quantizes
+    /// `x` and runs every row group, split across the pool when worth it.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let acts = Acts::quantize(self.format.act_kind(self.isa), x, m, self.k, self.isa);
+        self.matmul_quantized(&acts)
+    }
+
+    /// As [`PackedMatrix::matmul`] with activations already quantized for this matrix
+    /// (`Acts::quantize(self.format().act_kind(self.isa()), ..)`).
+    pub fn matmul_quantized(&self, acts: &Acts) -> Vec<f32> {
+        let mut out = vec![0f32; acts.m() * self.n];
+        super::matmul_many(&[self], &[acts], &mut [&mut out]);
+        out
+    }
+
+    /// The activation encoding this matrix's kernels read.
+    pub fn act_kind(&self) -> super::act::ActKind {
+        self.format.act_kind(self.isa)
+    }
+
+    /// Computes rows `g·R .. g·R+R` (those below `n`) for every token of `acts`, writing
+    /// `out[t · n + row]`.
+    ///
+    /// # Safety
+    /// `out` must point to `out_len == acts.m() · n` writable f32, and no other thread may
+    /// access the elements of this group's rows while this runs.
+    pub(crate) unsafe fn run_group(&self, g: usize, acts: &Acts, out: *mut f32, out_len: usize) {
+        let r = self.isa.rows();
+        let nb = self.k / BLOCK;
+        let pb = self.format.packed_block_bytes(r);
+        let gdata = &self.data[g * nb * pb..(g + 1) * nb * pb];
+        assert_eq!(acts.k(), self.k, "activations have the wrong width");
+        assert_eq!(
+            acts.kind(),
+            self.act_kind(),
+            "activations have the wrong encoding"
+        );
+        let m = acts.m();
+        assert_eq!(out_len, m * self.n, "output has the wrong size");
+        let row0 = g * r;
+        let rows = r.min(self.n - row0);
+        let mut tile: Tile = [[0f32; MAX_R]; TILE_T];
+        let mut t0 = 0;
+        while t0 < m {
+            let nt = TILE_T.min(m - t0);
+            self.kernel(gdata, acts, t0, nt, &mut tile);
+            for (t, vals) in tile.iter().enumerate().take(nt) {
+                let at = (t0 + t) * self.n + row0;
+                debug_assert!(at + rows <= out_len);
+                // SAFETY: `at + rows <= (t0 + t + 1) · n <= m · n = out_len` since
+                // `row0 + rows <= n`, so the copy stays in the buffer; the caller guarantees
+                // nobody else touches these elements (they belong to this group's rows).
+                unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), out.add(at), rows) };
+            }
+            t0 += nt;
+        }
+    }
+
+    /// One micro-tile: this group against tokens `t0 .. t0 + nt` (`nt <= TILE_T`).
+    fn kernel(&self, gdata: &[u8], acts: &Acts, t0: usize, nt: usize, tile: &mut Tile) {
+        let nb = self.k / BLOCK;
+        match self.isa {
+            Isa::Scalar => super::scalar::kernel(self.format, gdata, nb, acts, t0, nt, tile),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `pack` refused to build a matrix for an instruction set the CPU lacks,
+            // and `gdata` is one group of `nb` blocks packed for `Isa::Avx2` (8 rows).
+            Isa::Avx2 => unsafe { super::avx2::kernel(self.format, gdata, nb, acts, t0, nt, tile) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, for `Isa::Avx512` (16 rows).
+            Isa::Avx512 => unsafe {
+                super::avx512::kernel(self.format, gdata, nb, acts, t0, nt, tile)
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("pack refuses unsupported instruction sets"),
+        }
+    }
+}
+
+/// Dequantizes the GGUF bytes of an `n × k` matrix (row-major f32), for tests and checks.
+pub fn dequantize(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f32> {
+    let bb = format.block_bytes();
+    let mut out = Vec::with_capacity(n * k);
+    for src in raw.chunks_exact(bb).take(n * k / BLOCK) {
+        let d = rd_f16(src, 0).to_f32();
+        match format {
+            Format::Q4_0 | Format::Q4_1 => {
+                let (m, qs) = if format == Format::Q4_1 {
+                    (rd_f16(src, 2).to_f32(), &src[4..20])
+                } else {
+                    (-8.0 * d, &src[2..18])
+                };
+                out.extend(qs.iter().map(|&q| d * (q & 15) as f32 + m));
+                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
+            }
+            Format::Q8_0 => out.extend(src[2..34].iter().map(|&q| d * q as i8 as f32)),
+        }
+    }
+    out
+}

@@ -1,0 +1,398 @@
+//! Property tests of the quantized matmul kernels (`swapd::quant`): every kernel the CPU
+//! supports (scalar, AVX2, AVX-512), called explicitly, on random GGUF blocks and random
+//! activations of many shapes — `k` any multiple of the 32-value block (not only of the SIMD
+//! width), rows and tokens not multiples of the 8/16-row × 4-token tile — against
+//! 1. a float64 product of the dequantized weights and the quantized activations, which the
+//!    kernels compute up to f32 rounding (a tight bound);
+//! 2. a float64 product of the dequantized weights and the original activations, within the
+//!    error activation quantization can cause (derived per output below);
+//! 3. candle's own `QMatMul` on the same bytes;
+//! 4. the scalar kernel (same quantized activations, so only summation order differs).
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{Device, Module, Tensor};
+use half::f16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use swapd::quant::{dequantize, Acts, Format, Isa, PackedMatrix, QLinear};
+
+const FORMATS: [Format; 3] = [Format::Q4_1, Format::Q4_0, Format::Q8_0];
+
+/// Random GGUF bytes for an `n × k` matrix: random scales (and mins), random quants over
+/// their whole range.
+fn random_weights(rng: &mut StdRng, format: Format, n: usize, k: usize) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(n * k / 32 * format.block_bytes());
+    for _ in 0..n * k / 32 {
+        let d = f16::from_f32(rng.random_range(0.0005f32..0.05));
+        raw.extend_from_slice(&d.to_le_bytes());
+        match format {
+            Format::Q4_1 => {
+                let m = f16::from_f32(rng.random_range(-0.4f32..0.1));
+                raw.extend_from_slice(&m.to_le_bytes());
+                raw.extend((0..16).map(|_| rng.random::<u8>()));
+            }
+            Format::Q4_0 => raw.extend((0..16).map(|_| rng.random::<u8>())),
+            Format::Q8_0 => raw.extend((0..32).map(|_| rng.random::<u8>())),
+        }
+    }
+    raw
+}
+
+/// Random activations: rows of different magnitudes, some all-zero blocks, a few outliers.
+fn random_acts(rng: &mut StdRng, m: usize, k: usize) -> Vec<f32> {
+    let mut x = Vec::with_capacity(m * k);
+    for _ in 0..m {
+        let scale = 10f32.powf(rng.random_range(-2.0f32..1.5));
+        for b in 0..k / 32 {
+            let zero_block = rng.random_bool(0.05) && b % 3 == 1;
+            for _ in 0..32 {
+                let v = if zero_block {
+                    0.0
+                } else if rng.random_bool(0.01) {
+                    scale * rng.random_range(-20.0f32..20.0)
+                } else {
+                    scale * rng.random_range(-1.0f32..1.0)
+                };
+                x.push(v);
+            }
+        }
+    }
+    x
+}
+
+/// The GGUF block values as f64 (scales are f16, so this is exact).
+fn dequant_f64(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f64> {
+    let bb = format.block_bytes();
+    let f = |b: &[u8], o: usize| f16::from_le_bytes([b[o], b[o + 1]]).to_f64();
+    let mut out = Vec::with_capacity(n * k);
+    for blk in raw.chunks_exact(bb) {
+        let d = f(blk, 0);
+        match format {
+            Format::Q4_1 | Format::Q4_0 => {
+                let (m, qs) = match format {
+                    Format::Q4_1 => (f(blk, 2), &blk[4..20]),
+                    _ => (-8.0 * d, &blk[2..18]),
+                };
+                out.extend(qs.iter().map(|&q| d * (q & 15) as f64 + m));
+                out.extend(qs.iter().map(|&q| d * (q >> 4) as f64 + m));
+            }
+            Format::Q8_0 => out.extend(blk[2..34].iter().map(|&q| d * q as i8 as f64)),
+        }
+    }
+    out
+}
+
+/// Per-block offsets `m` of a Q4_1 matrix (0 for the other formats).
+fn mins_f64(format: Format, raw: &[u8]) -> Vec<f64> {
+    let bb = format.block_bytes();
+    raw.chunks_exact(bb)
+        .map(|b| match format {
+            Format::Q4_1 => f16::from_le_bytes([b[2], b[3]]).to_f64(),
+            _ => 0.0,
+        })
+        .collect()
+}
+
+fn candle_qtensor(format: Format, raw: &[u8], n: usize, k: usize) -> QTensor {
+    let storage = QStorage::from_data(Cow::Borrowed(raw), &Device::Cpu, format.ggml()).unwrap();
+    QTensor::new(storage, (n, k)).unwrap()
+}
+
+struct Case {
+    format: Format,
+    n: usize,
+    k: usize,
+    m: usize,
+    raw: Vec<u8>,
+    x: Vec<f32>,
+}
+
+impl Case {
+    fn random(rng: &mut StdRng, format: Format) -> Self {
+        let k = 32 * [1, 2, 3, 5, 7, 18, 31, 48][rng.random_range(0..8)];
+        let n = [1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100][rng.random_range(0..12)];
+        let m = [1, 1, 2, 3, 4, 5, 7, 9, 13][rng.random_range(0..9)];
+        let raw = random_weights(rng, format, n, k);
+        let x = random_acts(rng, m, k);
+        Self {
+            format,
+            n,
+            k,
+            m,
+            raw,
+            x,
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("{:?} n={} k={} m={}", self.format, self.n, self.k, self.m)
+    }
+}
+
+/// The exact product of the dequantized weights and the *quantized* activations `acts`
+/// (with Q4_1's offset term taken against the stored block sums, as the kernels do), and a
+/// bound on f32 rounding: a few ulps of the sum of absolute block terms.
+fn quantized_reference(case: &Case, acts: &Acts) -> (Vec<f64>, Vec<f64>) {
+    let (n, k, m) = (case.n, case.k, case.m);
+    let nb = k / 32;
+    let w = dequant_f64(case.format, &case.raw, n, k);
+    let mins = mins_f64(case.format, &case.raw);
+    let mut y = vec![0f64; m * n];
+    let mut tol = vec![0f64; m * n];
+    for t in 0..m {
+        let qs = acts.qs_row(t);
+        let d = acts.d_row(t);
+        let s = acts.s_row(t);
+        let unsigned = acts.kind() == swapd::quant::ActKind::Q8_0Unsigned;
+        for r in 0..n {
+            let (mut acc, mut mag) = (0f64, 0f64);
+            for b in 0..nb {
+                let mut blk = 0f64;
+                for i in 0..32 {
+                    let q = if unsigned {
+                        qs[b * 32 + i] as i32 - 128
+                    } else {
+                        qs[b * 32 + i] as i8 as i32
+                    };
+                    // The Q4_1 offset is applied through the stored sum below.
+                    blk += (w[r * k + b * 32 + i] - mins[r * nb + b]) * q as f64;
+                }
+                let term = blk * d[b] as f64 + mins[r * nb + b] * s[b] as f64;
+                acc += term;
+                mag += (blk * d[b] as f64).abs() + (mins[r * nb + b] * s[b] as f64).abs();
+            }
+            y[t * n + r] = acc;
+            tol[t * n + r] = 4.0 * nb as f64 * f32::EPSILON as f64 * mag + 1e-30;
+        }
+    }
+    (y, tol)
+}
+
+/// The exact product with the original activations, and how far quantizing them can move
+/// each output. Per element `|D·q − x| ≤ d/2 + 127·|D − d| ≤ d·(1/2 + 127·2⁻¹¹) ≈ 0.5620·d`,
+/// where `d = amax/127` and `D = f16(d)` (relative error ≤ 2⁻¹¹), plus a hair for f32
+/// rounding of `x/d`: a block adds at most `0.5635·d·Σ|w − m|`. Q4_1's offset term `m·s`
+/// stands for `m·Σx`, and `|s − Σx| ≤ |s − d·Σq| + Σ|d·q − x| ≤ 2⁻¹¹·4064·d + 16·d < 18·d`;
+/// 20·d leaves room for candle, which rounds `Σq` and the product to f16. f32 rounding adds
+/// a few ulps of `Σ|w·x|`. `window` > 1 takes `d` as the largest over aligned runs of that
+/// many blocks: candle quantizes activations per 256 values (Q8_K) for its repacked Q8_0.
+fn float_reference(case: &Case, acts: &Acts, window: usize) -> (Vec<f64>, Vec<f64>) {
+    let (n, k, m) = (case.n, case.k, case.m);
+    let nb = k / 32;
+    let w = dequant_f64(case.format, &case.raw, n, k);
+    let mins = mins_f64(case.format, &case.raw);
+    let mut y = vec![0f64; m * n];
+    let mut tol = vec![0f64; m * n];
+    for t in 0..m {
+        let x = &case.x[t * k..(t + 1) * k];
+        let d = acts.d_row(t);
+        for r in 0..n {
+            let (mut acc, mut bound, mut mag) = (0f64, 0f64, 0f64);
+            for b in 0..nb {
+                let mut wabs = 0f64;
+                for i in 0..32 {
+                    let wi = w[r * k + b * 32 + i];
+                    let xi = x[b * 32 + i] as f64;
+                    acc += wi * xi;
+                    mag += (wi * xi).abs();
+                    wabs += (wi - mins[r * nb + b]).abs();
+                }
+                let w0 = b / window * window;
+                let dmax = d[w0..(w0 + window).min(nb)]
+                    .iter()
+                    .fold(0f32, |a, &v| a.max(v));
+                let db = dmax as f64 * (1.0 + 1.0 / 1024.0);
+                bound += 0.5635 * db * wabs;
+                bound += mins[r * nb + b].abs() * 20.0 * db;
+            }
+            y[t * n + r] = acc;
+            tol[t * n + r] = bound + 8.0 * nb as f64 * f32::EPSILON as f64 * mag + 1e-12;
+        }
+    }
+    (y, tol)
+}
+
+fn check_close(label: &str, what: &str, got: &[f32], want: &[f64], tol: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{label}: {what}: length");
+    for (i, ((&g, &w), &t)) in got.iter().zip(want).zip(tol).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(
+            err <= t,
+            "{label}: {what}: output {i}: got {g}, want {w}, error {err:e} > tolerance {t:e}"
+        );
+    }
+}
+
+#[test]
+fn activation_quantizers_agree_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for kind in [
+        swapd::quant::ActKind::Q8_1,
+        swapd::quant::ActKind::Q8_0,
+        swapd::quant::ActKind::Q8_0Unsigned,
+    ] {
+        for _ in 0..20 {
+            let (m, k) = (rng.random_range(1..6), 32 * rng.random_range(1..40));
+            let x = random_acts(&mut rng, m, k);
+            let reference = Acts::quantize(kind, &x, m, k, Isa::Scalar);
+            for isa in Isa::supported() {
+                let a = Acts::quantize(kind, &x, m, k, isa);
+                for t in 0..m {
+                    assert_eq!(a.qs_row(t), reference.qs_row(t), "{kind:?} {isa:?} qs");
+                    assert_eq!(a.d_row(t), reference.d_row(t), "{kind:?} {isa:?} d");
+                    assert_eq!(a.s_row(t), reference.s_row(t), "{kind:?} {isa:?} s");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_matches_float64_references_and_candle() {
+    let isas = Isa::supported();
+    eprintln!("instruction sets tested: {isas:?}");
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    for format in FORMATS {
+        for _ in 0..40 {
+            let case = Case::random(&mut rng, format);
+            let label = case.label();
+            // candle's vec dots require an even number of blocks per row (debug-asserted).
+            let candle_ok = (case.k / 32).is_multiple_of(2);
+            let candle = if !candle_ok {
+                Vec::new()
+            } else {
+                let q = candle_qtensor(format, &case.raw, case.n, case.k);
+                let x = Tensor::from_slice(&case.x, (case.m, case.k), &Device::Cpu).unwrap();
+                QMatMul::from_qtensor(q)
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let mut scalar_out: Option<Vec<f32>> = None;
+            for &isa in &isas {
+                let label = format!("{label} {isa:?}");
+                let w = PackedMatrix::pack(format, &case.raw, case.n, case.k, isa).unwrap();
+                let acts = Acts::quantize(w.act_kind(), &case.x, case.m, case.k, isa);
+                let got = w.matmul_quantized(&acts);
+                assert_eq!(got, w.matmul(&case.x, case.m), "{label}: matmul");
+
+                let (want, tol) = quantized_reference(&case, &acts);
+                check_close(&label, "quantized-activation reference", &got, &want, &tol);
+
+                let (want, tol) = float_reference(&case, &acts, 1);
+                check_close(&label, "float64 reference", &got, &want, &tol);
+                // candle's result obeys the same kind of bound around the exact product.
+                let window = if format == Format::Q8_0 && case.k.is_multiple_of(256) {
+                    8
+                } else {
+                    1
+                };
+                if candle_ok {
+                    let (_, candle_tol) = float_reference(&case, &acts, window);
+                    check_close(&label, "candle vs float64", &candle, &want, &candle_tol);
+                    let both: Vec<f64> = tol.iter().zip(&candle_tol).map(|(a, b)| a + b).collect();
+                    let candle64: Vec<f64> = candle.iter().map(|&v| v as f64).collect();
+                    check_close(&label, "candle QMatMul", &got, &candle64, &both);
+                }
+
+                match &scalar_out {
+                    None => scalar_out = Some(got),
+                    Some(s) => {
+                        let (_, tol) = quantized_reference(&case, &acts);
+                        let s64: Vec<f64> = s.iter().map(|&v| v as f64).collect();
+                        let tol2: Vec<f64> = tol.iter().map(|t| 2.0 * t).collect();
+                        check_close(&label, "scalar kernel", &got, &s64, &tol2);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn large_products_split_across_threads_match_one_thread() {
+    // Big enough to go through the pool, with rows not a multiple of any group size.
+    let mut rng = StdRng::seed_from_u64(99);
+    for format in FORMATS {
+        let (n, k, m) = (1000, 576, 19);
+        let raw = random_weights(&mut rng, format, n, k);
+        let x = random_acts(&mut rng, m, k);
+        for isa in Isa::supported() {
+            let w = PackedMatrix::pack(format, &raw, n, k, isa).unwrap();
+            let acts = Acts::quantize(w.act_kind(), &x, m, k, isa);
+            let all = w.matmul_quantized(&acts);
+            // Row by row and token by token, each a product too small to be split.
+            for t in [0, 7, 18] {
+                let one = Acts::quantize(w.act_kind(), &x[t * k..(t + 1) * k], 1, k, isa);
+                let row = w.matmul_quantized(&one);
+                assert_eq!(row, all[t * n..(t + 1) * n], "{format:?} {isa:?} token {t}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantize_matches_candle() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for format in FORMATS {
+        let (n, k) = (5, 96);
+        let raw = random_weights(&mut rng, format, n, k);
+        let ours = dequantize(format, &raw, n, k);
+        let theirs = candle_qtensor(format, &raw, n, k)
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(ours, theirs, "{format:?}");
+    }
+}
+
+#[test]
+fn qlinear_forward_shapes_fallback_and_forward_many() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (k, m) = (96, 5);
+    let x = random_acts(&mut rng, m, k);
+    let xt = Tensor::from_slice(&x, (1, m, k), &Device::Cpu).unwrap();
+    for isa in Isa::supported() {
+        let layers: Vec<(QLinear, PackedMatrix)> = [(Format::Q4_1, 24), (Format::Q8_0, 9)]
+            .into_iter()
+            .map(|(format, n)| {
+                let raw = random_weights(&mut rng, format, n, k);
+                let q = candle_qtensor(format, &raw, n, k);
+                let l = QLinear::from_qtensor_with_isa(q, isa).unwrap();
+                assert!(l.is_native());
+                (l, PackedMatrix::pack(format, &raw, n, k, isa).unwrap())
+            })
+            .collect();
+        let refs: Vec<&QLinear> = layers.iter().map(|(l, _)| l).collect();
+        let many = QLinear::forward_many(&refs, &xt).unwrap();
+        for ((l, p), y) in layers.iter().zip(&many) {
+            assert_eq!(y.dims(), &[1, m, p.n()]);
+            let want = p.matmul(&x, m);
+            let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(y, want, "{isa:?} forward_many");
+            let single = l.forward(&xt).unwrap();
+            let single = single.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(single, want, "{isa:?} forward");
+        }
+    }
+    // K-quants go to candle's QMatMul, unchanged.
+    let w = Tensor::from_slice(&random_acts(&mut rng, 8, 256), (8, 256), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+    let x = Tensor::from_slice(&random_acts(&mut rng, 2, 256), (2, 256), &Device::Cpu).unwrap();
+    let l = QLinear::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+    assert!(!l.is_native());
+    let want = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
+    let got = l.forward(&x).unwrap();
+    assert_eq!(
+        got.to_vec2::<f32>().unwrap(),
+        want.to_vec2::<f32>().unwrap()
+    );
+}
