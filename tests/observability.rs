@@ -77,7 +77,7 @@ async fn metrics_follow_a_real_model_reload() {
     // A long stream holds the old version through the reload.
     let mut client = server.client().await;
     let mut stream = client
-        .generate(greedy(LLM, "Once upon a time", 400))
+        .generate(greedy(LLM, "Once upon a time", 2000))
         .await
         .unwrap()
         .into_inner();

@@ -79,7 +79,7 @@ async fn sigterm_under_load_finishes_every_stream_then_exits_0() {
     let args = real_args(&["--shutdown-grace-secs", "120", "--max-concurrent", "4"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut p = Served::start(&args, &[]);
-    let handles = streams_in_flight(&p.url, 4, 40).await;
+    let handles = streams_in_flight(&p.url, 4, 300).await;
     p.signal("TERM");
     p.wait_for_log("shutdown: health NOT_SERVING", Duration::from_secs(10));
     // No new request is accepted once the drain began.
@@ -99,7 +99,10 @@ async fn sigterm_under_load_finishes_every_stream_then_exits_0() {
     for h in handles {
         let out = h.await.unwrap().expect("the stream was not cut short");
         let f = out.finished.clone().expect("the stream finished");
-        assert_eq!(f.completion_tokens, 40, "{out:?}");
+        assert!(
+            f.completion_tokens == 300 || f.reason == swapd::proto::FinishReason::Eos as i32,
+            "{out:?}"
+        );
     }
     let code = tokio::task::spawn_blocking(move || {
         let code = p.wait_exit(Duration::from_secs(30));
@@ -109,6 +112,8 @@ async fn sigterm_under_load_finishes_every_stream_then_exits_0() {
     .unwrap();
     assert_eq!(code.0, Some(0), "{}", code.1);
     assert!(code.1.contains("drain clean"), "{}", code.1);
+    // The four streams were still running when the signal came.
+    assert!(code.1.contains("in_flight=4"), "{}", code.1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +121,7 @@ async fn past_the_grace_period_streams_end_unavailable_and_the_exit_is_still_0()
     let args = real_args(&["--shutdown-grace-secs", "0.5"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut p = Served::start(&args, &[]);
-    let handles = streams_in_flight(&p.url, 2, 1000).await;
+    let handles = streams_in_flight(&p.url, 2, 1500).await;
     p.signal("TERM");
     for h in handles {
         let err = h
@@ -141,7 +146,7 @@ async fn a_second_signal_exits_at_once() {
     let args = real_args(&["--shutdown-grace-secs", "300"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut p = Served::start(&args, &[]);
-    let _handles = streams_in_flight(&p.url, 1, 1000).await;
+    let _handles = streams_in_flight(&p.url, 1, 1500).await;
     p.signal("TERM");
     p.wait_for_log("a second signal exits at once", Duration::from_secs(10));
     p.signal("INT");
