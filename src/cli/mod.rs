@@ -1,5 +1,6 @@
 //! The command line: `swapd serve` and the client commands operators and scripts use.
 pub mod admin;
+pub mod bench;
 pub mod client;
 pub mod fleet;
 
@@ -39,6 +40,9 @@ pub enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Benchmarks against a running server.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Roll a new model version across replicas: a canary, then batches, each watched;
     /// on any failure stop and roll back every replica changed.
     FleetReload(fleet::FleetArgs),
@@ -67,6 +71,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Rollback(a) => admin::rollback(a).await,
         Command::Status(a) => admin::status(a).await,
         Command::Config(ConfigCommand::Check { file }) => return config_check(file),
+        Command::Bench(b) => bench::run(b).await,
         Command::FleetReload(a) => fleet::fleet_reload(a).await,
     };
     match result {
