@@ -401,7 +401,8 @@ fn analyze(
     let reload_secs: f64 = windows
         .iter()
         .map(|(a, z)| (z.min(b.duration) - a.min(b.duration)).max(0.0))
-        .sum();
+        .sum::<f64>()
+        + 0.0; // An empty float sum is -0.0.
     let stats = |during: bool| {
         let mut s = WindowStats {
             seconds: if during {
@@ -612,6 +613,17 @@ fn plot(
         })
         .collect();
     let mut sorted: Vec<f64> = points.iter().map(|p| p.1).collect();
+    // One median and one maximum per 100 ms keep the file small and every spike visible.
+    let mut bins: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+    for (t, v) in &points {
+        bins.entry((t * 10.0) as u64).or_default().push(*v);
+    }
+    let (mut medians, mut maxima) = (Vec::new(), Vec::new());
+    for (bin, mut vs) in bins {
+        let t = bin as f64 / 10.0 + 0.05;
+        medians.push((t, percentile(&mut vs, 50.0)));
+        maxima.push((t, vs[vs.len() - 1]));
+    }
     let y_max = (percentile(&mut sorted, 99.9) * 1.2).max(1.0);
     let x_max = r.duration_s + 1.0;
     let rss_max = rss.iter().map(|x| x.1).max().unwrap_or(1) as f64 / 1e6 * 1.1;
@@ -620,7 +632,7 @@ fn plot(
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "{}: inter-token latency (dots, ms) and RSS (line, MB); reloads shaded",
+                "{}: inter-token latency per 100 ms (blue median, magenta max, ms), RSS (red, MB); reload phases shaded",
                 r.label
             ),
             ("sans-serif", 18),
@@ -660,13 +672,15 @@ fn plot(
             }))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    chart
-        .draw_series(
-            points
-                .iter()
-                .map(|(t, v)| Circle::new((*t, v.min(y_max)), 1, BLUE.mix(0.5).filled())),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (series, color) in [(&maxima, MAGENTA.mix(0.5)), (&medians, BLUE.mix(0.7))] {
+        chart
+            .draw_series(
+                series
+                    .iter()
+                    .map(|(t, v)| Circle::new((*t, v.min(y_max)), 1, color.filled())),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     chart
         .draw_secondary_series(LineSeries::new(
             rss.iter().map(|(t, v)| (*t, *v as f64 / 1e6)),
