@@ -67,7 +67,11 @@ fn lease_and_swap(c: &mut Criterion) {
             let slot = registry.slot("tiny").unwrap();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                slot.activate(if n.is_multiple_of(2) { b.clone() } else { a.clone() });
+                slot.activate(if n.is_multiple_of(2) {
+                    b.clone()
+                } else {
+                    a.clone()
+                });
                 n += 1;
             }
             n
@@ -86,7 +90,11 @@ fn lease_and_swap(c: &mut Criterion) {
     c.bench_function("swap/activate", |bench| {
         bench.iter(|| {
             n += 1;
-            slot.activate(if n.is_multiple_of(2) { a.clone() } else { b.clone() })
+            slot.activate(if n.is_multiple_of(2) {
+                a.clone()
+            } else {
+                b.clone()
+            })
         })
     });
 }

@@ -357,17 +357,21 @@ async fn reload_bench(b: ReloadBench) -> Result<ExitCode> {
         path("md").display(),
         path("svg").display()
     );
-    Ok(if report.failed_requests == 0 && report.mixed_version_streams == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if report.failed_requests == 0 && report.mixed_version_streams == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 /// The `swapd_resident_memory_bytes` value of one scrape (plain HTTP/1.0).
 async fn scrape_rss(url: &str) -> Result<u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").context("metrics URL must be http://")?;
+    let rest = url
+        .strip_prefix("http://")
+        .context("metrics URL must be http://")?;
     let (host, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
     let mut conn = tokio::net::TcpStream::connect(host).await?;
     conn.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
@@ -517,7 +521,12 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "| {name} | {a} | {b} |");
     };
     let (a, b) = (&r.steady, &r.during_reload);
-    row(&mut s, "seconds", format!("{:.1}", a.seconds), format!("{:.1}", b.seconds));
+    row(
+        &mut s,
+        "seconds",
+        format!("{:.1}", a.seconds),
+        format!("{:.1}", b.seconds),
+    );
     row(
         &mut s,
         "aggregate decode tokens/s",
@@ -564,7 +573,14 @@ pub fn markdown(r: &Report) -> String {
     }
     if !r.reload_details.is_empty() {
         let names = [
-            "resolve", "verify", "admit", "load", "preflight", "swap", "drain", "free",
+            "resolve",
+            "verify",
+            "admit",
+            "load",
+            "preflight",
+            "swap",
+            "drain",
+            "free",
         ];
         let _ = writeln!(
             s,
