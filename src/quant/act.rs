@@ -211,3 +211,23 @@ unsafe fn quantize_block_avx2(kind: ActKind, x: &[f32; BLOCK], q: &mut [u8; BLOC
         finish(kind, d, sum)
     }
 }
+
+/// Pointers to the quantized values, scales and sums of tokens `t0 .. t0 + T` (what the SIMD
+/// kernels read through).
+#[cfg(target_arch = "x86_64")]
+pub(super) struct TokenPtrs<const T: usize> {
+    pub(super) qs: [*const u8; T],
+    pub(super) d: [*const f32; T],
+    pub(super) s: [*const f32; T],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const T: usize> TokenPtrs<T> {
+    pub(super) fn new(acts: &Acts, t0: usize) -> Self {
+        Self {
+            qs: std::array::from_fn(|t| acts.qs_row(t0 + t).as_ptr()),
+            d: std::array::from_fn(|t| acts.d_row(t0 + t).as_ptr()),
+            s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
+        }
+    }
+}

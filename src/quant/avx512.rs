@@ -5,9 +5,9 @@
 
 use std::arch::x86_64::*;
 
-use super::act::Acts;
+use super::act::{Acts, TokenPtrs};
 use super::pack::Tile;
-use super::{Format, BLOCK};
+use super::{check_group, Format, BLOCK};
 
 const R: usize = 16;
 
@@ -24,15 +24,7 @@ pub(crate) unsafe fn kernel(
     nt: usize,
     tile: &mut Tile,
 ) {
-    assert!(
-        g.len() >= nb * format.packed_block_bytes(R),
-        "group too short"
-    );
-    assert!(
-        (1..=4).contains(&nt) && t0 + nt <= acts.m(),
-        "tokens out of range"
-    );
-    assert_eq!(acts.k(), nb * BLOCK, "activations have the wrong width");
+    check_group(format, R, g, nb, acts, t0, nt);
     // SAFETY: the caller guarantees the CPU features; the asserts above establish the bounds
     // each kernel relies on.
     unsafe {
@@ -49,22 +41,6 @@ pub(crate) unsafe fn kernel(
             (Format::Q8_0, 2) => q8_0::<2>(g, nb, acts, t0, tile),
             (Format::Q8_0, 3) => q8_0::<3>(g, nb, acts, t0, tile),
             (Format::Q8_0, _) => q8_0::<4>(g, nb, acts, t0, tile),
-        }
-    }
-}
-
-struct TokenPtrs<const T: usize> {
-    qs: [*const u8; T],
-    d: [*const f32; T],
-    s: [*const f32; T],
-}
-
-impl<const T: usize> TokenPtrs<T> {
-    fn new(acts: &Acts, t0: usize) -> Self {
-        Self {
-            qs: std::array::from_fn(|t| acts.qs_row(t0 + t).as_ptr()),
-            d: std::array::from_fn(|t| acts.d_row(t0 + t).as_ptr()),
-            s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
         }
     }
 }

@@ -182,6 +182,30 @@ impl Isa {
 /// costs a few microseconds, about what one core needs for this many.
 const PARALLEL_MIN_MACS: usize = 64 * 1024;
 
+/// The bounds every SIMD kernel's `unsafe` reads rely on: `g` holds `nb` packed blocks of
+/// `rows` rows, `1..=4` tokens from `t0` exist in `acts`, and the activations are `nb`
+/// blocks wide.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn check_group(
+    format: Format,
+    rows: usize,
+    g: &[u8],
+    nb: usize,
+    acts: &Acts,
+    t0: usize,
+    nt: usize,
+) {
+    assert!(
+        g.len() >= nb * format.packed_block_bytes(rows),
+        "group too short"
+    );
+    assert!(
+        (1..=4).contains(&nt) && t0 + nt <= acts.m(),
+        "tokens out of range"
+    );
+    assert_eq!(acts.k(), nb * BLOCK, "activations have the wrong width");
+}
+
 /// `out[t * ldo + col_off + row] = Σ_k w[row, k] · x[t, k]` for every matrix in `mats` (all
 /// with the same `k`), with `acts` the quantized `x`. `outs[i]` receives matrix `i` as an
 /// `[m, n_i]` row-major block. The matrices are split into row groups across the pool.
