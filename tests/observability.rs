@@ -14,16 +14,6 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 const LLM: &str = "smollm2-135m-instruct";
-const PHASES: [&str; 8] = [
-    "resolve",
-    "verify",
-    "admit",
-    "load",
-    "preflight",
-    "swap",
-    "drain",
-    "free",
-];
 
 fn phase_counts(s: &[swapd::metrics::Sample]) -> BTreeMap<String, f64> {
     s.iter()
@@ -149,7 +139,7 @@ async fn metrics_follow_a_real_model_reload() {
     );
     // One sample per phase, for each of the eight phases.
     let phases_after = phase_counts(&after);
-    for phase in PHASES {
+    for phase in swapd::registry::reload::Phase::ALL.map(swapd::metrics::phase_name) {
         let was = phases_before.get(phase).copied().unwrap_or(0.0);
         assert_eq!(
             phases_after.get(phase).copied(),

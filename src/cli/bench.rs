@@ -572,16 +572,7 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     if !r.reload_details.is_empty() {
-        let names = [
-            "resolve",
-            "verify",
-            "admit",
-            "load",
-            "preflight",
-            "swap",
-            "drain",
-            "free",
-        ];
+        let names = crate::registry::reload::Phase::ALL.map(crate::metrics::phase_name);
         let _ = writeln!(
             s,
             "\n| reload | {} | total |\n|---|{}---|",

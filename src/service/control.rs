@@ -213,15 +213,8 @@ impl ControlService {
     /// Counts a control call by whether it started (the reload's own result is counted by
     /// `swapd_reload_total` when it ends).
     fn record<T>(&self, model: &str, rpc: &'static str, r: &Result<T, Status>) {
-        let code = r
-            .as_ref()
-            .map(|_| tonic::Code::Ok)
-            .unwrap_or_else(|s| s.code());
-        let label = if self.reloader.registry.slot(model).is_ok() {
-            model
-        } else {
-            "_unknown"
-        };
+        let code = super::code_of(r);
+        let label = super::model_label(&self.reloader.registry, model);
         self.reloader.metrics.request(label, rpc, code);
         tracing::info!(
             model = label,

@@ -29,20 +29,13 @@ impl InferenceService {
     /// The model label for metrics: a configured model's name, never a caller's arbitrary
     /// string (which would grow the label set without bound).
     fn label(&self, model: &str) -> String {
-        if model.is_empty() || self.registry.slot(model).is_err() {
-            "_unknown".into()
-        } else {
-            model.to_string()
-        }
+        super::model_label(&self.registry, model).to_string()
     }
 
     /// Counts and logs a finished unary call.
     fn done<T>(&self, model: &str, rpc: &'static str, started: Instant, r: &Result<T, Status>) {
-        let code = r
-            .as_ref()
-            .map(|_| tonic::Code::Ok)
-            .unwrap_or_else(|s| s.code());
-        finished(&self.engine.metrics, &self.label(model), rpc, code, started);
+        let label = super::model_label(&self.registry, model);
+        finished(&self.engine.metrics, label, rpc, super::code_of(r), started);
     }
 
     async fn generate_inner(

@@ -39,6 +39,21 @@ pub fn status(e: Error) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// The gRPC code a handler's result ends with.
+pub fn code_of<T>(r: &Result<T, Status>) -> Code {
+    r.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code())
+}
+
+/// The model label for metrics and request logs: a configured model's name, never a caller's
+/// arbitrary string (which would grow the label set without bound).
+pub fn model_label<'a>(registry: &crate::registry::Registry, model: &'a str) -> &'a str {
+    if !model.is_empty() && registry.slot(model).is_ok() {
+        model
+    } else {
+        "_unknown"
+    }
+}
+
 /// The caller's deadline from the `grpc-timeout` header, if it sent one.
 pub fn deadline<T>(req: &tonic::Request<T>) -> Option<Instant> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;

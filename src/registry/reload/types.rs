@@ -21,6 +21,20 @@ pub enum Phase {
     Free,
 }
 
+impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 8] = [
+        Phase::Resolve,
+        Phase::Verify,
+        Phase::Admit,
+        Phase::Load,
+        Phase::Preflight,
+        Phase::Swap,
+        Phase::Drain,
+        Phase::Free,
+    ];
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PhaseState {
     Started,
