@@ -376,6 +376,20 @@ pub async fn serve(
         .await
 }
 
+/// One plain HTTP/1.0 GET of `http://HOST/PATH` (a scrape needs no more): the status line
+/// and the body.
+pub async fn fetch(host: &str, path: &str) -> std::io::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(host).await?;
+    conn.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).await?;
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let status = head.lines().next().unwrap_or("").to_string();
+    Ok((status, body.to_string()))
+}
+
 /// One sample of a scrape, parsed (for tests and tools).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {

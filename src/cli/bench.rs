@@ -368,17 +368,12 @@ async fn reload_bench(b: ReloadBench) -> Result<ExitCode> {
 
 /// The `swapd_resident_memory_bytes` value of one scrape (plain HTTP/1.0).
 async fn scrape_rss(url: &str) -> Result<u64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url
         .strip_prefix("http://")
         .context("metrics URL must be http://")?;
     let (host, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
-    let mut conn = tokio::net::TcpStream::connect(host).await?;
-    conn.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await?;
-    let v = crate::metrics::parse(body.split_once("\r\n\r\n").map(|x| x.1).unwrap_or(""))
+    let (_, body) = crate::metrics::fetch(host, path).await?;
+    let v = crate::metrics::parse(&body)
         .into_iter()
         .find(|s| s.name == "swapd_resident_memory_bytes")
         .context("no swapd_resident_memory_bytes")?;

@@ -336,20 +336,12 @@ pub fn point_manifest_at(
 
 /// One scrape of a `/metrics` endpoint, over plain HTTP/1.0, parsed.
 pub async fn scrape(addr: SocketAddr) -> Vec<swapd::metrics::Sample> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: swapd\r\n\r\n")
+    let (status, text) = swapd::metrics::fetch(&addr.to_string(), "metrics")
         .await
         .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    let (head, text) = body.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
+    assert!(status.contains(" 200 "), "{status}");
     assert!(text.ends_with("# EOF\n"), "not OpenMetrics text: {text}");
-    swapd::metrics::parse(text)
+    swapd::metrics::parse(&text)
 }
 
 /// The value of the one sample named `name` with these labels (others ignored).
