@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, Served, BIN};
+use common::process::{Served, BIN};
 use common::tiny_config;
 
 /// Starts `swapd serve` on `root` and waits for its `serving` log line.
@@ -375,17 +375,11 @@ fn sighup_reloads_a_changed_manifest_entry() {
 fn the_control_service_can_listen_on_its_own_address() {
     let dir = tempfile::tempdir().unwrap();
     tiny_config(dir.path());
-    let port = free_port();
-    let control_url = format!("http://127.0.0.1:{port}");
     let s = serve(
         dir.path(),
-        &[
-            "--control-auth",
-            "false",
-            "--control-listen",
-            &format!("127.0.0.1:{port}"),
-        ],
+        &["--control-auth", "false", "--control-listen", "127.0.0.1:0"],
     );
+    let control_url = s.control_url.clone().expect("a control address");
     let out = client(&control_url, &["status"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("tiny-llm"));
