@@ -36,6 +36,8 @@ pub struct SamplingRequest {
     pub repetition_last_n: Option<u32>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Generate past end-of-sequence tokens, up to max_tokens.
+    pub ignore_eos: bool,
 }
 
 /// A validated generation request.
@@ -315,6 +317,7 @@ struct GenJob {
     params: SamplingParams,
     max_new: usize,
     stop: Vec<String>,
+    ignore_eos: bool,
     return_ids: bool,
     deadline: Option<Instant>,
     admitted_at: Instant,
@@ -352,6 +355,7 @@ impl GenJob {
             prompt: prompt.ids,
             params,
             stop: s.stop.clone(),
+            ignore_eos: s.ignore_eos,
             return_ids: req.return_token_ids,
             deadline,
             admitted_at,
@@ -412,7 +416,7 @@ impl GenJob {
             last_token_at = Some(now);
             first_token_at.get_or_insert(now);
             history.push(token);
-            if llm.tokenizer.end_of_generation.contains(&token) {
+            if !self.ignore_eos && llm.tokenizer.end_of_generation.contains(&token) {
                 break FinishReason::Eos;
             }
             let check = stops.push(&utf8.push(llm.tokenizer.token_bytes(token)));

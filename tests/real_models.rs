@@ -98,9 +98,19 @@ async fn chat_uses_the_models_template_and_default_system_prompt() {
     // The whole greedy reply ends at <|im_end|> (EOS) with llama.cpp's text.
     let mut req = greedy(LLM, "", 64);
     req.input = Some(Input::Chat(chat));
-    let out = collect(&mut client, req).await.unwrap();
+    let out = collect(&mut client, req.clone()).await.unwrap();
     assert_eq!(out.text, chat_ref.greedy_text);
-    assert_eq!(out.finished.unwrap().reason(), proto::FinishReason::Eos);
+    let eos_at = out.finished.unwrap();
+    assert_eq!(eos_at.reason(), proto::FinishReason::Eos);
+    // With ignore_eos the same reply runs past <|im_end|> to max_tokens (benchmarks' fixed
+    // lengths); what came before the end token is unchanged.
+    req.sampling.as_mut().unwrap().ignore_eos = true;
+    let long = collect(&mut client, req).await.unwrap();
+    let f = long.finished.unwrap();
+    assert!(eos_at.completion_tokens < 64, "{eos_at:?}");
+    assert_eq!(f.completion_tokens, 64);
+    assert_eq!(f.reason(), proto::FinishReason::Length);
+    assert!(long.text.starts_with(&out.text), "{:?}", long.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,9 @@ pub struct GenerateArgs {
     /// Stop before this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Generate past end-of-sequence tokens, up to --max-tokens (fixed-length runs).
+    #[arg(long)]
+    pub ignore_eos: bool,
     pub prompt: String,
 }
 
@@ -175,6 +178,7 @@ pub async fn generate(a: GenerateArgs) -> Result<ExitCode> {
             top_k: a.top_k,
             seed: a.seed,
             stop: a.stop,
+            ignore_eos: a.ignore_eos,
             ..Default::default()
         }),
         return_token_ids: false,

@@ -117,6 +117,7 @@ fn sampling(s: Option<proto::SamplingParams>) -> Result<SamplingRequest, Error> 
         repetition_last_n: s.repetition_last_n,
         seed: s.seed,
         stop: s.stop,
+        ignore_eos: s.ignore_eos,
     })
 }
 
