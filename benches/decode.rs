@@ -18,21 +18,7 @@ const GGUF: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 const PROMPT_TOKENS: usize = 273;
 const DECODE_TOKENS: usize = 64;
 
-const TEXT: &str = "The history of computing is a story of people finding ways to make machines \
-do arithmetic faster and more reliably. Early mechanical calculators used gears and levers; \
-the first electronic computers filled rooms with vacuum tubes and consumed enormous amounts of \
-power. The invention of the transistor, and later the integrated circuit, changed everything: \
-each decade brought machines that were smaller, cheaper and dramatically faster than the ones \
-before. Software grew alongside the hardware. Programmers moved from wiring plugboards to \
-writing assembly language, then to compiled languages that let them describe what they wanted \
-instead of how the machine should do it. Operating systems learned to share one processor \
-among many programs, networks connected machines across buildings and then across the world, \
-and the web turned those networks into a medium for everyone. Today a phone in a pocket holds \
-more computing power than the machines that guided the first missions to the moon. Yet the \
-basic questions have not changed much: how do we represent information, how do we transform \
-it efficiently, and how do we know that the answer is right? Language models are the latest \
-chapter of that story. They turn text into numbers, multiply those numbers by large matrices \
-of learned weights, and turn the result back into text, one token at a time.";
+const TEXT: &str = swapd::cli::peers::LONG_PROMPT;
 
 trait Model {
     fn forward(&mut self, x: &Tensor, pos: usize) -> Result<Tensor>;

@@ -3,17 +3,21 @@
 #   scripts/bench-reload.sh
 # Builds the release binary, serves SmolLM2 from a scratch models root holding the shipped
 # GGUF (a.gguf) and a perturbed copy (b.gguf, a real second version), then runs, back to back,
-#   1. steady:     CLIENTS streaming clients for DURATION s, no reload;
-#   2. reloads:    the same while a reload alternates a <-> b every RELOAD_EVERY s;
-#   3. preserving: the same with a memory budget that fits one version only, so each reload
-#                  takes the resource-preserving path.
+#   1. steady:     CLIENTS streaming clients for STEADY_DURATION s, no reload;
+#   2. reloads:    CLIENTS clients for DURATION s while a reload alternates a <-> b every
+#                  RELOAD_EVERY s (a reload takes ~5.6 s on 2 cores, most of it the drain of
+#                  64-token streams, so 600 s gives over 100 reloads);
+#   3. preserving: the same for PRESERVING_DURATION s with a memory budget that fits one
+#                  version only, so each reload takes the resource-preserving path.
 # Each run writes OUT/NAME.json, OUT/NAME.md and OUT/NAME.svg; OUT/summary.md joins the three.
-# Environment: CLIENTS (8), DURATION (300), RELOAD_EVERY (3), MAX_TOKENS (64), OUT
-# (target/bench), PORT (50151), METRICS_PORT (9564).
+# Environment: CLIENTS (8), STEADY_DURATION (120), DURATION (600), PRESERVING_DURATION (300),
+# RELOAD_EVERY (3), MAX_TOKENS (64), OUT (target/bench), PORT (50151), METRICS_PORT (9564).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-8}
-DURATION=${DURATION:-300}
+STEADY_DURATION=${STEADY_DURATION:-120}
+DURATION=${DURATION:-600}
+PRESERVING_DURATION=${PRESERVING_DURATION:-300}
 RELOAD_EVERY=${RELOAD_EVERY:-3}
 MAX_TOKENS=${MAX_TOKENS:-64}
 OUT=${OUT:-target/bench}
@@ -26,10 +30,10 @@ cargo build --release --quiet
 bin=target/release/swapd
 mkdir -p "$OUT"
 
+source scripts/bench-lib.sh
 work=$(mktemp -d)
-server=""
 cleanup() {
-    [[ -n "$server" ]] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
+    stop_server
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -50,48 +54,34 @@ source = "smollm2/a.gguf"
 context_length = 2048
 TOML
 
-start_server() {
-    "$bin" serve --device cpu --models-root "$work/models" --state-dir "$work/state-$1" \
-        --listen "127.0.0.1:$PORT" --metrics-listen "127.0.0.1:$METRICS_PORT" \
-        --admin-token "$TOKEN" --max-concurrent "$CLIENTS" --max-queue 64 "${@:2}" \
-        >"$OUT/server-$1.log" 2>&1 &
-    server=$!
-    for _ in $(seq 1 600); do
-        if "$bin" models --server "http://127.0.0.1:$PORT" >/dev/null 2>&1; then return; fi
-        kill -0 "$server" 2>/dev/null || { cat "$OUT/server-$1.log"; exit 1; }
-        sleep 0.1
-    done
-    echo "the server did not start" >&2
-    exit 1
-}
-stop_server() {
-    kill -TERM "$server"
-    wait "$server" || true
-    server=""
+start_server_for() {
+    start_server "$OUT/server-$1.log" "$PORT" "$METRICS_PORT" --models-root "$work/models" \
+        --state-dir "$work/state-$1" --max-concurrent "$CLIENTS" --max-queue 64 "${@:2}"
 }
 bench() {
     local name=$1
     shift
-    "$bin" bench reload --server "http://127.0.0.1:$PORT" --token "$TOKEN" \
+    "$bin" bench reload --server "$server_url" --token "$TOKEN" \
         --metrics "http://127.0.0.1:$METRICS_PORT/metrics" --clients "$CLIENTS" \
-        --duration "$DURATION" --max-tokens "$MAX_TOKENS" --label "$name" --out "$OUT/$name" \
+        --max-tokens "$MAX_TOKENS" --label "$name" --out "$OUT/$name" \
         --version "smollm2/a.gguf=$sha_a" --version "smollm2/b.gguf=$sha_b" "$@"
 }
 
 status=0
-start_server main
-bench steady --reload-every 0 || status=1
-bench reloads --reload-every "$RELOAD_EVERY" || status=1
+start_server_for main
+bench steady --duration "$STEADY_DURATION" --reload-every 0 || status=1
+bench reloads --duration "$DURATION" --reload-every "$RELOAD_EVERY" || status=1
 stop_server
 # One version of SmolLM2 holds ~210 MB of weights: a 300 MB budget fits one, not two.
-start_server preserving --memory-budget-bytes 300000000 --memory-policy resource-preserving
-bench preserving --reload-every "$RELOAD_EVERY" --resource-preserving || status=1
+start_server_for preserving --memory-budget-bytes 300000000 --memory-policy resource-preserving
+bench preserving --duration "$PRESERVING_DURATION" --reload-every "$RELOAD_EVERY" \
+    --resource-preserving || status=1
 stop_server
 
 {
     echo "## Reload under load: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
     echo
-    echo "\`CLIENTS=$CLIENTS DURATION=$DURATION RELOAD_EVERY=$RELOAD_EVERY MAX_TOKENS=$MAX_TOKENS scripts/bench-reload.sh\`"
+    echo "\`CLIENTS=$CLIENTS STEADY_DURATION=$STEADY_DURATION DURATION=$DURATION PRESERVING_DURATION=$PRESERVING_DURATION RELOAD_EVERY=$RELOAD_EVERY MAX_TOKENS=$MAX_TOKENS scripts/bench-reload.sh\`"
     echo
     cat "$OUT/steady.md" "$OUT/reloads.md" "$OUT/preserving.md"
 } >"$OUT/summary.md"

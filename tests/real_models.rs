@@ -343,3 +343,41 @@ async fn list_and_get_model_report_versions_and_devices() {
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     );
 }
+
+/// The peer benchmark's engines run the same greedy decode: the server over gRPC, swapd's
+/// bare loop and candle's quantized_llama give the same tokens after the same prompt, and
+/// the server counts the prompt as the bare loop tokenizes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decode_benchmark_engines_agree_on_the_tokens() {
+    use swapd::cli::peers::{decode_bench, DecodeBench};
+    let server = TestServer::start(real_config()).await;
+    let gguf = repo_models()
+        .join("smollm2-135m-instruct")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut reports = Vec::new();
+    for engine in ["server", "local", "candle"] {
+        let b = DecodeBench {
+            engine: engine.into(),
+            conn: swapd::cli::client::Conn {
+                server: format!("http://{}", server.addr),
+            },
+            model: LLM.into(),
+            gguf: gguf.clone(),
+            decode_tokens: 12,
+            rounds: 1,
+        };
+        reports.push(decode_bench(b).await.unwrap());
+    }
+    let (served, local, candle) = (&reports[0], &reports[1], &reports[2]);
+    assert_eq!(served.prompt_tokens, local.prompt_tokens);
+    assert!(local.prompt_tokens > 200, "{}", local.prompt_tokens);
+    assert_eq!(served.short_prompt_tokens, local.short_prompt_tokens);
+    assert_eq!(served.first_ids.len(), 13);
+    assert_eq!(served.first_ids, local.first_ids);
+    // candle's kernels round differently; the first tokens still agree.
+    assert_eq!(served.first_ids[..8], candle.first_ids[..8]);
+    for r in &reports {
+        let m = &r.median;
+        assert!(m.prefill_tok_s > 0.0 && m.decode_tok_s > 0.0, "{r:?}");
+    }
+}

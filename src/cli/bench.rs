@@ -32,6 +32,26 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0.15)]
         scale: f32,
     },
+    /// Prefill and decode tokens/s of one stream (a running server, or swapd's or candle's
+    /// model code in this process); prints JSON. See scripts/bench-peers.sh.
+    Decode(super::peers::DecodeBench),
+    /// This machine's memory read bandwidth and the decode floor it sets for a GGUF (every
+    /// weight read once per token); prints JSON.
+    Membw {
+        #[arg(
+            long,
+            default_value = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )]
+        gguf: PathBuf,
+        /// Buffer size in MiB (far beyond the caches).
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        /// Reader threads [default: candle's thread count, as decode uses].
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -152,6 +172,29 @@ pub async fn run(cmd: BenchCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Reload(b) => reload_bench(b).await,
+        BenchCommand::Decode(b) => {
+            let report = super::peers::decode_bench(b).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Membw {
+            gguf,
+            mib,
+            threads,
+            repeats,
+        } => {
+            let threads = threads.unwrap_or_else(candle_core::utils::get_num_threads);
+            let weight_bytes = super::peers::quantized_weight_bytes(&gguf)?;
+            let bw = super::peers::memory_bandwidth(mib << 20, threads, repeats);
+            let report = serde_json::json!({
+                "threads": threads,
+                "bandwidth_bytes_per_s": bw,
+                "weight_bytes": weight_bytes,
+                "floor_tok_s": bw / weight_bytes as f64,
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

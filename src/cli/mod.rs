@@ -3,6 +3,7 @@ pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod fleet;
+pub mod peers;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,30 @@
+# Shared by the benchmark scripts (sourced, not run): start and stop one `swapd serve`.
+# Needs $bin (the swapd binary) and $TOKEN; sets $server (its pid) and $server_url.
+
+server=""
+server_url=""
+
+# start_server LOG PORT METRICS_PORT ARGS...: serves in the background and waits until it
+# answers (the models are loaded and checked), or exits with its log.
+start_server() {
+    local log=$1 port=$2 metrics_port=$3
+    shift 3
+    "$bin" serve --device cpu --listen "127.0.0.1:$port" \
+        --metrics-listen "127.0.0.1:$metrics_port" --admin-token "$TOKEN" "$@" >"$log" 2>&1 &
+    server=$!
+    server_url="http://127.0.0.1:$port"
+    for _ in $(seq 1 600); do
+        if "$bin" models --server "$server_url" >/dev/null 2>&1; then return; fi
+        kill -0 "$server" 2>/dev/null || { cat "$log"; exit 1; }
+        sleep 0.1
+    done
+    echo "the server did not start (log: $log)" >&2
+    exit 1
+}
+
+stop_server() {
+    [[ -n "$server" ]] || return 0
+    kill -TERM "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    server=""
+}
