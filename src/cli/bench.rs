@@ -155,7 +155,17 @@ pub struct Report {
     pub peak_over_steady: Option<f64>,
     /// Per reload: from the drain's end until RSS was back within 2% of steady (ms).
     pub memory_back_ms: Vec<Option<f64>>,
+    /// Inter-token latency by the reload phase running when the token arrived (all reloads).
+    pub itl_by_phase: Vec<PhaseItl>,
     pub reload_details: Vec<ReloadRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseItl {
+    pub phase: String,
+    pub samples: usize,
+    pub itl_ms_p50: f64,
+    pub itl_ms_p99: f64,
 }
 
 pub async fn run(cmd: BenchCommand) -> Result<ExitCode> {
@@ -512,6 +522,36 @@ fn analyze(
                 .map(|(t, _)| (t - drain_end).max(0.0) * 1e3)
         })
         .collect();
+    // Which phase each inter-token gap ended in: where the latency during reloads comes from.
+    let phase_at = |t: f64| {
+        reloads
+            .iter()
+            .filter(|r| t >= r.start && t <= r.end)
+            .flat_map(|r| &r.phases)
+            .find(|p| t >= p.start && t <= p.end)
+            .map(|p| p.phase.as_str())
+    };
+    let mut by_phase: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for r in &records {
+        for w in r.tokens.windows(2) {
+            if let Some(phase) = phase_at(w[1]) {
+                by_phase.entry(phase).or_default().push((w[1] - w[0]) * 1e3);
+            }
+        }
+    }
+    let itl_by_phase = crate::registry::reload::Phase::ALL
+        .map(crate::metrics::phase_name)
+        .into_iter()
+        .filter_map(|name| {
+            let mut v = by_phase.remove(name)?;
+            Some(PhaseItl {
+                phase: name.to_string(),
+                samples: v.len(),
+                itl_ms_p50: percentile(&mut v, 50.0),
+                itl_ms_p99: percentile(&mut v, 99.0),
+            })
+        })
+        .collect();
     Report {
         label: b.label.clone(),
         model: b.model.clone(),
@@ -533,6 +573,7 @@ fn analyze(
             _ => None,
         },
         memory_back_ms,
+        itl_by_phase,
         reload_details: reloads,
     }
 }
@@ -608,6 +649,19 @@ pub fn markdown(r: &Report) -> String {
             pk as f64 / st as f64,
             back.join(", ")
         );
+    }
+    if !r.itl_by_phase.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| inter-token latency by reload phase | samples | p50 (ms) | p99 (ms) |\n|---|---|---|---|"
+        );
+        for p in &r.itl_by_phase {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.1} | {:.1} |",
+                p.phase, p.samples, p.itl_ms_p50, p.itl_ms_p99
+            );
+        }
     }
     if !r.reload_details.is_empty() {
         let names = crate::registry::reload::Phase::ALL.map(crate::metrics::phase_name);
@@ -734,4 +788,78 @@ fn plot(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench(duration: f64) -> ReloadBench {
+        ReloadBench {
+            conn: Conn {
+                server: "http://127.0.0.1:1".into(),
+            },
+            token: None,
+            metrics: None,
+            model: "m".into(),
+            clients: 1,
+            duration,
+            reload_every: 5.0,
+            versions: vec![],
+            resource_preserving: false,
+            max_tokens: 8,
+            out: PathBuf::from("unused"),
+            label: "t".into(),
+        }
+    }
+
+    fn phase(name: &str, start: f64, end: f64) -> PhaseRecord {
+        PhaseRecord {
+            phase: name.into(),
+            start,
+            end,
+        }
+    }
+
+    #[test]
+    fn analysis_splits_windows_and_attributes_latency_to_reload_phases() {
+        // One stream, a token every 100 ms for 10 s, but 400 ms gaps while the reload
+        // (4–6 s) is in its load phase (4–5 s); the drain (5–6 s) is fast again.
+        let mut tokens = vec![];
+        let mut t = 0.0;
+        while t < 10.0 {
+            tokens.push(t);
+            t += if (4.0..5.0).contains(&t) { 0.4 } else { 0.1 };
+        }
+        let records = vec![RequestRecord {
+            client: 0,
+            start: 0.0,
+            tokens,
+            code: "OK".into(),
+            versions: vec!["v1@1".into()],
+        }];
+        let reloads = vec![ReloadRecord {
+            source: "b".into(),
+            start: 4.0,
+            end: 6.0,
+            committed: true,
+            error: String::new(),
+            phases: vec![phase("load", 4.0, 5.0), phase("drain", 5.0, 6.0)],
+        }];
+        let rss = [(1.0, 100), (4.5, 190), (5.5, 150), (6.2, 101), (8.0, 100)];
+        let r = analyze(&bench(10.0), records, &rss, reloads);
+        assert_eq!((r.failed_requests, r.mixed_version_streams), (0, 0));
+        assert!((r.during_reload.seconds - 2.0).abs() < 1e-9);
+        assert!((r.steady.itl_ms_p99 - 100.0).abs() < 1e-6, "{:?}", r.steady);
+        assert!((r.during_reload.itl_ms_p99 - 400.0).abs() < 1e-6);
+        let phases: Vec<_> = r.itl_by_phase.iter().map(|p| p.phase.as_str()).collect();
+        assert_eq!(phases, ["load", "drain"], "in Phase::ALL order");
+        assert!((r.itl_by_phase[0].itl_ms_p50 - 400.0).abs() < 1e-6);
+        assert!((r.itl_by_phase[1].itl_ms_p50 - 100.0).abs() < 1e-6);
+        assert_eq!(r.steady_rss_bytes, Some(100));
+        assert_eq!(r.peak_rss_during_reload_bytes, Some(190));
+        // Back within 2% of steady 200 ms after the drain ended at 6 s.
+        assert!((r.memory_back_ms[0].unwrap() - 200.0).abs() < 1e-6);
+        assert!(markdown(&r).contains("| load | "));
+    }
 }
