@@ -122,6 +122,7 @@ impl Embedder {
         let mask = flat(&|e| e.get_attention_mask());
         let tensor = |v: Vec<u32>| Tensor::from_vec(v, (rows, cols), &self.device);
         let run = || -> candle_core::Result<Vec<Vec<f32>>> {
+            let _turn = super::compute::turn_on(&self.device);
             let mask_t = tensor(mask.clone())?;
             let hidden = self.model.forward(
                 &tensor(ids.clone())?,

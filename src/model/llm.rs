@@ -253,6 +253,7 @@ impl Session {
     }
 
     fn forward(&mut self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let _turn = super::compute::turn_on(&self.device);
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let logits = self.weights.forward(&input, self.pos)?;
         self.pos += ids.len();

@@ -1,6 +1,7 @@
 //! Models: where their files come from, how they are verified and loaded, and the loaded
 //! version every request holds for its whole life.
 pub mod chat;
+pub mod compute;
 pub mod embed;
 pub mod llm;
 pub mod preflight;
