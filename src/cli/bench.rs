@@ -402,7 +402,21 @@ async fn reload_bench(b: ReloadBench) -> Result<ExitCode> {
     std::fs::write(path("json"), serde_json::to_string_pretty(&report)?)?;
     let md = markdown(&report);
     std::fs::write(path("md"), &md)?;
-    plot(&path("svg"), &report, &records, &rss)?;
+    plot(
+        &path("svg"),
+        &report,
+        &records,
+        &rss,
+        (0.0, report.duration_s + 1.0),
+    )?;
+    // A close-up of the first three reloads, small enough to publish.
+    if let (Some(first), Some(third)) = (
+        report.reload_details.first(),
+        report.reload_details.iter().take(3).next_back(),
+    ) {
+        let window = ((first.start - 2.0).max(0.0), third.end + 2.0);
+        plot(&path("zoom.svg"), &report, &records, &rss, window)?;
+    }
     println!("{md}");
     println!(
         "wrote {}, {}, {}",
@@ -695,22 +709,27 @@ pub fn markdown(r: &Report) -> String {
 }
 
 /// Inter-token latency (dots) and RSS (line) over time, reload phases shaded.
+/// Plots the seconds `x0..x1` of the run.
 fn plot(
     path: &std::path::Path,
     r: &Report,
     records: &[RequestRecord],
     rss: &[(f64, u64)],
+    (x0, x1): (f64, f64),
 ) -> Result<()> {
     use plotters::prelude::*;
+    let inside = |t: f64| t >= x0 && t <= x1;
     let points: Vec<(f64, f64)> = records
         .iter()
         .flat_map(|rec| {
             rec.tokens
                 .windows(2)
                 .map(|w| (w[1], (w[1] - w[0]) * 1e3))
+                .filter(|(t, _)| inside(*t))
                 .collect::<Vec<_>>()
         })
         .collect();
+    let rss: Vec<(f64, u64)> = rss.iter().copied().filter(|(t, _)| inside(*t)).collect();
     let mut sorted: Vec<f64> = points.iter().map(|p| p.1).collect();
     // One median and one maximum per 100 ms keep the file small and every spike visible.
     let mut bins: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
@@ -724,7 +743,6 @@ fn plot(
         maxima.push((t, vs[vs.len() - 1]));
     }
     let y_max = (percentile(&mut sorted, 99.9) * 1.2).max(1.0);
-    let x_max = r.duration_s + 1.0;
     let rss_max = rss.iter().map(|x| x.1).max().unwrap_or(1) as f64 / 1e6 * 1.1;
     let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -740,9 +758,9 @@ fn plot(
         .x_label_area_size(35)
         .y_label_area_size(55)
         .right_y_label_area_size(55)
-        .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+        .build_cartesian_2d(x0..x1, 0f64..y_max)
         .map_err(|e| anyhow::anyhow!("{e}"))?
-        .set_secondary_coord(0f64..x_max, 0f64..rss_max.max(1.0));
+        .set_secondary_coord(x0..x1, 0f64..rss_max.max(1.0));
     chart
         .configure_mesh()
         .x_desc("seconds")
@@ -763,12 +781,20 @@ fn plot(
     };
     for rl in &r.reload_details {
         chart
-            .draw_series(rl.phases.iter().map(|p| {
-                Rectangle::new(
-                    [(p.start, 0.0), (p.end.max(p.start + 0.01), y_max)],
-                    shade(&p.phase).mix(0.6).filled(),
-                )
-            }))
+            .draw_series(
+                rl.phases
+                    .iter()
+                    .filter(|p| p.end >= x0 && p.start <= x1)
+                    .map(|p| {
+                        Rectangle::new(
+                            [
+                                (p.start.max(x0), 0.0),
+                                (p.end.max(p.start + 0.01).min(x1), y_max),
+                            ],
+                            shade(&p.phase).mix(0.6).filled(),
+                        )
+                    }),
+            )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     for (series, color) in [(&maxima, MAGENTA.mix(0.5)), (&medians, BLUE.mix(0.7))] {
