@@ -126,6 +126,25 @@ fn sampling(c: &mut Criterion) {
             )
         });
     }
+    // Side by side: candle's own sampler on the same penalized logits (it sorts the whole
+    // vocabulary for top-p; swapd's Sampler sorts only the nucleus's candidates).
+    let penalized =
+        candle_transformers::utils::apply_repeat_penalty(&logits, 1.1, &history).unwrap();
+    g.bench_function("top_p_0.9_t0.2_candle_logits_processor", |bench| {
+        bench.iter_batched(
+            || {
+                candle_transformers::generation::LogitsProcessor::from_sampling(
+                    7,
+                    candle_transformers::generation::Sampling::TopP {
+                        p: 0.9,
+                        temperature: 0.2,
+                    },
+                )
+            },
+            |mut s| s.sample(&penalized).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
     g.finish();
 }
 
