@@ -9,7 +9,8 @@
 #                  takes the resource-preserving path.
 # Each run writes OUT/NAME.json, OUT/NAME.md and OUT/NAME.svg; OUT/summary.md joins the three.
 # Environment: CLIENTS (8), DURATION (300), RELOAD_EVERY (3), MAX_TOKENS (64), OUT
-# (target/bench), PORT (50151), METRICS_PORT (9564).
+# (target/bench), PORT (50151), METRICS_PORT (9564), DEVICE (cpu; cuda[:N] builds with the
+# cuda feature and serves on that GPU, see scripts/gpu-check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-8}
@@ -20,9 +21,12 @@ OUT=${OUT:-target/bench}
 PORT=${PORT:-50151}
 METRICS_PORT=${METRICS_PORT:-9564}
 TOKEN=bench-token
+DEVICE=${DEVICE:-cpu}
+features=()
+[[ "$DEVICE" == cuda* ]] && features=(--features cuda)
 
 scripts/fetch-models.sh
-cargo build --release --quiet
+cargo build --release --quiet "${features[@]}"
 bin=target/release/swapd
 mkdir -p "$OUT"
 
@@ -51,7 +55,7 @@ context_length = 2048
 TOML
 
 start_server() {
-    "$bin" serve --device cpu --models-root "$work/models" --state-dir "$work/state-$1" \
+    "$bin" serve --device "$DEVICE" --models-root "$work/models" --state-dir "$work/state-$1" \
         --listen "127.0.0.1:$PORT" --metrics-listen "127.0.0.1:$METRICS_PORT" \
         --admin-token "$TOKEN" --max-concurrent "$CLIENTS" --max-queue 64 "${@:2}" \
         >"$OUT/server-$1.log" 2>&1 &
