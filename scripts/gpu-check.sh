@@ -179,16 +179,23 @@ if ((gpu)); then bench cpu cpu; fi
 say ""
 say "### Decode and inter-token latency ($CLIENTS clients, $DURATION s per run, reload every $RELOAD_EVERY s)"
 say ""
-say "| | $DEVICE | cpu |"
-say "|---|---|---|"
-d="$OUT/bench-device" c="$OUT/bench-cpu"
-((gpu)) || c="$d"
-tps='"%.1f" % r["steady"]["aggregate_tokens_per_s"]'
-say "| decode tokens/s (steady, aggregate) | $(json "$d/steady.json" "$tps") | $(json "$c/steady.json" "$tps") |"
-steady='"%.1f" % r["steady"]["itl_ms_p99"]'
-during='"%.1f" % r["during_reload"]["itl_ms_p99"]'
-say "| inter-token p99, steady (ms) | $(json "$d/steady.json" "$steady") | $(json "$c/steady.json" "$steady") |"
-say "| inter-token p99, during reloads (ms) | $(json "$d/reloads.json" "$during") | $(json "$c/reloads.json" "$during") |"
+# One column per device run: the GPU's and the CPU's, or the CPU's alone in a dry run.
+runs=("$OUT/bench-device")
+heads="| | $DEVICE |"
+if ((gpu)); then
+    runs+=("$OUT/bench-cpu")
+    heads="$heads cpu |"
+fi
+row() { # NAME FILE EXPR
+    local line="| $1 |" r
+    for r in "${runs[@]}"; do line="$line $(json "$r/$2" "$3") |"; done
+    say "$line"
+}
+say "$heads"
+say "|---|---|${runs[1]:+---|}"
+row "decode tokens/s (steady, aggregate)" steady.json '"%.1f" % r["steady"]["aggregate_tokens_per_s"]'
+row "inter-token p99, steady (ms)" steady.json '"%.1f" % r["steady"]["itl_ms_p99"]'
+row "inter-token p99, during reloads (ms)" reloads.json '"%.1f" % r["during_reload"]["itl_ms_p99"]'
 say ""
 say "benchmark reports: $OUT/bench-*/summary.md"
 echo
