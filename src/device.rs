@@ -123,9 +123,9 @@ pub fn choose(
     }
 }
 
-/// Opens CUDA device `index`. cudarc reports a missing device or a driver that fails as an
-/// error, but some of its failures are panics (a driver library that loads but lacks a
-/// symbol): both become the reason `auto` falls back for.
+/// Opens CUDA device `index`. cudarc reports a missing device or a failing driver as an
+/// error; a panic escaping from it (its dynamic-loading mode panics on a missing symbol, and
+/// candle may change modes) is caught too, so either way `auto` falls back with a reason.
 #[cfg(feature = "cuda")]
 fn open_cuda(index: usize) -> Result<Device, String> {
     let opened = std::panic::catch_unwind(|| {
