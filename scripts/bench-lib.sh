@@ -1,5 +1,6 @@
 # Shared by the benchmark scripts (sourced, not run): start and stop one `swapd serve`.
-# Needs $bin (the swapd binary) and $TOKEN; sets $server (its pid) and $server_url.
+# Needs $bin (the swapd binary) and $TOKEN, and takes $DEVICE (default cpu); sets $server (its
+# pid) and $server_url.
 
 server=""
 server_url=""
@@ -9,7 +10,7 @@ server_url=""
 start_server() {
     local log=$1 port=$2 metrics_port=$3
     shift 3
-    "$bin" serve --device cpu --listen "127.0.0.1:$port" \
+    "$bin" serve --device "${DEVICE:-cpu}" --listen "127.0.0.1:$port" \
         --metrics-listen "127.0.0.1:$metrics_port" --admin-token "$TOKEN" "$@" >"$log" 2>&1 &
     server=$!
     server_url="http://127.0.0.1:$port"

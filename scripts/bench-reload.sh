@@ -11,7 +11,9 @@
 #                  version only, so each reload takes the resource-preserving path.
 # Each run writes OUT/NAME.json, OUT/NAME.md and OUT/NAME.svg; OUT/summary.md joins the three.
 # Environment: CLIENTS (8), STEADY_DURATION (120), DURATION (600), PRESERVING_DURATION (300),
-# RELOAD_EVERY (3), MAX_TOKENS (64), OUT (target/bench), PORT (50151), METRICS_PORT (9564).
+# RELOAD_EVERY (3), MAX_TOKENS (64), OUT (target/bench), PORT (50151), METRICS_PORT (9564),
+# DEVICE (cpu; cuda[:N] builds with the cuda feature and serves on that GPU, see
+# scripts/gpu-check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-8}
@@ -24,9 +26,12 @@ OUT=${OUT:-target/bench}
 PORT=${PORT:-50151}
 METRICS_PORT=${METRICS_PORT:-9564}
 TOKEN=bench-token
+DEVICE=${DEVICE:-cpu}
+features=()
+[[ "$DEVICE" == cuda* ]] && features=(--features cuda)
 
 scripts/fetch-models.sh
-cargo build --release --quiet
+cargo build --release --quiet "${features[@]}"
 bin=target/release/swapd
 mkdir -p "$OUT"
 

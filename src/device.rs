@@ -1,6 +1,9 @@
 //! The compute device: `auto`, `cpu` or `cuda[:N]`, with a CPU fallback for `auto` that says
 //! why in one log line.
 use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::memory::{DeviceMemory, HostMemory};
 
 /// What the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,6 +36,7 @@ impl FromStr for DeviceRequest {
 pub struct Device {
     inner: candle_core::Device,
     label: String,
+    memory: Arc<dyn DeviceMemory>,
 }
 
 impl Device {
@@ -40,6 +44,34 @@ impl Device {
         Self {
             inner: candle_core::Device::Cpu,
             label: "cpu".into(),
+            memory: Arc::new(HostMemory),
+        }
+    }
+
+    /// Where this device's memory is measured and trimmed (admission, reclaim, metrics).
+    pub fn memory(&self) -> &dyn DeviceMemory {
+        self.memory.as_ref()
+    }
+
+    /// The device a new model version loads and runs on. On a GPU it is the same device
+    /// and memory pool with a stream of its own, so the copies and the pre-flight of a
+    /// version being loaded do not queue behind (or in front of) the serving version's
+    /// kernels; on the CPU it is the CPU.
+    pub fn for_new_version(&self) -> Result<Device, String> {
+        match &self.inner {
+            candle_core::Device::Cpu => Ok(self.clone()),
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(d) => {
+                let ordinal = d.cuda_stream().context().ordinal();
+                let inner = candle_core::Device::new_cuda_with_stream(ordinal)
+                    .map_err(|e| e.to_string())?;
+                Ok(Device {
+                    inner,
+                    label: self.label.clone(),
+                    memory: self.memory.clone(),
+                })
+            }
+            other => Err(format!("unsupported device {other:?}")),
         }
     }
 
@@ -91,14 +123,34 @@ pub fn choose(
     }
 }
 
+/// Opens CUDA device `index`. cudarc reports a missing device or a failing driver as an
+/// error; a panic escaping from it (its dynamic-loading mode panics on a missing symbol, and
+/// candle may change modes) is caught too, so either way `auto` falls back with a reason.
 #[cfg(feature = "cuda")]
 fn open_cuda(index: usize) -> Result<Device, String> {
-    candle_core::Device::new_cuda(index)
-        .map(|inner| Device {
+    let opened = std::panic::catch_unwind(|| {
+        // candle appends a backtrace on later lines when RUST_BACKTRACE is set: the reason
+        // goes in one log line, so its first line only.
+        let inner = candle_core::Device::new_cuda(index)
+            .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())?;
+        let memory = match &inner {
+            candle_core::Device::Cuda(d) => crate::memory::cuda::CudaMemory::new(d),
+            _ => return Err("candle returned a non-CUDA device".to_string()),
+        };
+        Ok(Device {
             inner,
             label: format!("cuda:{index}"),
+            memory: Arc::new(memory),
         })
-        .map_err(|e| e.to_string())
+    });
+    opened.unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(format!("the CUDA driver panicked: {msg}"))
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -138,6 +190,7 @@ mod tests {
             Ok(Device {
                 inner: candle_core::Device::Cpu,
                 label: format!("cuda:{i}"),
+                memory: Arc::new(HostMemory),
             })
         };
         let (d, why) = choose(DeviceRequest::Auto, true, gpu).unwrap();

@@ -3,8 +3,9 @@
 //! The library holds everything; `main.rs` only parses the command line and hands off.
 //! Data flow: `service` (proto ⇄ domain) → `registry` (which version is active) → `engine`
 //! (admission, blocking inference threads) → `model` (candle models, tokenizers, sampling).
-//! `unsafe` is denied everywhere but `memory`, which calls the C allocator, and `quant`, whose
-//! SIMD kernels read packed weights through raw pointers.
+//! `unsafe` is denied everywhere but `memory`, which calls the C allocator (and, with the
+//! `cuda` feature, the driver's memory-pool trim), and `quant`, whose SIMD kernels read packed
+//! weights through raw pointers.
 #![deny(unsafe_code)]
 
 pub mod cli;

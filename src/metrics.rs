@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as PromRegistry;
 
+use crate::device::Device;
 use crate::engine::Engine;
 use crate::registry::reload::{Phase, ReloadOutcome};
 use crate::registry::Registry;
@@ -54,6 +55,8 @@ pub struct Metrics {
     running: Gauge,
     queued: Gauge,
     resident: Gauge,
+    device_free: Family<Labels, Gauge>,
+    device_total: Family<Labels, Gauge>,
     scrape: std::sync::Mutex<()>,
 }
 
@@ -90,6 +93,8 @@ impl Metrics {
             running: Gauge::default(),
             queued: Gauge::default(),
             resident: Gauge::default(),
+            device_free: Family::default(),
+            device_total: Family::default(),
             scrape: std::sync::Mutex::new(()),
             registry: PromRegistry::default(),
         };
@@ -111,7 +116,7 @@ impl Metrics {
         );
         r.register(
             "memory_reclaimed_bytes",
-            "Bytes that came back when a replaced version was freed (process RSS on the CPU)",
+            "Bytes that came back when a replaced version was freed (process RSS on the CPU, device memory in use on a GPU)",
             m.memory_reclaimed.clone(),
         );
         r.register(
@@ -178,6 +183,16 @@ impl Metrics {
             "resident_memory_bytes",
             "Resident set size of the process",
             m.resident.clone(),
+        );
+        r.register(
+            "device_memory_free_bytes",
+            "Free memory of the device models load onto (MemAvailable on the CPU, the driver's free bytes on a GPU); admission compares against it",
+            m.device_free.clone(),
+        );
+        r.register(
+            "device_memory_total_bytes",
+            "Total memory of the device models load onto (MemTotal on the CPU)",
+            m.device_total.clone(),
         );
         Self { registry: r, ..m }
     }
@@ -247,7 +262,7 @@ impl Metrics {
     }
 
     /// Reads the state gauges and renders every metric in the OpenMetrics text format.
-    pub fn render(&self, registry: &Registry, engine: &Engine) -> String {
+    pub fn render(&self, registry: &Registry, engine: &Engine, device: &Device) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.active_info.clear();
         self.in_flight.clear();
@@ -290,6 +305,11 @@ impl Metrics {
         self.running.set(running as i64);
         self.queued.set(queued as i64);
         self.resident.set(crate::memory::rss_bytes() as i64);
+        if let Some((free, total)) = device.memory().free_total() {
+            let l = vec![("device", device.label())];
+            self.device_free.get_or_create(&l).set(free as i64);
+            self.device_total.get_or_create(&l).set(total as i64);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -340,6 +360,7 @@ pub struct Endpoint {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
     pub engine: Engine,
+    pub device: Device,
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
@@ -356,10 +377,11 @@ pub async fn serve(
         get(move || {
             let e = endpoint.clone();
             async move {
-                let body =
-                    tokio::task::spawn_blocking(move || e.metrics.render(&e.registry, &e.engine))
-                        .await
-                        .unwrap_or_default();
+                let body = tokio::task::spawn_blocking(move || {
+                    e.metrics.render(&e.registry, &e.engine, &e.device)
+                })
+                .await
+                .unwrap_or_default();
                 (
                     [(
                         CONTENT_TYPE,
@@ -460,13 +482,18 @@ mod tests {
         m.reload_done("m", "reload", &o);
         let r = Registry::default();
         let e = Engine::new(Default::default(), Arc::new(Metrics::new()));
-        let text = m.render(&r, &e);
+        let text = m.render(&r, &e, &Device::cpu());
         let s = parse(&text);
         let one = |name: &str| s.iter().find(|x| x.name == name).map(|x| x.value);
         assert_eq!(one("swapd_requests_total"), Some(1.0));
         assert_eq!(one("swapd_reload_total"), Some(1.0));
         assert_eq!(one("swapd_memory_reclaimed_bytes_total"), Some(1000.0));
         assert_eq!(one("swapd_generated_tokens_total"), Some(1.0));
+        let (free, total) = (
+            one("swapd_device_memory_free_bytes").unwrap(),
+            one("swapd_device_memory_total_bytes").unwrap(),
+        );
+        assert!(0.0 < free && free <= total, "{free} of {total}");
         assert_eq!(one("swapd_inter_token_seconds_count"), Some(1.0));
         let phases: Vec<_> = s
             .iter()

@@ -153,6 +153,7 @@ impl Server {
             metrics: self.metrics.clone(),
             registry: self.registry.clone(),
             engine: self.engine.clone(),
+            device: self.device.clone(),
         }
     }
 

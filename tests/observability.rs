@@ -169,6 +169,26 @@ async fn metrics_follow_a_real_model_reload() {
             > 0.0,
         "freeing a 210 MB version gave memory back"
     );
+    // The device's memory as admission sees it: on the CPU, the machine's MemAvailable of
+    // MemTotal, read by the running server.
+    let device = common::test_device();
+    let device = if device == "cuda" { "cuda:0" } else { &device };
+    let free = value(
+        &after,
+        "swapd_device_memory_free_bytes",
+        &[("device", device)],
+    )
+    .unwrap();
+    let total = value(
+        &after,
+        "swapd_device_memory_total_bytes",
+        &[("device", device)],
+    )
+    .unwrap();
+    assert!(0.0 < free && free < total, "{free} of {total} bytes free");
+    if device == "cpu" {
+        assert_eq!(total as u64, swapd::memory::total_bytes().unwrap());
+    }
     // The stream the client left counts as CANCELLED, with its tokens counted.
     assert_eq!(
         value(

@@ -313,6 +313,12 @@ pub fn load_verified(
 ) -> Result<ModelVersion, ModelError> {
     let version = verify::version_id(&digests);
     let ctx = spec.defaults.context_length;
+    // Each version loads, is checked and serves on a stream of its own (see
+    // `Device::for_new_version`); if one cannot be made, the shared one still works.
+    let device = &device.for_new_version().unwrap_or_else(|reason| {
+        tracing::warn!(model = %spec.name, %reason, "no stream of its own; loading on the device's stream");
+        device.clone()
+    });
     let (model, weight_bytes) = match spec.kind {
         ModelKind::Llm => {
             let llm = Llm::load(&spec.name, &digests[0].path, device.candle(), ctx)?;

@@ -53,8 +53,15 @@ pub struct TestServer {
     shutdown: Option<oneshot::Sender<()>>,
 }
 
+/// The device test servers use: `SWAPD_TEST_DEVICE` (`cuda`, `cuda:1`, `auto`; what
+/// scripts/gpu-check.sh sets), else the CPU.
+pub fn test_device() -> String {
+    std::env::var("SWAPD_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
 impl TestServer {
-    pub async fn start(config: Config) -> Self {
+    pub async fn start(mut config: Config) -> Self {
+        config.device = test_device().parse().expect("SWAPD_TEST_DEVICE");
         let server = Server::start(config).await.expect("server starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

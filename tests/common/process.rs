@@ -34,12 +34,12 @@ impl Drop for Served {
 }
 
 impl Served {
-    /// `swapd serve --device cpu --listen 127.0.0.1:0 ARGS`, with `RUST_LOG=info` unless
+    /// `swapd serve --device DEVICE --listen 127.0.0.1:0 ARGS` (DEVICE: `super::test_device`), with `RUST_LOG=info` unless
     /// `envs` sets it; returns once it logs that it is serving, with the URLs of the addresses
     /// it bound (read from that log line).
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--device", "cpu"])
+        cmd.args(["serve", "--device", &super::test_device()])
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")

@@ -7,7 +7,6 @@ use super::run::Run;
 use super::{digests_of, MemoryPolicy, Phase, PhaseState, ReloadRequest, Reloader, VersionName};
 use crate::error::Error;
 use crate::manifest::ModelSpec;
-use crate::memory;
 use crate::model::{self, FileDigest};
 
 /// The admit phase's decision.
@@ -18,7 +17,9 @@ pub(super) enum Admission {
 }
 
 impl Reloader {
-    /// Whether the new version fits beside what is resident (MemAvailable and the budget).
+    /// Whether the new version fits beside what is resident: the free memory of the device
+    /// it loads onto (MemAvailable on the CPU, the driver's free bytes on a GPU) and the
+    /// budget.
     pub(super) fn admit(
         &self,
         run: &mut Run,
@@ -34,25 +35,22 @@ impl Reloader {
                 return Admission::Refused;
             }
         };
-        let available = memory::available_bytes().unwrap_or(u64::MAX);
+        let device = self.device.label();
+        let free = self.device.memory().free_total().map(|(free, _)| free);
         let resident = self.registry.resident_bytes();
-        let over_budget = self.budget.is_some_and(|b| resident + needed > b);
         let mut ev = run.event(PhaseState::Done, "");
         ev.bytes_needed = needed;
-        ev.bytes_available = available;
-        if needed <= available && !over_budget {
-            ev.detail =
-                format!("needs ~{needed} bytes; {available} available, {resident} resident");
-            run.done(ev);
-            return Admission::Fits;
-        }
-        let why = if over_budget {
-            format!(
-                "the new version needs ~{needed} bytes; with {resident} resident that passes the memory budget of {} bytes",
-                self.budget.unwrap_or_default()
-            )
-        } else {
-            format!("the new version needs ~{needed} bytes but only {available} are available")
+        ev.bytes_available = free.unwrap_or(u64::MAX);
+        let why = match fits(needed, free, resident, self.budget) {
+            Ok(()) => {
+                ev.detail = format!(
+                    "needs ~{needed} bytes; {} free on {device}, {resident} resident",
+                    free.map_or("unknown".into(), |f| f.to_string())
+                );
+                run.done(ev);
+                return Admission::Fits;
+            }
+            Err(why) => format!("{why} on {device}"),
         };
         match req.memory_policy.unwrap_or(self.memory_policy) {
             MemoryPolicy::Refuse => {
@@ -129,5 +127,44 @@ impl Reloader {
                 );
             }
         }
+    }
+}
+
+/// The admission decision: `needed` more bytes beside `resident` fit when the device has
+/// them free (`None`: it cannot tell, so only the budget limits) and the budget allows.
+pub(super) fn fits(
+    needed: u64,
+    free: Option<u64>,
+    resident: u64,
+    budget: Option<u64>,
+) -> Result<(), String> {
+    if let Some(b) = budget.filter(|&b| resident + needed > b) {
+        return Err(format!(
+            "the new version needs ~{needed} bytes; with {resident} resident that passes the memory budget of {b} bytes"
+        ));
+    }
+    match free {
+        Some(free) if needed > free => Err(format!(
+            "the new version needs ~{needed} bytes but only {free} are free"
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fits;
+
+    #[test]
+    fn fits_when_the_device_has_the_bytes_and_the_budget_allows() {
+        assert_eq!(fits(100, Some(100), 0, None), Ok(()));
+        assert_eq!(fits(100, None, 10_000, None), Ok(()));
+        assert_eq!(fits(100, Some(1_000), 900, Some(1_000)), Ok(()));
+        let e = fits(101, Some(100), 0, None).unwrap_err();
+        assert!(e.contains("only 100 are free"), "{e}");
+        let e = fits(100, Some(1_000), 901, Some(1_000)).unwrap_err();
+        assert!(e.contains("memory budget of 1000"), "{e}");
+        // The budget is checked even when the device cannot say what is free.
+        assert!(fits(100, None, 901, Some(1_000)).is_err());
     }
 }

@@ -493,7 +493,8 @@ impl Reloader {
             ));
             return;
         }
-        let rss_before = memory::rss_bytes();
+        let device = self.device.clone();
+        let used_before = device.memory().used_bytes();
         let weak = Arc::downgrade(&old);
         drop(old);
         drop(older);
@@ -501,16 +502,25 @@ impl Reloader {
         while weak.strong_count() > 0 && waited.elapsed() < FREE_WAIT && left == 0 {
             tokio::time::sleep(DRAIN_POLL).await;
         }
-        memory::trim();
+        // On a GPU the trim synchronizes the device: off the async threads.
+        let (released, free_total) =
+            tokio::task::spawn_blocking(move || memory::reclaimed(device.memory(), used_before))
+                .await
+                .unwrap_or((0, None));
         let freed = weak.upgrade().is_none();
-        let released = rss_before as i64 - memory::rss_bytes() as i64;
         run.outcome.previous_freed = freed;
+        let on = match free_total {
+            Some((free, total)) => format!("{}: {free} of {total} bytes free", self.device.label()),
+            None => self.device.label(),
+        };
         let mut ev = run.event(
             PhaseState::Done,
             if freed {
-                format!("previous version freed; RSS down {released} bytes")
+                format!("previous version freed; {released} bytes came back ({on})")
             } else {
-                "previous version still referenced by running requests; freed when they end".into()
+                format!(
+                    "previous version still referenced by running requests; freed when they end ({on})"
+                )
             },
         );
         ev.bytes_released = released;
