@@ -56,12 +56,19 @@ fi
 
 source scripts/bench-lib.sh
 trap stop_server EXIT
-start_server "$OUT/server.log" "$PORT" "$METRICS_PORT" --models-root models --max-concurrent 8
+# The server runs only while it is measured, so each engine has the machine to itself.
+serve() {
+    start_server "$OUT/server.log" "$PORT" "$METRICS_PORT" --models-root models --max-concurrent 8
+}
 
 for pass in $(seq 1 "$PASSES"); do
     echo "== pass $pass/$PASSES"
-    for engine in server local candle; do
-        "$bin" bench decode --engine "$engine" --server "$server_url" --gguf "$GGUF" \
+    serve
+    "$bin" bench decode --engine server --server "$server_url" --gguf "$GGUF" \
+        --decode-tokens "$DECODE" --rounds "$ROUNDS" >"$OUT/server-$pass.json"
+    stop_server
+    for engine in local candle; do
+        "$bin" bench decode --engine "$engine" --gguf "$GGUF" \
             --decode-tokens "$DECODE" --rounds "$ROUNDS" >"$OUT/$engine-$pass.json"
     done
     "$venv/bin/python" scripts/peers/llama_cpp_decode.py "$GGUF" "$THREADS" "$DECODE" \
@@ -71,6 +78,7 @@ done
 echo "== memory bandwidth"
 "$bin" bench membw --gguf "$GGUF" --threads "$THREADS" >"$OUT/membw.json"
 
+serve
 for n in $SCALING; do
     echo "== $n concurrent streams"
     "$bin" bench reload --server "$server_url" --clients "$n" --reload-every 0 \
@@ -84,8 +92,9 @@ if command -v perf >/dev/null; then
     echo "== profile (perf)"
     perf record -q -e cpu-clock -F 999 -g -o "$OUT/perf.data" -- "$bin" bench decode \
         --engine local --gguf "$GGUF" --decode-tokens "$DECODE" --rounds 2 >/dev/null 2>&1
-    perf report -q -i "$OUT/perf.data" --no-children --sort symbol --percent-limit 0.7 \
-        --stdio -g none 2>/dev/null | sed 's/[[:space:]]*$//' | grep -v '^$' >"$OUT/profile.txt"
+    perf report -q -i "$OUT/perf.data" --no-children --sort symbol --fields overhead,sym \
+        --percent-limit 0.7 --stdio -g none 2>/dev/null |
+        sed -e 's/[[:space:]-]*$//' | grep -v '^$' | sort -rn >"$OUT/profile.txt"
 else
     echo "perf not found (Debian: linux-perf): no profile" | tee "$OUT/profile.txt"
 fi

@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
@@ -49,6 +50,7 @@ def generate(prompt, n):
 
 
 generate(short, 8)  # warm-up
+llama_cpp.llama_perf_context_reset(llm.ctx)
 results, prompt_tokens, short_tokens, first_ids = [], 0, 0, []
 for _ in range(rounds):
     prompt_tokens, lt, _ = generate(long_prompt, decode)
@@ -62,6 +64,14 @@ for _ in range(rounds):
         }
     )
 median = {k: statistics.median(r[k] for r in results) for k in results[0]}
+# llama.cpp's own clock over the same rounds (inside llama_decode, without this script's
+# Python loop): how much of the wall time above is the binding's.
+perf = llama_cpp.llama_perf_context(llm.ctx)
+internal = {
+    "prompt_eval_tok_s": perf.n_p_eval / perf.t_p_eval_ms * 1e3 if perf.t_p_eval_ms else 0.0,
+    "eval_tok_s": perf.n_eval / perf.t_eval_ms * 1e3 if perf.t_eval_ms else 0.0,
+    "system_info": llama_cpp.llama_print_system_info().decode(),
+}
 print(
     json.dumps(
         {
@@ -73,6 +83,7 @@ print(
             "first_ids": first_ids,
             "rounds": results,
             "median": median,
+            "llama_internal": internal,
         },
         indent=2,
     )

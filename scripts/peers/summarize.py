@@ -74,6 +74,14 @@ for engine, name in ENGINES:
         f"| {m['decode_tok_s'] / llama['median']['decode_tok_s']:.2f} "
         f"| {m['prefill_tok_s'] / llama['median']['prefill_tok_s']:.2f} | {same}/{len(ref_ids)} |"
     )
+internal = rep.get("llama_internal")
+if internal:
+    print()
+    print(
+        f"llama.cpp's own timers over its rounds (inside llama_decode, without the Python loop): "
+        f"prompt eval {internal['prompt_eval_tok_s']:.1f} tok/s (all prompt batches, long and "
+        f"short), eval {internal['eval_tok_s']:.1f} tok/s. Its build: `{internal['system_info'].strip()}`."
+    )
 print()
 s, l = runs["server"]["median"], runs["local"]["median"]
 print(
