@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154,SC2034
 # Shared by the benchmark scripts (sourced, not run): start and stop one `swapd serve`.
 # Needs $bin (the swapd binary) and $TOKEN, and takes $DEVICE (default cpu); sets $server (its
 # pid) and $server_url.
@@ -21,6 +22,28 @@ start_server() {
     done
     echo "the server did not start (log: $log)" >&2
     exit 1
+}
+
+# two_versions ROOT NAME: a models root serving SmolLM2 as model NAME from ROOT/smollm2/a.gguf
+# (the shipped GGUF), beside b.gguf, a perturbed copy (a real second version); sets $sha_a
+# and $sha_b.
+two_versions() {
+    local root=$1 name=$2
+    mkdir -p "$root/smollm2"
+    cp models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf "$root/smollm2/a.gguf"
+    "$bin" bench perturb "$root/smollm2/a.gguf" "$root/smollm2/b.gguf" >/dev/null
+    sha_a=$(sha256sum "$root/smollm2/a.gguf" | cut -d' ' -f1)
+    sha_b=$(sha256sum "$root/smollm2/b.gguf" | cut -d' ' -f1)
+    cat >"$root/models.toml" <<TOML
+[[model]]
+name = "$name"
+kind = "llm"
+source = "smollm2/a.gguf"
+[model.sha256]
+"a.gguf" = "$sha_a"
+[model.defaults]
+context_length = 2048
+TOML
 }
 
 stop_server() {

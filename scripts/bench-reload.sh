@@ -37,27 +37,14 @@ mkdir -p "$OUT"
 
 source scripts/bench-lib.sh
 work=$(mktemp -d)
+# shellcheck disable=SC2317 # the EXIT trap calls it
 cleanup() {
     stop_server
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-mkdir -p "$work/models/smollm2"
-cp models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf "$work/models/smollm2/a.gguf"
-"$bin" bench perturb "$work/models/smollm2/a.gguf" "$work/models/smollm2/b.gguf" >/dev/null
-sha_a=$(sha256sum "$work/models/smollm2/a.gguf" | cut -d' ' -f1)
-sha_b=$(sha256sum "$work/models/smollm2/b.gguf" | cut -d' ' -f1)
-cat >"$work/models/models.toml" <<TOML
-[[model]]
-name = "smollm2-135m-instruct"
-kind = "llm"
-source = "smollm2/a.gguf"
-[model.sha256]
-"a.gguf" = "$sha_a"
-[model.defaults]
-context_length = 2048
-TOML
+two_versions "$work/models" smollm2-135m-instruct
 
 start_server_for() {
     start_server "$OUT/server-$1.log" "$PORT" "$METRICS_PORT" --models-root "$work/models" \

@@ -97,31 +97,14 @@ fi
 
 # 2. Device memory through a reload that keeps the previous version resident, then one that
 #    frees both old versions. SmolLM2 (a.gguf) and a perturbed copy (b.gguf).
+source scripts/bench-lib.sh # two_versions, start_server (on $DEVICE), stop_server
 work=$(mktemp -d)
-server=""
 cleanup() {
-    if [[ -n "$server" ]]; then
-        kill "$server" 2>/dev/null || true
-        wait "$server" 2>/dev/null || true
-    fi
+    stop_server
     rm -rf "$work"
 }
 trap cleanup EXIT
-mkdir -p "$work/models/smollm2"
-cp models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf "$work/models/smollm2/a.gguf"
-"$bin" bench perturb "$work/models/smollm2/a.gguf" "$work/models/smollm2/b.gguf" >/dev/null
-sha_a=$(sha256sum "$work/models/smollm2/a.gguf" | cut -d' ' -f1)
-sha_b=$(sha256sum "$work/models/smollm2/b.gguf" | cut -d' ' -f1)
-cat >"$work/models/models.toml" <<TOML
-[[model]]
-name = "smollm2"
-kind = "llm"
-source = "smollm2/a.gguf"
-[model.sha256]
-"a.gguf" = "$sha_a"
-[model.defaults]
-context_length = 2048
-TOML
+two_versions "$work/models" smollm2
 
 # swapd's view of the device (what admission uses): free and total from /metrics.
 device_mem() {
@@ -135,19 +118,9 @@ mem_row() { say "| $1 | $(device_mem) | $(smi_used) |"; }
 
 echo "== device memory through reloads"
 smi_before=$(smi_used)
-"$bin" serve --device "$DEVICE" --models-root "$work/models" --listen "127.0.0.1:$PORT" \
-    --metrics-listen "127.0.0.1:$METRICS_PORT" --admin-token "$TOKEN" >"$OUT/server-memory.log" 2>&1 &
-server=$!
-for _ in $(seq 1 600); do
-    "$bin" models --server "http://127.0.0.1:$PORT" >/dev/null 2>&1 && break
-    kill -0 "$server" 2>/dev/null || {
-        cat "$OUT/server-memory.log"
-        exit 1
-    }
-    sleep 0.1
-done
+start_server "$OUT/server-memory.log" "$PORT" "$METRICS_PORT" --models-root "$work/models"
 reload() {
-    "$bin" reload smollm2 --server "http://127.0.0.1:$PORT" --token "$TOKEN" "$@" >>"$OUT/reloads.log" 2>&1
+    "$bin" reload smollm2 --server "$server_url" --token "$TOKEN" "$@" >>"$OUT/reloads.log" 2>&1
 }
 say ""
 say "### Device memory ($DEVICE), SmolLM2 Q4_1"
@@ -162,15 +135,14 @@ reload --source smollm2/a.gguf --sha256 "a.gguf=$sha_a"
 mem_row "after the drain (a active, b and the standby freed)"
 say ""
 say "free phase of the last reload: $(grep -E 'free.*(came back|still referenced)' "$OUT/reloads.log" | tail -1 | xargs)"
-kill -TERM "$server"
-wait "$server" || true
-server=""
+stop_server
 
 # 3. The reload-under-load benchmark on DEVICE and, for the decode comparison, on the CPU.
 bench() {
     echo "== scripts/bench-reload.sh on $1"
-    DEVICE=$1 OUT="$OUT/bench-$2" STEADY_DURATION=$DURATION DURATION=$DURATION \
-        PRESERVING_DURATION=$DURATION CLIENTS=$CLIENTS RELOAD_EVERY=$RELOAD_EVERY \
+    local d=$DURATION
+    DEVICE=$1 OUT="$OUT/bench-$2" STEADY_DURATION=$d DURATION=$d \
+        PRESERVING_DURATION=$d CLIENTS=$CLIENTS RELOAD_EVERY=$RELOAD_EVERY \
         PORT=$PORT METRICS_PORT=$METRICS_PORT scripts/bench-reload.sh >"$OUT/bench-$2.log" 2>&1 ||
         echo "bench-reload.sh on $1 reported a failure: see $OUT/bench-$2.log" >&2
 }
