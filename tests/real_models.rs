@@ -32,8 +32,22 @@ fn llama_refs() -> Vec<LlamaCppRef> {
     serde_json::from_str(include_str!("fixtures/smollm2-llamacpp-reference.json")).unwrap()
 }
 
+/// RSS is per process, and this binary's tests run in parallel, each loading the models: the
+/// test that measures RSS growth runs alone, and every other one holds a shared guard while
+/// it loads and runs models. (A parallel load once counted as "growth" and failed CI.)
+static RSS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+async fn rss_shared() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    RSS.read().await
+}
+
+async fn rss_alone() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    RSS.write().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_ids_and_greedy_tokens_equal_llama_cpp() {
+    let _rss = rss_shared().await;
     let server = TestServer::start(real_config()).await;
     let mut client = server.client().await;
     for r in llama_refs() {
@@ -73,6 +87,7 @@ async fn prompt_ids_and_greedy_tokens_equal_llama_cpp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_uses_the_models_template_and_default_system_prompt() {
+    let _rss = rss_shared().await;
     let server = TestServer::start(real_config()).await;
     let mut client = server.client().await;
     let chat_ref = llama_refs()
@@ -115,6 +130,7 @@ async fn chat_uses_the_models_template_and_default_system_prompt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_match_the_reference() {
+    let _rss = rss_shared().await;
     let server = TestServer::start(real_config()).await;
     let mut client = server.client().await;
     let refs: Vec<EmbRef> =
@@ -173,6 +189,7 @@ async fn embeddings_match_the_reference() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_inputs_are_truncated_at_256_tokens() {
+    let _rss = rss_shared().await;
     let server = TestServer::start(real_config()).await;
     let mut client = server.client().await;
     let long = "word ".repeat(600);
@@ -192,6 +209,7 @@ async fn long_inputs_are_truncated_at_256_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_equal_sequential_and_share_one_copy_of_the_weights() {
+    let _rss = rss_alone().await;
     let mut config = real_config();
     config.limits.max_concurrent = 8;
     let server = TestServer::start(config).await;
@@ -249,6 +267,7 @@ async fn concurrent_streams_equal_sequential_and_share_one_copy_of_the_weights()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_stream_stops_and_releases_its_version() {
+    let _rss = rss_shared().await;
     let server = TestServer::start(real_config()).await;
     let mut client = server.client().await;
     let slot = server.registry.slot(LLM).unwrap();
@@ -276,6 +295,7 @@ async fn a_cancelled_stream_stops_and_releases_its_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fixed_seed_reproduces_a_sampled_output() {
+    let _rss = rss_shared().await;
     let server = TestServer::start(real_config()).await;
     let mut client = server.client().await;
     let sampled = |seed| proto::GenerateRequest {
@@ -298,6 +318,7 @@ async fn a_fixed_seed_reproduces_a_sampled_output() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_strings_end_generation_without_emitting_them() {
+    let _rss = rss_shared().await;
     let server = TestServer::start(real_config()).await;
     let mut client = server.client().await;
     let mut req = greedy(LLM, "The capital of France is", 40);
@@ -311,6 +332,7 @@ async fn stop_strings_end_generation_without_emitting_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_and_get_model_report_versions_and_devices() {
+    let _rss = rss_shared().await;
     let server = TestServer::start(real_config()).await;
     let mut client = server.client().await;
     let models = client
@@ -349,6 +371,7 @@ async fn list_and_get_model_report_versions_and_devices() {
 /// the server counts the prompt as the bare loop tokenizes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_decode_benchmark_engines_agree_on_the_tokens() {
+    let _rss = rss_shared().await;
     use swapd::cli::peers::{decode_bench, DecodeBench};
     let server = TestServer::start(real_config()).await;
     let gguf = repo_models()
