@@ -447,7 +447,7 @@ async fn scrape_rss(url: &str) -> Result<u64> {
     Ok(v.value as u64)
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

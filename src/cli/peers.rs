@@ -224,15 +224,8 @@ pub fn quantized_weight_bytes(path: &Path) -> Result<u64> {
     Ok(ct
         .tensor_infos
         .values()
-        .map(|i| {
-            (i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size()) as u64
-        })
+        .map(crate::model::llm::stored_bytes)
         .sum())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub async fn decode_bench(b: DecodeBench) -> Result<DecodeReport> {
@@ -254,7 +247,9 @@ pub async fn decode_bench(b: DecodeBench) -> Result<DecodeReport> {
             decode_tok_s: short.decode_tok_s(),
         });
     }
-    let med = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+    let med = |f: fn(&Round) -> f64| {
+        super::bench::percentile(&mut rounds.iter().map(f).collect::<Vec<_>>(), 50.0)
+    };
     let median = Round {
         prefill_tok_s: med(|r| r.prefill_tok_s),
         decode_after_prompt_tok_s: med(|r| r.decode_after_prompt_tok_s),

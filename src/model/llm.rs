@@ -19,11 +19,16 @@ const PREFILL_CHUNK: usize = 256;
 
 /// Bytes the tensors of `ct` take once loaded. Every tensor must lie inside the file: a
 /// truncated download fails here, with a clear reason, instead of deep inside the loader.
+/// Bytes a GGUF tensor takes as stored (quantized blocks).
+pub fn stored_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> u64 {
+    (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64
+}
+
 fn tensor_bytes(ct: &Content, file_len: u64) -> Result<u64, String> {
     let mut total = 0u64;
     for (tname, info) in &ct.tensor_infos {
         let elems = info.shape.elem_count();
-        let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+        let bytes = stored_bytes(info);
         let end = ct.tensor_data_offset + info.offset + bytes;
         if end > file_len {
             return Err(format!(
