@@ -214,23 +214,30 @@ impl Server {
         );
         let in_flight_at_start = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let at_start = in_flight_at_start.clone();
+        let closing = crate::service::closing::Closing::default();
+        let close = closing.clone();
         tokio::spawn(async move {
             shutdown.await;
+            // New calls are refused first, so none slips in between the count and the log.
+            close.close();
             let n = engine.admitted();
             at_start.store(n, std::sync::atomic::Ordering::Release);
+            health.shutting_down(&registry).await;
+            reloader.stop();
+            let _ = stop_tx.send(true);
+            // Logged once all of it is true, so an operator (or a test) can act on the line.
             tracing::info!(
                 in_flight = n,
                 "shutdown: health NOT_SERVING, no new requests, draining"
             );
-            health.shutting_down(&registry).await;
-            reloader.stop();
-            let _ = stop_tx.send(true);
         });
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
         let builder = || {
-            tonic::transport::Server::builder().layer(crate::service::request_id::RequestIdLayer)
+            tonic::transport::Server::builder()
+                .layer(crate::service::request_id::RequestIdLayer)
+                .layer(closing.layer())
         };
         let served = async {
             match control_listener {

@@ -80,21 +80,38 @@ async fn sigterm_under_load_finishes_every_stream_then_exits_0() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut p = Served::start(&args, &[]);
     let handles = streams_in_flight(&p.url, 4, 300).await;
+    // A connection opened before the signal, as a pooling client keeps one.
+    let mut open = InferenceClient::connect(p.url.clone()).await.unwrap();
+    open.list_models(swapd::proto::ListModelsRequest {})
+        .await
+        .expect("served before the signal");
     p.signal("TERM");
     p.wait_for_log("shutdown: health NOT_SERVING", Duration::from_secs(10));
-    // No new request is accepted once the drain began.
-    let refused = async {
+    // No new request is accepted once the drain began: not on a new connection, and not on
+    // the one already open.
+    let on_new = async {
         let mut c = InferenceClient::connect(p.url.clone()).await?;
         c.list_models(swapd::proto::ListModelsRequest {})
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
     assert!(
-        tokio::time::timeout(Duration::from_secs(10), refused)
+        tokio::time::timeout(Duration::from_secs(10), on_new)
             .await
             .expect("a new call is answered or refused at once")
             .is_err(),
-        "a new request was served after SIGTERM"
+        "a new request on a new connection was served after SIGTERM"
+    );
+    let on_open = tokio::time::timeout(
+        Duration::from_secs(10),
+        open.list_models(swapd::proto::ListModelsRequest {}),
+    )
+    .await
+    .expect("a call on the open connection is refused at once");
+    assert_eq!(
+        on_open.map(|_| ()).map_err(|e| e.code()),
+        Err(tonic::Code::Unavailable),
+        "a new request on an open connection was served after SIGTERM"
     );
     for h in handles {
         let out = h.await.unwrap().expect("the stream was not cut short");

@@ -1,5 +1,6 @@
 //! gRPC services: they translate protobuf to domain types and back, and nothing else.
 //! [`status`] is the one place a domain error becomes a gRPC status.
+pub mod closing;
 pub mod codec;
 pub mod control;
 pub mod convert;
