@@ -59,8 +59,8 @@ async fn metrics_follow_a_real_model_reload() {
     };
     assert_eq!(inflight(&before, &old), Some(0.0));
     assert!(
-        value(&before, "swapd_model_memory_bytes", &[("version", &old)]).unwrap() > 1e8,
-        "one SmolLM2 version holds over 100 MB"
+        value(&before, "swapd_model_memory_bytes", &[("version", &old)]).unwrap() > 9e7,
+        "one SmolLM2 version holds over 90 MB (its quantized weights)"
     );
     let phases_before = phase_counts(&before);
 
@@ -264,7 +264,9 @@ async fn health_transitions_are_reported_through_watch() {
     config.admin_token = Some(TOKEN.into());
     // Two LLM versions do not fit: a reload takes the resource-preserving path, during
     // which the model has no active version.
-    let llm = swapd::model::llm::weight_bytes_of(&dir.path().join("tiny-llm/tiny.gguf")).unwrap();
+    let llm =
+        swapd::model::llm::weight_bytes_of(&dir.path().join("tiny-llm/tiny.gguf"), test_on_cpu())
+            .unwrap();
     let bert = std::fs::metadata(dir.path().join("tiny-bert/model.safetensors"))
         .unwrap()
         .len();

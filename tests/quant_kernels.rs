@@ -355,6 +355,32 @@ fn dequantize_matches_candle() {
 }
 
 #[test]
+fn packed_rows_dequantize_to_the_gguf_values() {
+    // The embedding lookup reads rows straight from a packed matrix: each must equal the
+    // dequantized GGUF row bit for bit, for every layout (rows per group differ by ISA) and
+    // for rows in a last, partial group.
+    let mut rng = StdRng::seed_from_u64(5);
+    for isa in Isa::supported() {
+        for format in FORMATS {
+            for (n, k) in [(1, 32), (7, 64), (17, 96), (37, 160)] {
+                let raw = random_weights(&mut rng, format, n, k);
+                let want = dequantize(format, &raw, n, k);
+                let packed = PackedMatrix::pack(format, &raw, n, k, isa).unwrap();
+                let mut row = vec![f32::NAN; k];
+                for i in 0..n {
+                    packed.row_into(i, &mut row);
+                    assert_eq!(
+                        row,
+                        want[i * k..(i + 1) * k],
+                        "{isa:?} {format:?} {n}×{k} row {i}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn qlinear_forward_shapes_fallback_and_forward_many() {
     let mut rng = StdRng::seed_from_u64(11);
     let (k, m) = (96, 5);

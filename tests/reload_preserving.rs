@@ -28,7 +28,7 @@ async fn two_versions_that_do_not_fit_are_refused_or_swapped_in_place() {
     spec.sha256 = [("a.gguf".to_string(), sha(&smol.join("a.gguf")))].into();
     let mut config = swapd::config::Config::with_manifest(dir.path(), config.manifest).unwrap();
     config.admin_token = Some(TOKEN.into());
-    let weights = swapd::model::llm::weight_bytes_of(&smol.join("a.gguf")).unwrap();
+    let weights = swapd::model::llm::weight_bytes_of(&smol.join("a.gguf"), test_on_cpu()).unwrap();
     config.memory_budget = Some(weights * 3 / 2);
     let server = TestServer::start(config).await;
     let original = server

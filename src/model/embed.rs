@@ -51,15 +51,18 @@ impl Embedder {
             .map_err(|e| fmt("config.json", "JSON", e.to_string()))?;
         let config: Config = serde_json::from_str(&config_text)
             .map_err(|e| fmt("config.json", "BERT config", e.to_string()))?;
+        super::compute::pace();
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), device)
             .map_err(|e| fmt("model.safetensors", "safetensors", e.to_string()))?;
         let weight_bytes = tensors
             .values()
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum();
+        super::compute::pace();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = BertModel::load(vb, &config)
             .map_err(|e| fmt("model.safetensors", "BERT weights", e.to_string()))?;
+        super::compute::pace();
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
             ModelError::Tokenizer {
                 model: name.to_string(),

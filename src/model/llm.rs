@@ -17,14 +17,15 @@ use super::ModelError;
 /// and lets a cancelled request stop between chunks.
 const PREFILL_CHUNK: usize = 256;
 
-/// Bytes the tensors of `ct` take once loaded. Every tensor must lie inside the file: a
-/// truncated download fails here, with a clear reason, instead of deep inside the loader.
 /// Bytes a GGUF tensor takes as stored (quantized blocks).
 pub fn stored_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> u64 {
     (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64
 }
 
-fn tensor_bytes(ct: &Content, file_len: u64) -> Result<u64, String> {
+/// Bytes the tensors of `ct` take once loaded onto the CPU (`on_cpu`) or another device.
+/// Every tensor must lie inside the file: a truncated download fails here, with a clear
+/// reason, instead of deep inside the loader.
+fn tensor_bytes(ct: &Content, file_len: u64, on_cpu: bool) -> Result<u64, String> {
     let mut total = 0u64;
     for (tname, info) in &ct.tensor_infos {
         let elems = info.shape.elem_count();
@@ -36,20 +37,24 @@ fn tensor_bytes(ct: &Content, file_len: u64) -> Result<u64, String> {
             ));
         }
         total += bytes;
-        if tname == "token_embd.weight" {
-            // candle keeps a dequantized f32 copy of the embedding table for lookups.
+        if tname == "token_embd.weight"
+            && !crate::quant::packs(info.ggml_dtype, info.shape.dims(), on_cpu)
+        {
+            // Unless the table stays packed, the loader adds a dequantized f32 copy of it
+            // for lookups.
             total += (elems * 4) as u64;
         }
     }
     Ok(total)
 }
 
-/// Bytes the GGUF at `path` will hold once loaded, from its header alone.
-pub fn weight_bytes_of(path: &Path) -> Result<u64, String> {
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+/// Bytes the GGUF at `path` will hold once loaded onto the CPU (`on_cpu`) or another
+/// device, from its header alone.
+pub fn weight_bytes_of(path: &Path, on_cpu: bool) -> Result<u64, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
-    let ct = Content::read(&mut file).map_err(|e| e.to_string())?;
-    tensor_bytes(&ct, len)
+    let ct = Content::read(&mut std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+    tensor_bytes(&ct, len, on_cpu)
 }
 
 /// A loaded GGUF language model: shared weights, tokenizer, chat template.
@@ -82,13 +87,19 @@ impl Llm {
         device: &Device,
         context_length: usize,
     ) -> Result<Self, ModelError> {
-        let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io {
+        let file = std::fs::File::open(path).map_err(|e| ModelError::Io {
             model: name.to_string(),
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        // Buffered: the metadata is ~100k small reads (the vocabulary's strings), which
+        // unbuffered cost a syscall each (80 ms for SmolLM2's).
+        let mut file = std::io::BufReader::with_capacity(1 << 16, file);
         let ct = Content::read(&mut file).map_err(|e| format_err(name, path, e))?;
+        // `pace` marks where a background load may hand the CPU to serving (see
+        // `compute::in_background`).
+        super::compute::pace();
         let arch = ct
             .metadata
             .get("general.architecture")
@@ -102,8 +113,8 @@ impl Llm {
                 format!("architecture `{arch}` is not supported (only `llama`)"),
             ));
         }
-        let weight_bytes =
-            tensor_bytes(&ct, file_len).map_err(|reason| format_err(name, path, reason))?;
+        let weight_bytes = tensor_bytes(&ct, file_len, device.is_cpu())
+            .map_err(|reason| format_err(name, path, reason))?;
         // Float tensors (the norms) are checked for NaN and infinity: a NaN there can vanish
         // in the quantized matmuls (which quantize activations and drop NaN), so a finite-logits
         // probe alone would not catch it.
@@ -114,6 +125,7 @@ impl Llm {
             ) {
                 continue;
             }
+            super::compute::pace();
             let t = ct
                 .tensor(&mut file, tname, &Device::Cpu)
                 .and_then(|q| q.dequantize(&Device::Cpu))
@@ -128,6 +140,7 @@ impl Llm {
                 });
             }
         }
+        super::compute::pace();
         let tokenizer = GgufTokenizer::from_gguf(&ct).map_err(|reason| ModelError::Tokenizer {
             model: name.to_string(),
             reason,
@@ -157,6 +170,7 @@ impl Llm {
             .map(|v| v as usize)
             .unwrap_or(MAX_SEQ_LEN);
         let context_length = context_length.min(file_ctx).min(MAX_SEQ_LEN);
+        super::compute::pace();
         let weights = ModelWeights::from_gguf(ct, &mut file, device)
             .map_err(|e| format_err(name, path, e))?;
         Ok(Self {

@@ -275,13 +275,13 @@ impl std::fmt::Debug for ModelVersion {
     }
 }
 
-/// Bytes a version of these verified files will hold once loaded, from the file headers
-/// (the admit phase's estimate).
-pub fn estimate_bytes(kind: ModelKind, files: &[FileDigest]) -> Result<u64, String> {
+/// Bytes a version of these verified files will hold once loaded onto the CPU (`on_cpu`)
+/// or another device, from the file headers (the admit phase's estimate).
+pub fn estimate_bytes(kind: ModelKind, files: &[FileDigest], on_cpu: bool) -> Result<u64, String> {
     match kind {
         ModelKind::Llm => {
             let f = files.first().ok_or("no file")?;
-            llm::weight_bytes_of(&f.path).map_err(|e| e.to_string())
+            llm::weight_bytes_of(&f.path, on_cpu).map_err(|e| e.to_string())
         }
         // Safetensors hold the weights as they are loaded (f32 here).
         ModelKind::Embedding => Ok(files
@@ -300,8 +300,11 @@ pub fn load_version(
     device: &crate::device::Device,
     generation: u64,
 ) -> Result<ModelVersion, ModelError> {
-    let digests = verify::verify_files(&spec.name, &files, &spec.sha256)?;
-    load_verified(spec, digests, device, generation)
+    // Other models may be serving (a model added to the manifest loads while they do).
+    compute::in_background(device.candle(), || {
+        let digests = verify::verify_files(&spec.name, &files, &spec.sha256)?;
+        load_verified(spec, digests, device, generation)
+    })
 }
 
 /// Loads files already verified against their digests.

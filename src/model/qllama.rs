@@ -277,10 +277,41 @@ impl LayerWeights {
     }
 }
 
+/// The token embedding table. On the CPU, in a format the kernels pack, it stays packed
+/// and each lookup dequantizes its rows: the same values as candle's dense f32 copy, which
+/// for SmolLM2 (Q8_0, tied to the output head) would add 113 MB per version. Elsewhere it
+/// is candle's dense `Embedding`.
+#[derive(Debug, Clone)]
+enum TokEmbedding {
+    Dense(Embedding),
+    Packed(QLinear),
+}
+
+impl TokEmbedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let table = match self {
+            Self::Dense(e) => return e.forward(ids),
+            Self::Packed(table) => table.packed().expect("a packed table"),
+        };
+        let hidden = table.k();
+        let mut shape = ids.dims().to_vec();
+        shape.push(hidden);
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut out = vec![0f32; ids.len() * hidden];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
+            if id as usize >= table.n() {
+                candle_core::bail!("token id {id} is outside the vocabulary ({})", table.n());
+            }
+            table.row_into(id as usize, row);
+        }
+        Tensor::from_vec(out, shape, &Device::Cpu)
+    }
+}
+
 /// A llama-architecture GGUF model, ready to run.
 #[derive(Debug, Clone)]
 pub struct ModelWeights {
-    tok_embeddings: Embedding,
+    tok_embeddings: TokEmbedding,
     layers: Vec<LayerWeights>,
     norm: RmsNorm,
     output: QLinear,
@@ -366,51 +397,64 @@ impl ModelWeights {
                 | "plamo"
         );
 
+        // Each tensor is read (and the last one packed) in a slice of its own when this is
+        // a background load (see `compute::pace`).
+        let mut tensor = |name: &str| {
+            crate::model::compute::pace();
+            ct.tensor(reader, name, device)
+        };
         let (cos, sin) = precomput_freqs_cis(rope_dim, rope_freq_base, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
 
-        let tok_embeddings_q = ct.tensor(reader, "token_embd.weight", device)?;
-        let tok_embeddings = tok_embeddings_q.dequantize(device)?;
-        let norm = RmsNorm::from_qtensor(
-            ct.tensor(reader, "output_norm.weight", device)?,
-            rms_norm_eps,
-        )?;
-        // Tied embeddings (SmolLM2: Q8_0) serve as the output head when there is none.
-        let output = match ct.tensor(reader, "output.weight", device) {
-            Ok(tensor) => tensor,
-            Err(_) => tok_embeddings_q,
+        let tok_embeddings_q = tensor("token_embd.weight")?;
+        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, rms_norm_eps)?;
+        let packed = crate::quant::packs(
+            tok_embeddings_q.dtype(),
+            tok_embeddings_q.shape().dims(),
+            device.is_cpu(),
+        );
+        let dense = |q: &QTensor| -> Result<TokEmbedding> {
+            crate::model::compute::pace();
+            let table = q.dequantize(device)?;
+            Ok(TokEmbedding::Dense(Embedding::new(table, embedding_length)))
+        };
+        // Tied embeddings (SmolLM2: Q8_0) serve as the output head when there is none; a
+        // packed table is then the output head's own matrix.
+        let (tok_embeddings, output) = match tensor("output.weight") {
+            Ok(output) if packed => (
+                TokEmbedding::Packed(linear(tok_embeddings_q)?),
+                linear(output)?,
+            ),
+            Ok(output) => (dense(&tok_embeddings_q)?, linear(output)?),
+            Err(_) if packed => {
+                let output = linear(tok_embeddings_q)?;
+                (TokEmbedding::Packed(output.clone()), output)
+            }
+            Err(_) => (dense(&tok_embeddings_q)?, linear(tok_embeddings_q)?),
         };
         let mut layers = Vec::with_capacity(block_count);
         for layer_idx in 0..block_count {
             let prefix = format!("blk.{layer_idx}");
-            let attention_wq = ct.tensor(reader, &format!("{prefix}.attn_q.weight"), device)?;
-            let attention_wk = ct.tensor(reader, &format!("{prefix}.attn_k.weight"), device)?;
-            let attention_wv = ct.tensor(reader, &format!("{prefix}.attn_v.weight"), device)?;
-            let attention_wo =
-                ct.tensor(reader, &format!("{prefix}.attn_output.weight"), device)?;
+            let attention_wq = tensor(&format!("{prefix}.attn_q.weight"))?;
+            let attention_wk = tensor(&format!("{prefix}.attn_k.weight"))?;
+            let attention_wv = tensor(&format!("{prefix}.attn_v.weight"))?;
+            let attention_wo = tensor(&format!("{prefix}.attn_output.weight"))?;
             let mlp_or_moe = if n_expert <= 1 {
-                let feed_forward_w1 =
-                    ct.tensor(reader, &format!("{prefix}.ffn_gate.weight"), device)?;
-                let feed_forward_w2 =
-                    ct.tensor(reader, &format!("{prefix}.ffn_down.weight"), device)?;
-                let feed_forward_w3 =
-                    ct.tensor(reader, &format!("{prefix}.ffn_up.weight"), device)?;
+                let feed_forward_w1 = tensor(&format!("{prefix}.ffn_gate.weight"))?;
+                let feed_forward_w2 = tensor(&format!("{prefix}.ffn_down.weight"))?;
+                let feed_forward_w3 = tensor(&format!("{prefix}.ffn_up.weight"))?;
                 MlpOrMoe::Mlp(Mlp {
                     feed_forward_w1: linear(feed_forward_w1)?,
                     feed_forward_w2: linear(feed_forward_w2)?,
                     feed_forward_w3: linear(feed_forward_w3)?,
                 })
             } else {
-                let feed_forward_gate_inp =
-                    ct.tensor(reader, &format!("{prefix}.ffn_gate_inp.weight"), device)?;
+                let feed_forward_gate_inp = tensor(&format!("{prefix}.ffn_gate_inp.weight"))?;
                 let mut experts = Vec::with_capacity(n_expert);
                 for i in 0..n_expert {
-                    let feed_forward_w1 =
-                        ct.tensor(reader, &format!("{prefix}.ffn_gate.{i}.weight"), device)?;
-                    let feed_forward_w2 =
-                        ct.tensor(reader, &format!("{prefix}.ffn_down.{i}.weight"), device)?;
-                    let feed_forward_w3 =
-                        ct.tensor(reader, &format!("{prefix}.ffn_up.{i}.weight"), device)?;
+                    let feed_forward_w1 = tensor(&format!("{prefix}.ffn_gate.{i}.weight"))?;
+                    let feed_forward_w2 = tensor(&format!("{prefix}.ffn_down.{i}.weight"))?;
+                    let feed_forward_w3 = tensor(&format!("{prefix}.ffn_up.{i}.weight"))?;
                     experts.push(Mlp {
                         feed_forward_w1: linear(feed_forward_w1)?,
                         feed_forward_w2: linear(feed_forward_w2)?,
@@ -423,9 +467,9 @@ impl ModelWeights {
                     experts,
                 }
             };
-            let attention_norm =
-                ct.tensor(reader, &format!("{prefix}.attn_norm.weight"), device)?;
-            let ffn_norm = ct.tensor(reader, &format!("{prefix}.ffn_norm.weight"), device)?;
+            let attention_norm = tensor(&format!("{prefix}.attn_norm.weight"))?;
+            let ffn_norm = tensor(&format!("{prefix}.ffn_norm.weight"))?;
+            crate::model::compute::pace();
             layers.push(LayerWeights {
                 attention_wq: linear(attention_wq)?,
                 attention_wk: linear(attention_wk)?,
@@ -445,10 +489,10 @@ impl ModelWeights {
             })
         }
         Ok(Self {
-            tok_embeddings: Embedding::new(tok_embeddings, embedding_length),
+            tok_embeddings,
             layers,
             norm,
-            output: linear(output)?,
+            output,
             masks: HashMap::new(),
         })
     }

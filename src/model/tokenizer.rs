@@ -81,6 +81,7 @@ impl GgufTokenizer {
     /// Builds the tokenizer from `ct`'s metadata. Errors name the missing or bad key.
     pub fn from_gguf(ct: &Content) -> Result<Self, String> {
         let mut inner = Tokenizer::from_gguf(ct).map_err(|e| e.to_string())?;
+        super::compute::pace();
         let pre = ct
             .metadata
             .get("tokenizer.ggml.pre")
@@ -113,6 +114,10 @@ impl GgufTokenizer {
         let mut token_bytes = Vec::with_capacity(tokens.len());
         let mut texts = Vec::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
+            if i % 8192 == 0 {
+                // A background load may hand the CPU to serving here.
+                super::compute::pace();
+            }
             let text = t
                 .to_string()
                 .map_err(|_| format!("token {i} is not a string"))?;

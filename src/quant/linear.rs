@@ -39,11 +39,11 @@ impl QLinear {
     /// must be supported by this CPU).
     pub fn from_qtensor_with_isa(qtensor: QTensor, isa: Isa) -> Result<Self> {
         let format = Format::from_ggml(qtensor.dtype());
-        let native = match (format, qtensor.shape().dims()) {
-            (Some(_), &[_, k]) => qtensor.device().is_cpu() && k.is_multiple_of(super::BLOCK),
-            _ => false,
-        };
-        if !native {
+        if !super::packs(
+            qtensor.dtype(),
+            qtensor.shape().dims(),
+            qtensor.device().is_cpu(),
+        ) {
             return Ok(Self {
                 inner: Inner::Candle(QMatMul::from_qtensor(qtensor)?),
             });

@@ -42,6 +42,14 @@ pub use pack::{dequantize, PackedMatrix};
 /// Values per quantization block in every supported format.
 pub const BLOCK: usize = 32;
 
+/// Whether a `dims` matrix of `dtype` on the CPU (`on_cpu`) runs on this module's kernels
+/// (and is kept packed): a 2-D matrix in a supported format whose rows are whole blocks.
+pub fn packs(dtype: candle_core::quantized::GgmlDType, dims: &[usize], on_cpu: bool) -> bool {
+    on_cpu
+        && Format::from_ggml(dtype).is_some()
+        && matches!(dims, &[_, k] if k.is_multiple_of(BLOCK))
+}
+
 /// Tokens one kernel call handles at most (the micro-tile is `R` rows × `TILE_T` tokens).
 pub const TILE_T: usize = 4;
 

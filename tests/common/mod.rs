@@ -59,6 +59,11 @@ pub fn test_device() -> String {
     std::env::var("SWAPD_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
 }
 
+/// Whether the tests' models load onto the CPU (what some memory figures depend on).
+pub fn test_on_cpu() -> bool {
+    !test_device().starts_with("cuda")
+}
+
 impl TestServer {
     pub async fn start(mut config: Config) -> Self {
         config.device = test_device().parse().expect("SWAPD_TEST_DEVICE");

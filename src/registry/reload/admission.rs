@@ -28,13 +28,15 @@ impl Reloader {
     ) -> Admission {
         run.start(Phase::Admit, "");
         let name = run.slot.spec.name.clone();
-        let needed = match model::estimate_bytes(run.slot.spec.kind, digests) {
-            Ok(n) => n,
-            Err(e) => {
-                run.fail(e, Some("format".into()));
-                return Admission::Refused;
-            }
-        };
+        let needed =
+            match model::estimate_bytes(run.slot.spec.kind, digests, self.device.candle().is_cpu())
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    run.fail(e, Some("format".into()));
+                    return Admission::Refused;
+                }
+            };
         let device = self.device.label();
         let free = self.device.memory().free_total().map(|(free, _)| free);
         let resident = self.registry.resident_bytes();

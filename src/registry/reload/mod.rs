@@ -265,11 +265,16 @@ impl Reloader {
         run.done(run.event(PhaseState::Done, format!("{} file(s)", files.len())));
 
         run.start(Phase::Verify, "sha256");
-        let (n, p) = (name.clone(), pins.clone());
+        let (n, p, device) = (name.clone(), pins.clone(), self.device.clone());
+        // Verifying and loading take turns at the CPU with the serving version's passes.
         let digests = blocking_step(
             run,
             |_| "sha256",
-            move || model::verify::verify_files(&n, &files, &p),
+            move || {
+                model::compute::in_background(device.candle(), || {
+                    model::verify::verify_files(&n, &files, &p)
+                })
+            },
         )
         .await?;
         run.done(run.event(PhaseState::Done, "every file matches its sha256"));
@@ -292,7 +297,9 @@ impl Reloader {
         let checks = spec.preflight.clone();
         let device = self.device.clone();
         let new = blocking_step(run, ModelError::check_name, move || {
-            model::load_verified(&spec, digests, &device, 0)
+            model::compute::in_background(device.candle(), || {
+                model::load_verified(&spec, digests, &device, 0)
+            })
         })
         .await
         .map(Arc::new)?;
