@@ -40,22 +40,31 @@ pub fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// The `/proc/meminfo` fields named by `keys` (e.g. `"MemTotal:"`), in bytes, from one read
+/// of the file; `None` if any is missing.
+fn meminfo<const N: usize>(keys: [&str; N]) -> Option<[u64; N]> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    let mut out = [0; N];
+    for (o, key) in out.iter_mut().zip(keys) {
+        *o = field(key)?;
+    }
+    Some(out)
+}
+
 /// Memory the OS can still give this process (MemAvailable), if known.
 pub fn available_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+    meminfo(["MemAvailable:"]).map(|[a]| a)
 }
 
 /// Total memory of the machine (MemTotal), if known.
 pub fn total_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+    meminfo(["MemTotal:"]).map(|[t]| t)
 }
 
 /// The memory model weights live in, seen from the reload: what is free (admission), what
@@ -78,7 +87,7 @@ pub struct HostMemory;
 
 impl DeviceMemory for HostMemory {
     fn free_total(&self) -> Option<(u64, u64)> {
-        Some((available_bytes()?, total_bytes()?))
+        meminfo(["MemAvailable:", "MemTotal:"]).map(|[free, total]| (free, total))
     }
     fn used_bytes(&self) -> u64 {
         rss_bytes()
