@@ -112,7 +112,7 @@ fn foreground_turn(queue: &'static TurnQueue) -> Turn<'static> {
 /// Runs `f` on this (blocking) thread as background work at the CPU when `device` is the
 /// CPU: `f` holds a turn while it runs, and each [`pace`] inside it hands the CPU to the next
 /// in line once the turn has lasted [`SLICE`]. With nothing else running, a pace costs one
-/// uncontended lock.
+/// uncontended lock. Called inside background work, it runs `f` as part of that work.
 pub fn in_background<T>(device: &candle_core::Device, f: impl FnOnce() -> T) -> T {
     if device.is_cpu() {
         in_background_on(&CPU, SLICE, f)
@@ -122,16 +122,19 @@ pub fn in_background<T>(device: &candle_core::Device, f: impl FnOnce() -> T) -> 
 }
 
 fn in_background_on<T>(queue: &'static TurnQueue, slice: Duration, f: impl FnOnce() -> T) -> T {
+    // Background work nested in background work is part of it: it keeps the outer turn
+    // (taking a second one from the same queue would wait for itself).
+    if BACKGROUND.with(|b| b.borrow().is_some()) {
+        return f();
+    }
     /// Ends the background (and its turn) however `f` ends, a panic included.
-    struct Leave(Option<Background>);
+    struct Leave;
     impl Drop for Leave {
         fn drop(&mut self) {
-            let mine = BACKGROUND.with(|b| std::mem::replace(&mut *b.borrow_mut(), self.0.take()));
+            let mine = BACKGROUND.with(|b| b.borrow_mut().take());
             drop(mine);
         }
     }
-    let outer = BACKGROUND.with(|b| b.borrow_mut().take());
-    let _leave = Leave(outer);
     let turn = queue.turn();
     BACKGROUND.with(|b| {
         *b.borrow_mut() = Some(Background {
@@ -141,6 +144,7 @@ fn in_background_on<T>(queue: &'static TurnQueue, slice: Duration, f: impl FnOnc
             since: Instant::now(),
         })
     });
+    let _leave = Leave;
     f()
 }
 
@@ -254,6 +258,32 @@ mod tests {
         // Not a timing assertion: a deadlock never answers.
         let out = rx.recv_timeout(Duration::from_secs(30));
         assert_eq!(out, Ok(7), "deadlocked");
+        drop(q.turn());
+    }
+
+    #[test]
+    fn background_work_nested_in_background_work_runs_in_the_outer_turn() {
+        let q: &'static TurnQueue = Box::leak(Box::new(TurnQueue::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let out = in_background_on(q, SLICE, || {
+                let inner = in_background_on(q, SLICE, || {
+                    pace();
+                    1
+                });
+                // The outer background still paces after the inner one ended.
+                pace();
+                inner + 1
+            });
+            tx.send(out).unwrap();
+        });
+        // Not a timing assertion: a deadlock never answers.
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(30)),
+            Ok(2),
+            "deadlocked"
+        );
+        // Every turn ended with the outer background.
         drop(q.turn());
     }
 

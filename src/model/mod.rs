@@ -300,7 +300,8 @@ pub fn load_version(
     device: &crate::device::Device,
     generation: u64,
 ) -> Result<ModelVersion, ModelError> {
-    // Other models may be serving (a model added to the manifest loads while they do).
+    // Other models may be serving (a model added to the manifest loads while they do);
+    // `load_verified` inside runs in this same background.
     compute::in_background(device.candle(), || {
         let digests = verify::verify_files(&spec.name, &files, &spec.sha256)?;
         load_verified(spec, digests, device, generation)
@@ -309,6 +310,18 @@ pub fn load_version(
 
 /// Loads files already verified against their digests.
 pub fn load_verified(
+    spec: &ModelSpec,
+    digests: Vec<FileDigest>,
+    device: &crate::device::Device,
+    generation: u64,
+) -> Result<ModelVersion, ModelError> {
+    // Loading is background work at the CPU: other versions may be serving.
+    compute::in_background(device.candle(), || {
+        load_files(spec, digests, device, generation)
+    })
+}
+
+fn load_files(
     spec: &ModelSpec,
     digests: Vec<FileDigest>,
     device: &crate::device::Device,

@@ -266,7 +266,8 @@ impl Reloader {
 
         run.start(Phase::Verify, "sha256");
         let (n, p, device) = (name.clone(), pins.clone(), self.device.clone());
-        // Verifying and loading take turns at the CPU with the serving version's passes.
+        // Verifying takes turns at the CPU with the serving version's passes (loading does
+        // too, inside `load_verified`).
         let digests = blocking_step(
             run,
             |_| "sha256",
@@ -297,9 +298,7 @@ impl Reloader {
         let checks = spec.preflight.clone();
         let device = self.device.clone();
         let new = blocking_step(run, ModelError::check_name, move || {
-            model::compute::in_background(device.candle(), || {
-                model::load_verified(&spec, digests, &device, 0)
-            })
+            model::load_verified(&spec, digests, &device, 0)
         })
         .await
         .map(Arc::new)?;
