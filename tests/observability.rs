@@ -167,7 +167,7 @@ async fn metrics_follow_a_real_model_reload() {
         )
         .unwrap_or(0.0)
             > 0.0,
-        "freeing a 210 MB version gave memory back"
+        "freeing a replaced version (about 97 MB on the CPU) gave memory back"
     );
     // The device's memory as admission sees it: on the CPU, the machine's MemAvailable of
     // MemTotal, read by the running server.
