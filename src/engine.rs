@@ -15,8 +15,13 @@ use crate::model::stream::{StopMatcher, Utf8Stream};
 use crate::model::{LoadedModel, ModelError, ModelVersion};
 use crate::registry::Lease;
 
-/// Deltas buffered per stream before the generating thread waits for the client.
+/// Deltas buffered per stream before the generating thread waits for the client. The
+/// channel holds one more message: the last one (the summary or the error) always has a
+/// place, so ending a stream never waits for a client that does not read.
 const STREAM_BUFFER: usize = 32;
+/// How often a generation waiting for its client to read looks at its deadline, the drain
+/// policy and shutdown.
+const SEND_POLL: Duration = Duration::from_millis(20);
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -97,7 +102,7 @@ impl Ticket {
         let permit = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), acquire)
                 .await
-                .map_err(|_| Error::DeadlineExceeded("waiting in the admission queue".into()))?,
+                .map_err(|_| Error::DeadlineWaiting("waiting in the admission queue".into()))?,
             None => acquire.await,
         };
         self.permit = Some(permit.map_err(|_| Error::Internal("admission closed".into()))?);
@@ -207,17 +212,21 @@ impl Engine {
         let mut job = GenJob::new(lease, prompt, req, deadline, admitted_at)?;
         job.metrics = Some(self.metrics.clone());
         job.cut = self.cut.clone();
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER + 1);
         let mut ticket = ticket;
         let span = tracing::Span::current();
         tokio::spawn(async move {
-            if let Err(e) = ticket.run_slot(job.deadline).await {
-                if e.counts_against_version() {
-                    job.lease.record(false);
-                }
-                let _ = tx.send(Err(e)).await;
+            // Waiting for a running slot is nothing the version did: no failure here counts
+            // against it. A client that leaves while queued gives its place back at once.
+            let waited = tokio::select! {
+                r = ticket.run_slot(job.deadline) => r,
+                _ = tx.closed() => return,
+            };
+            if let Err(e) = waited {
+                let _ = tx.try_send(Err(e));
                 return;
             }
+            let last = tx.clone();
             let run = tokio::task::spawn_blocking(move || {
                 let _enter = span.enter();
                 // The ticket (running slot) and lease live until the last token is sent.
@@ -226,11 +235,15 @@ impl Engine {
                     if e.counts_against_version() {
                         job.lease.record(false);
                     }
-                    let _ = tx.blocking_send(Err(e));
+                    // The last message has its place kept: this never waits.
+                    let _ = tx.try_send(Err(e));
                 }
             });
             if let Err(e) = run.await {
-                tracing::error!(error = %e, "generation thread panicked");
+                let msg = crate::panic::of_join(e);
+                tracing::error!(panic = %msg, "generation thread panicked");
+                // The lease went with the thread; the stream still ends with a status.
+                let _ = last.try_send(Err(Error::Internal(format!("generation panicked: {msg}"))));
             }
         });
         Ok(rx)
@@ -244,12 +257,8 @@ impl Engine {
         texts: Vec<String>,
         deadline: Option<Instant>,
     ) -> Result<(Lease, Vec<EmbeddingOut>)> {
-        if let Err(e) = ticket.run_slot(deadline).await {
-            if e.counts_against_version() {
-                lease.record(false);
-            }
-            return Err(e);
-        }
+        // Waiting for a running slot is nothing the version did: not counted against it.
+        ticket.run_slot(deadline).await?;
         tokio::task::spawn_blocking(move || {
             let _ticket = ticket;
             let LoadedModel::Embedding(m) = &lease.model else {
@@ -270,7 +279,7 @@ impl Engine {
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("embedding thread: {e}")))?
+        .map_err(|e| Error::Internal(format!("embedding panicked: {}", crate::panic::of_join(e))))?
     }
 }
 
@@ -429,7 +438,7 @@ impl GenJob {
                         Vec::new()
                     },
                 };
-                if tx.blocking_send(Ok(delta)).is_err() {
+                if !self.send(tx, delta)? {
                     return Ok(());
                 }
             }
@@ -456,7 +465,7 @@ impl GenJob {
                     text: tail,
                     token_ids: Vec::new(),
                 };
-                if tx.blocking_send(Ok(delta)).is_err() {
+                if !self.send(tx, delta)? {
                     return Ok(());
                 }
             }
@@ -477,8 +486,31 @@ impl GenJob {
             stop: matched,
         };
         self.lease.record(true);
-        let _ = tx.blocking_send(Ok(GenEvent::Finished(finish)));
+        // The last message has its place kept: this never waits.
+        let _ = tx.try_send(Ok(GenEvent::Finished(finish)));
         Ok(())
+    }
+
+    /// Sends one delta. While the client's buffer is full it waits, but never past the
+    /// request's deadline, the drain policy's cancel or the end of the shutdown grace: a
+    /// client that stops reading holds its running slot no longer than a slow one could.
+    /// `Ok(false)`: the client left.
+    fn send(&self, tx: &mpsc::Sender<Result<GenEvent>>, delta: GenEvent) -> Result<bool> {
+        let runtime = tokio::runtime::Handle::current();
+        loop {
+            if tx.is_closed() {
+                return Ok(false);
+            }
+            // One place is kept for the last message.
+            if tx.capacity() > 1 {
+                return Ok(tx.try_send(Ok(delta)).is_ok());
+            }
+            if let Some(e) = self.stopped(true) {
+                return Err(e);
+            }
+            // Wakes when the client has read (two places free), or to look again.
+            let _ = runtime.block_on(tokio::time::timeout(SEND_POLL, tx.reserve_many(2)));
+        }
     }
 
     /// Generation stopped early: the client left (nothing to send), the deadline passed, or
@@ -487,18 +519,26 @@ impl GenJob {
         if tx.is_closed() {
             return Ok(());
         }
+        self.stopped(false).map_or(Ok(()), Err)
+    }
+
+    /// Why this generation must end now, if it must: the shutdown grace ended, a drain
+    /// cancelled its version, or its deadline passed (while the client was not reading,
+    /// `reading`, which is not the version's slowness).
+    fn stopped(&self, reading: bool) -> Option<Error> {
         if self.is_cut() {
-            return Err(Error::ShuttingDown);
-        }
-        if self.lease.is_cancelled() {
-            return Err(Error::Drained {
+            Some(Error::ShuttingDown)
+        } else if self.lease.is_cancelled() {
+            Some(Error::Drained {
                 model: self.lease.name.clone(),
                 version: self.lease.version.clone(),
-            });
+            })
+        } else if self.expired() && reading {
+            Some(Error::DeadlineWaiting("waiting for the client to read".into()))
+        } else if self.expired() {
+            Some(Error::DeadlineExceeded("generating".into()))
+        } else {
+            None
         }
-        if self.expired() {
-            return Err(Error::DeadlineExceeded("generating".into()));
-        }
-        Ok(())
     }
 }

@@ -52,9 +52,14 @@ pub enum Error {
     /// The control call carried no valid admin token.
     #[error("{0}")]
     Unauthenticated(String),
-    /// The caller's deadline passed.
+    /// The caller's deadline passed while the version worked on the request (slowness, which
+    /// counts against it).
     #[error("deadline exceeded after {0}")]
     DeadlineExceeded(String),
+    /// The caller's deadline passed while the request waited (for a running slot, for a
+    /// version, for the client to read): nothing the version did.
+    #[error("deadline exceeded while {0}")]
+    DeadlineWaiting(String),
     /// A model could not be loaded or failed during inference.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -65,7 +70,8 @@ pub enum Error {
 
 impl Error {
     /// Whether this failure counts against the model version that served it (slowness,
-    /// inference failures), as opposed to the caller's input or the server's load.
+    /// inference failures), as opposed to the caller's input, the caller's own reading or
+    /// the server's load (an automatic rollback only ever sees the version's own failures).
     pub fn counts_against_version(&self) -> bool {
         matches!(
             self,
@@ -76,5 +82,59 @@ impl Error {
     }
 }
 
+/// Longest error text a status, a reload result or an audit line carries.
+const MAX_MESSAGE: usize = 4096;
+
+/// An error's text as callers, Status and the audit log get it: the message without the
+/// backtrace candle appends under `RUST_BACKTRACE` (hundreds of lines of frames), and at
+/// most [`MAX_MESSAGE`] bytes.
+pub fn clean_message(text: &str) -> String {
+    let is_frame = |l: &str| {
+        let t = l.trim_start();
+        t == "stack backtrace:"
+            || t.split_once(':').is_some_and(|(n, _)| {
+                !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && l.starts_with(' ')
+            })
+    };
+    let mut out = String::new();
+    for line in text.lines() {
+        if is_frame(line) {
+            break;
+        }
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(line);
+    }
+    let out = out.trim_end();
+    if out.len() <= MAX_MESSAGE {
+        return out.to_string();
+    }
+    let mut end = MAX_MESSAGE;
+    while !out.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes cut)", &out[..end], out.len() - end)
+}
+
 /// Short alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn messages_lose_their_backtrace_and_stay_bounded() {
+        let with_bt = "cannot find tensor blk.0.attn_q.weight\n   0: candle_core::error::Error::bt\n             at /src/error.rs:1\n   1: swapd::model::load\n";
+        assert_eq!(
+            super::clean_message(with_bt),
+            "cannot find tensor blk.0.attn_q.weight"
+        );
+        let std_bt = "boom\nstack backtrace:\n   0: x";
+        assert_eq!(super::clean_message(std_bt), "boom");
+        // Lines of a message that merely start with a number are kept.
+        assert_eq!(super::clean_message("a\n2: b"), "a\n2: b");
+        let long = "é".repeat(5000);
+        let c = super::clean_message(&long);
+        assert!(c.len() < 4200 && c.ends_with("bytes cut)"), "{}", c.len());
+    }
+}

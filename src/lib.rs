@@ -17,6 +17,7 @@ pub mod health;
 pub mod manifest;
 pub mod memory;
 pub mod metrics;
+pub mod panic;
 pub mod model;
 pub mod quant;
 pub mod registry;

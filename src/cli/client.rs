@@ -29,9 +29,15 @@ pub struct GenerateArgs {
     /// Apply the model's chat template (the prompt is one user message).
     #[arg(long)]
     pub chat: bool,
-    /// 0 is greedy [default: the model's].
+    /// 0 is greedy: always the most likely next token, after the repetition penalty (add
+    /// --repetition-penalty 1 for the plain argmax); otherwise between 0.01 and 100
+    /// [default: the model's].
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Divides the logits of recent tokens by this (1 disables it; between 0.01 and 100)
+    /// [default: the model's].
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
     #[arg(long)]
     pub top_p: Option<f32>,
     #[arg(long)]
@@ -174,6 +180,7 @@ pub async fn generate(a: GenerateArgs) -> Result<ExitCode> {
         sampling: Some(proto::SamplingParams {
             max_tokens: a.max_tokens,
             temperature: a.temperature,
+            repetition_penalty: a.repetition_penalty,
             top_p: a.top_p,
             top_k: a.top_k,
             seed: a.seed,

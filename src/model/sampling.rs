@@ -5,6 +5,39 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::SeedableRng;
 
+/// The smallest temperature above 0 that sampling takes. Below it, logits divided by the
+/// temperature overflow f32 and the distribution is no longer one (candle's draw then fails
+/// with "Weights sequence is empty"); a caller who wants near-greedy output asks for 0.
+pub const MIN_TEMPERATURE: f32 = 1e-2;
+/// The largest temperature: past it every token is practically equally likely.
+pub const MAX_TEMPERATURE: f32 = 100.0;
+/// The repetition penalty's range: a penalty of `p` divides (or multiplies) logits by `p`,
+/// so outside it logits overflow or vanish as they do for extreme temperatures.
+pub const REPETITION_PENALTY_RANGE: (f32, f32) = (1e-2, 100.0);
+
+/// Why `t` is not a temperature sampling can use (0 is greedy), if it is not.
+pub fn check_temperature(t: f32) -> Result<(), String> {
+    if t == 0.0 || (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&t) {
+        Ok(())
+    } else {
+        Err(format!(
+            "temperature {t}: must be 0 (greedy: always the most likely token) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}"
+        ))
+    }
+}
+
+/// Why `p` is not a repetition penalty sampling can use (1 disables it), if it is not.
+pub fn check_repetition_penalty(p: f32) -> Result<(), String> {
+    let (lo, hi) = REPETITION_PENALTY_RANGE;
+    if (lo..=hi).contains(&p) {
+        Ok(())
+    } else {
+        Err(format!(
+            "repetition_penalty {p}: must be between {lo} and {hi} (1 disables it)"
+        ))
+    }
+}
+
 /// Validated sampling settings of one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {

@@ -74,11 +74,7 @@ pub fn tokenize_input(input: Option<proto::tokenize_request::Input>) -> Result<P
 fn sampling(s: Option<proto::SamplingParams>) -> Result<SamplingRequest, Error> {
     let s = s.unwrap_or_default();
     if let Some(t) = s.temperature {
-        if !(t.is_finite() && t >= 0.0) {
-            return Err(invalid(format!(
-                "temperature {t}: must be >= 0 (0 is greedy)"
-            )));
-        }
+        crate::model::sampling::check_temperature(t).map_err(invalid)?;
     }
     if let Some(p) = s.top_p {
         if !(p > 0.0 && p <= 1.0) {
@@ -86,11 +82,7 @@ fn sampling(s: Option<proto::SamplingParams>) -> Result<SamplingRequest, Error> 
         }
     }
     if let Some(r) = s.repetition_penalty {
-        if !(r.is_finite() && r > 0.0) {
-            return Err(invalid(format!(
-                "repetition_penalty {r}: must be > 0 (1 disables it)"
-            )));
-        }
+        crate::model::sampling::check_repetition_penalty(r).map_err(invalid)?;
     }
     if s.stop.len() > MAX_STOP_STRINGS {
         return Err(invalid(format!(

@@ -23,7 +23,7 @@ pub fn status(e: Error) -> Status {
         }
         Error::Overloaded(_) => Code::ResourceExhausted,
         Error::NotReady(_) => Code::Unavailable,
-        Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        Error::DeadlineExceeded(_) | Error::DeadlineWaiting(_) => Code::DeadlineExceeded,
         Error::Drained { .. } | Error::ShuttingDown => Code::Unavailable,
         Error::ReloadBusy(_) => Code::Aborted,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -37,7 +37,7 @@ pub fn status(e: Error) -> Status {
         },
         Error::Internal(_) => Code::Internal,
     };
-    Status::new(code, e.to_string())
+    Status::new(code, crate::error::clean_message(&e.to_string()))
 }
 
 /// The gRPC code a handler's result ends with.
@@ -109,6 +109,7 @@ mod tests {
             (Error::Overloaded("x".into()), Code::ResourceExhausted),
             (Error::NotReady("x".into()), Code::Unavailable),
             (Error::DeadlineExceeded("x".into()), Code::DeadlineExceeded),
+            (Error::DeadlineWaiting("x".into()), Code::DeadlineExceeded),
             (Error::Internal("x".into()), Code::Internal),
         ];
         for (e, code) in cases {
