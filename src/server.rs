@@ -85,17 +85,21 @@ impl Server {
             None => None,
         };
         let committed = match &store {
-            Some(s) => s.committed().map_err(|e| {
-                ServerError::Internal(format!("{}: {e}", s.dir().join("committed.json").display()))
-            })?,
+            Some(s) => read_committed(s),
             None => Default::default(),
         };
         let mut loads = tokio::task::JoinSet::new();
         for spec in config.manifest.models.clone() {
             let (resolver, device) = (resolver.clone(), device.clone());
             let last = committed.get(&spec.name).cloned();
+            // Generations never go backwards, even when committed.json was lost: the audit
+            // log remembers the highest one.
+            let highest = store
+                .as_ref()
+                .map(|s| s.highest_generation(&spec.name))
+                .unwrap_or(0);
             loads.spawn(async move {
-                let v = load_committed_or_manifest(&spec, last, &resolver, &device).await;
+                let v = load_committed_or_manifest(&spec, last, highest, &resolver, &device).await;
                 v.map(|v| (spec, v))
             });
         }
@@ -224,12 +228,14 @@ impl Server {
             at_start.store(n, std::sync::atomic::Ordering::Release);
             health.shutting_down(&registry).await;
             reloader.stop();
-            let _ = stop_tx.send(true);
-            // Logged once all of it is true, so an operator (or a test) can act on the line.
+            // Logged once all of it is true (calls are refused from the first moment), so an
+            // operator (or a test) can act on the line; and before the listeners stop, so it
+            // always comes before the drain's own line.
             tracing::info!(
                 in_flight = n,
                 "shutdown: health NOT_SERVING, no new requests, draining"
             );
+            let _ = stop_tx.send(true);
         });
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -323,9 +329,32 @@ impl Server {
 /// Loads the version last committed for `spec` (what a restarted swapd must serve), or the
 /// manifest's when nothing was committed. If the committed files are gone or broken, the
 /// manifest's version serves and the error is logged.
+/// Reads the committed versions at startup. The state directory is the operator's to fix,
+/// never a reason not to serve: one that cannot be written is warned about (every swap
+/// would be refused), and an unreadable committed.json is set aside and treated as missing,
+/// with a warning that says so.
+fn read_committed(store: &StateStore) -> std::collections::BTreeMap<String, Committed> {
+    if let Err(e) = store.check_writable() {
+        tracing::warn!(dir = %store.dir().display(), error = %e, "the state directory is not writable: models are served, but every reload will be refused until it is (a swap that cannot be recorded is not made)");
+    }
+    let path = store.dir().join("committed.json");
+    match store.committed() {
+        Ok(c) => c,
+        Err(e) => {
+            let aside = match store.set_aside() {
+                Ok(p) => format!("moved to {}", p.display()),
+                Err(e) => format!("could not be moved aside: {e}"),
+            };
+            tracing::warn!(file = %path.display(), error = %e, aside = %aside, "committed.json is unreadable: serving each model's manifest version, as if no reload had been committed");
+            Default::default()
+        }
+    }
+}
+
 async fn load_committed_or_manifest(
     spec: &ModelSpec,
     committed: Option<Committed>,
+    highest: u64,
     resolver: &Resolver,
     device: &Device,
 ) -> Result<Arc<ModelVersion>, ModelError> {
@@ -333,9 +362,17 @@ async fn load_committed_or_manifest(
         let mut last = spec.clone();
         last.source = c.source.clone();
         last.sha256 = c.sha256.clone();
-        match load_checked(&last, resolver, device, c.generation).await {
+        // A commit older than the audit log's newest (recorded before swaps were refused
+        // when they could not be recorded) comes back as a new activation.
+        let generation = if c.generation >= highest {
+            c.generation
+        } else {
+            tracing::warn!(model = %spec.name, committed = c.generation, highest, "committed.json is older than the audit log; its version is served at the next generation");
+            highest + 1
+        };
+        match load_checked(&last, resolver, device, generation).await {
             Ok(v) => {
-                tracing::info!(model = %spec.name, version = %v.version, generation = c.generation, "serving the last committed version");
+                tracing::info!(model = %spec.name, version = %v.version, generation, "serving the last committed version");
                 return Ok(v);
             }
             Err(e) => tracing::error!(
@@ -345,7 +382,8 @@ async fn load_committed_or_manifest(
             ),
         }
     }
-    load_checked(spec, resolver, device, 1).await
+    // Anything but the last commit is a new activation: the next generation.
+    load_checked(spec, resolver, device, highest + 1).await
 }
 
 /// Loads a version and runs its pre-flight checks (no serving version to compare with), so a

@@ -49,7 +49,8 @@ pub struct ReloadOptions {
     /// Keep the old version resident for an instant rollback.
     #[arg(long)]
     pub keep_previous: bool,
-    /// Reload even if this source is cooling down after repeated failures.
+    /// Reload even if this source is cooling down after repeated failures, or if its files
+    /// are the version already active (which replaces the rollback target with a copy of it).
     #[arg(long)]
     pub force: bool,
     /// When two versions do not fit: drain and free the old one first, then load the new.

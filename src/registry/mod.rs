@@ -174,6 +174,11 @@ impl Slot {
         old
     }
 
+    /// Whether a resource-preserving reload has the model suspended.
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Ends a suspension (waiting requests then see whatever is active).
     pub fn resume(&self) {
         self.suspended
@@ -317,7 +322,7 @@ impl Registry {
                 Some(d) => tokio::time::timeout_at(d.into(), notified)
                     .await
                     .map_err(|_| {
-                        Error::DeadlineExceeded(format!(
+                        Error::DeadlineWaiting(format!(
                             "waiting for model `{name}` to finish reloading"
                         ))
                     })?,

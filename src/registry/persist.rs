@@ -25,6 +25,11 @@ pub struct AuditRecord {
     pub model: String,
     /// `reload` or `rollback`.
     pub action: String,
+    /// `commit`: written before the swap, so a crash during the drain still leaves the
+    /// record of what became active; `end`: written when the reload ends (every reload has
+    /// one, committed or not, with its drain and free results).
+    #[serde(default = "end_stage")]
+    pub stage: String,
     /// Who asked: the peer address, and the `x-swapd-actor` header when sent.
     pub actor: String,
     pub source: String,
@@ -41,6 +46,15 @@ pub struct AuditRecord {
     pub phases_ms: Vec<(String, f64)>,
     pub cancelled_requests: u64,
     pub previous_freed: bool,
+}
+
+fn end_stage() -> String {
+    "end".into()
+}
+
+/// Parses `committed.json`: the committed version of each model by name.
+pub fn parse_committed(bytes: &[u8]) -> Result<BTreeMap<String, Committed>, String> {
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
 /// Files under the state directory.
@@ -68,28 +82,93 @@ impl StateStore {
         &self.dir
     }
 
-    /// The committed versions by model name; empty when nothing was committed yet.
+    /// Whether files can be written here: creates, syncs and removes a probe file.
+    pub fn check_writable(&self) -> std::io::Result<()> {
+        let probe = self.dir.join(".write-probe");
+        let r = std::fs::File::create(&probe).and_then(|mut f| {
+            f.write_all(b"swapd")?;
+            f.sync_all()
+        });
+        let _ = std::fs::remove_file(&probe);
+        r
+    }
+
+    /// The committed versions by model name; empty when nothing was committed yet. A file
+    /// that does not parse is an `InvalidData` error (see [`StateStore::set_aside`]).
     pub fn committed(&self) -> std::io::Result<BTreeMap<String, Committed>> {
         match std::fs::read(self.dir.join(COMMITTED)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
+            Ok(bytes) => parse_committed(&bytes)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
             Err(e) => Err(e),
         }
     }
 
+    /// Renames an unreadable `committed.json` out of the way (kept for inspection) and
+    /// returns its new path.
+    pub fn set_aside(&self) -> std::io::Result<PathBuf> {
+        let to = self.dir.join(format!(
+            "{COMMITTED}.unreadable-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or_default()
+        ));
+        std::fs::rename(self.dir.join(COMMITTED), &to)?;
+        Ok(to)
+    }
+
     /// Records `c` as `model`'s committed version: temp file, fsync, rename, fsync the dir.
-    pub fn commit(&self, model: &str, c: Committed) -> std::io::Result<()> {
+    /// Returns what was recorded before, for [`StateStore::restore`]. On failure nothing
+    /// changed (the temp file is removed).
+    pub fn commit(&self, model: &str, c: Committed) -> std::io::Result<BTreeMap<String, Committed>> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut all = self.committed()?;
+        // An unreadable file was set aside at startup; one that became unreadable since is
+        // replaced rather than blocking every swap.
+        let before = match self.committed() {
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => BTreeMap::new(),
+            r => r?,
+        };
+        let mut all = before.clone();
         all.insert(model.to_string(), c);
+        self.write_committed(&all)?;
+        Ok(before)
+    }
+
+    /// Puts back what [`StateStore::commit`] returned (a swap that was refused after its
+    /// commit was written).
+    pub fn restore(&self, before: &BTreeMap<String, Committed>) -> std::io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_committed(before)
+    }
+
+    fn write_committed(&self, all: &BTreeMap<String, Committed>) -> std::io::Result<()> {
         let tmp = self.dir.join(format!("{COMMITTED}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, self.dir.join(COMMITTED))?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(all).map_err(std::io::Error::other)?)?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, self.dir.join(COMMITTED))?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        };
+        let r = write();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    /// The highest generation `model` was ever committed at, by the audit log (a lost or
+    /// unreadable committed.json must not send generations backwards).
+    pub fn highest_generation(&self, model: &str) -> u64 {
+        self.audit_records()
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.model == model && r.committed)
+            .filter_map(|r| r.to_generation)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Appends one line to the audit log.
@@ -105,19 +184,18 @@ impl StateStore {
         f.sync_data()
     }
 
-    /// Every audit record so far.
+    /// Every audit record so far. A line that does not parse (a crash in the middle of an
+    /// append, a hand edit) is skipped: the log is a record, not a lock.
     pub fn audit_records(&self) -> std::io::Result<Vec<AuditRecord>> {
-        let text = match std::fs::read_to_string(self.dir.join(AUDIT)) {
+        let bytes = match std::fs::read(self.dir.join(AUDIT)) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        text.lines()
-            .map(|l| {
-                serde_json::from_str(l)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-            })
-            .collect()
+        Ok(bytes
+            .split(|&b| b == b'\n')
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect())
     }
 }
 
@@ -149,6 +227,7 @@ mod tests {
                 at_unix_ms: i,
                 model: "m".into(),
                 action: "reload".into(),
+                stage: "end".into(),
                 actor: "test".into(),
                 source: String::new(),
                 sha256: BTreeMap::new(),

@@ -79,6 +79,7 @@ impl Reloader {
         req: &ReloadRequest,
     ) {
         let old = slot.suspend();
+        let old_generation = old.as_ref().map(|o| o.generation()).unwrap_or(0);
         let old_spec = old.as_ref().map(|o| {
             let mut s = slot.spec.clone();
             s.source = o.source.clone();
@@ -92,8 +93,9 @@ impl Reloader {
         }
         if let Some(new) = self.load_preflight(run, spec, digests, None).await {
             // The old version is already gone: nothing comes back from the swap.
-            self.swap_phase(run, slot, new);
-            return;
+            if self.swap_phase(run, slot, new).is_ok() {
+                return;
+            }
         }
         let Some(old_spec) = old_spec else {
             slot.resume();
@@ -102,9 +104,11 @@ impl Reloader {
         // The new version failed: the old one comes back, through the same loader.
         let failure = run.outcome.error.clone().unwrap_or_default();
         run.start(Phase::Load, "loading the previous version back");
-        match model::load(&old_spec, &self.resolver, &self.device, 0).await {
+        match model::load(&old_spec, &self.resolver, &self.device, old_generation).await {
             Ok(v) => {
-                self.activate(slot, &v);
+                // Back at its own generation, which is what committed.json still says: the
+                // failed reload committed nothing.
+                slot.activate(v.clone());
                 run.done(run.event(
                     PhaseState::Done,
                     format!(
@@ -142,7 +146,7 @@ pub(super) fn fits(
 ) -> Result<(), String> {
     if let Some(b) = budget.filter(|&b| resident + needed > b) {
         return Err(format!(
-            "the new version needs ~{needed} bytes; with {resident} resident that passes the memory budget of {b} bytes"
+            "the new version needs ~{needed} bytes; with {resident} resident that exceeds the memory budget of {b} bytes"
         ));
     }
     match free {

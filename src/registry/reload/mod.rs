@@ -89,6 +89,13 @@ async fn blocking_step<T: Send + 'static>(
     }
 }
 
+/// What a failure cools down: the source with the digests it was pinned to, so a reload of
+/// the same source with other (correct) pins is never refused for a failure of these.
+pub(super) fn cooldown_key(source: &str, pins: &BTreeMap<String, String>) -> String {
+    let pins: Vec<String> = pins.iter().map(|(f, d)| format!("{f}={d}")).collect();
+    format!("{source} [{}]", pins.join(", "))
+}
+
 /// Which source and digests a reload of `slot` uses when the request leaves them out.
 fn pins_for(slot: &Slot, req: &ReloadRequest) -> (String, BTreeMap<String, String>) {
     let active = slot.active();
@@ -136,12 +143,12 @@ impl Reloader {
                 req.model
             ))
         })?;
-        let (source, _) = pins_for(&slot, &req);
-        if let Some(&(n, at)) = slot.state().failures.get(&source) {
+        let (source, pins) = pins_for(&slot, &req);
+        if let Some(&(n, at)) = slot.state().failures.get(&cooldown_key(&source, &pins)) {
             let left = self.cooldown.duration.saturating_sub(at.elapsed());
             if n >= self.cooldown.after_failures && !left.is_zero() && !req.force {
                 return Err(Error::FailedPrecondition(format!(
-                    "source `{source}` of model `{}` failed {n} reloads in a row; refused for another {} s unless forced",
+                    "source `{source}` with these sha256 pins failed {n} reloads of model `{}` in a row; refused for another {} s unless forced",
                     req.model,
                     left.as_secs()
                 )));
@@ -167,11 +174,48 @@ impl Reloader {
         tokio::spawn(
             async move {
                 let _guard = guard;
-                this.run_reload(slot, req, tx).await;
+                let action = if req.rollback { "rollback" } else { "reload" };
+                let mut run = this.new_run(&slot, tx, action, &req);
+                let phases = crate::panic::catch(this.run_reload(&mut run, &slot, &req)).await;
+                this.after_panic(&mut run, &slot, phases);
+                let watch = run.outcome.committed && req.keep_previous && !req.rollback;
+                run.finish();
+                if let (true, Some(cfg), Some(new)) = (watch, this.auto_rollback, slot.active()) {
+                    tokio::spawn(
+                        this.clone()
+                            .watch_new_version(slot, Arc::downgrade(&new), cfg),
+                    );
+                }
             }
             .instrument(span),
         );
         Ok(rx)
+    }
+
+    /// A reload that panicked (a bug) ends as failed in the phase it was in, with its
+    /// message, like any other failure: the caller gets a result, the audit log and the
+    /// metrics a record. A model left suspended by the resource-preserving path resumes (its
+    /// requests then see whatever is active rather than waiting for ever).
+    fn after_panic(&self, run: &mut Run, slot: &Slot, r: std::result::Result<(), String>) {
+        let Err(msg) = r else { return };
+        tracing::error!(model = %slot.spec.name, phase = ?run.phase, panic = %msg, "the reload panicked");
+        if run.outcome.error.is_none() && !run.outcome.committed {
+            run.fail(
+                format!(
+                    "internal error: the reload panicked in phase {}: {msg}; the serving version is untouched",
+                    format!("{:?}", run.phase).to_lowercase()
+                ),
+                None,
+            );
+        } else if run.outcome.error.is_none() {
+            run.outcome.error = Some(format!(
+                "internal error after the swap, in phase {}: {msg}",
+                format!("{:?}", run.phase).to_lowercase()
+            ));
+        }
+        if slot.is_suspended() {
+            slot.resume();
+        }
     }
 
     /// Whether shutdown has begun.
@@ -210,36 +254,22 @@ impl Reloader {
             actor: req.actor.clone(),
             source,
             pins,
+            cools_down: true,
         }
     }
 
-    async fn run_reload(
-        &self,
-        slot: Arc<Slot>,
-        req: ReloadRequest,
-        tx: mpsc::UnboundedSender<ReloadEvent>,
-    ) {
-        let action = if req.rollback { "rollback" } else { "reload" };
-        let mut run = self.new_run(&slot, tx, action, &req);
-        if let Some((spec, digests)) = self.resolve_verify(&mut run, &slot, &req).await {
-            match self.admit(&mut run, &digests, &req) {
+    async fn run_reload(&self, run: &mut Run, slot: &Arc<Slot>, req: &ReloadRequest) {
+        if let Some((spec, digests)) = self.resolve_verify(run, slot, req).await {
+            match self.admit(run, &digests, req) {
                 Admission::Fits => {
                     let serving = slot.active();
-                    if let Some(new) = self.load_preflight(&mut run, spec, digests, serving).await {
-                        self.swap_drain_free(&mut run, &slot, new, &req).await;
+                    if let Some(new) = self.load_preflight(run, spec, digests, serving).await {
+                        self.swap_drain_free(run, slot, new, req).await;
                     }
                 }
-                Admission::Preserve => self.preserving(&mut run, &slot, spec, digests, &req).await,
+                Admission::Preserve => self.preserving(run, slot, spec, digests, req).await,
                 Admission::Refused => {}
             }
-        }
-        let watch = run.outcome.committed && req.keep_previous && !req.rollback;
-        run.finish();
-        if let (true, Some(cfg), Some(new)) = (watch, self.auto_rollback, slot.active()) {
-            tokio::spawn(
-                self.clone()
-                    .watch_new_version(slot, Arc::downgrade(&new), cfg),
-            );
         }
     }
 
@@ -277,7 +307,31 @@ impl Reloader {
                 })
             },
         )
-        .await?;
+        .await;
+        let Some(digests) = digests else {
+            // Files that do not match their pins say nothing about the files: the pins
+            // (the request's, or the manifest's) are wrong. No cool-down for that.
+            run.cools_down = false;
+            return None;
+        };
+        if let Some(active) = slot.active().filter(|a| !req.force && a.source == source) {
+            let same = digests.len() == active.files.len()
+                && digests
+                    .iter()
+                    .all(|d| active.files.iter().any(|f| f.name == d.name && f.sha256 == d.sha256));
+            if same {
+                run.cools_down = false;
+                run.fail(
+                    format!(
+                        "model `{name}`: these files are version {} (generation {}), which is already active; nothing to do (a reload of it would replace the rollback target; set force to reload it anyway)",
+                        active.version,
+                        active.generation()
+                    ),
+                    Some("already_active".into()),
+                );
+                return None;
+            }
+        }
         run.done(run.event(PhaseState::Done, "every file matches its sha256"));
         let mut spec = slot.spec.clone();
         spec.source = source;
@@ -357,13 +411,16 @@ impl Reloader {
         req: &ReloadRequest,
     ) {
         if self.is_stopping() {
+            run.cools_down = false;
             run.fail(
                 "the server is shutting down: reload abandoned before the swap; the serving version stays committed",
                 None,
             );
             return;
         }
-        let old = self.swap_phase(run, slot, new);
+        let Ok(old) = self.swap_phase(run, slot, new) else {
+            return;
+        };
         run.outcome.previous = old.as_deref().map(VersionName::of);
         let Some(old) = old else {
             run.outcome.previous_freed = true;
@@ -373,15 +430,24 @@ impl Reloader {
         self.free(run, slot, old, req.keep_previous, left).await;
     }
 
-    /// The swap phase: `new` becomes active and the run commits. Returns the replaced version.
+    /// The swap phase: `new` becomes active and the run commits. Returns the replaced version;
+    /// `Err` (reported) when the commit could not be recorded, and nothing changed.
     fn swap_phase(
         &self,
         run: &mut Run,
         slot: &Slot,
         new: Arc<ModelVersion>,
-    ) -> Option<Arc<ModelVersion>> {
+    ) -> std::result::Result<Option<Arc<ModelVersion>>, ()> {
         run.start(Phase::Swap, "");
-        let old = self.activate(slot, &new);
+        let old = match self.activate(run, slot, &new) {
+            Ok(old) => old,
+            Err(e) => {
+                // The state directory's fault, not the version's: no cool-down.
+                run.cools_down = false;
+                run.fail(e, Some("record".into()));
+                return Err(());
+            }
+        };
         run.outcome.committed = true;
         run.outcome.version = Some(VersionName::of(&new));
         run.done(run.event(
@@ -392,16 +458,31 @@ impl Reloader {
                 new.version
             ),
         ));
-        old
+        Ok(old)
     }
 
-    /// Makes `new` active with the next generation, records the version it replaced (for
-    /// rollback) and persists the commit. Returns the replaced version.
-    fn activate(&self, slot: &Slot, new: &Arc<ModelVersion>) -> Option<Arc<ModelVersion>> {
+    /// Records `new` as committed at the next generation (committed.json, then the audit
+    /// line of the commit), then makes it active and records the version it replaced (for
+    /// rollback). Returns the replaced version.
+    ///
+    /// The contract: a swap that cannot be recorded is refused. A swap that a restart would
+    /// silently undo (serving the older commit at a lower generation) is worse than a
+    /// reload that fails and says why: the serving version stays, nothing changed.
+    fn activate(
+        &self,
+        run: &Run,
+        slot: &Slot,
+        new: &Arc<ModelVersion>,
+    ) -> std::result::Result<Option<Arc<ModelVersion>>, String> {
+        // Only this reload changes the generation (it holds the slot's reload lock).
+        let generation = slot.state().generation + 1;
+        if let Some(store) = &self.store {
+            self.record_commit(run, store, slot, new, generation)?;
+        }
         let old = {
             let mut st = slot.state();
-            st.generation += 1;
-            new.set_generation(st.generation);
+            st.generation = generation;
+            new.set_generation(generation);
             let old = slot.activate(new.clone());
             if let Some(o) = &old {
                 st.previous = Some(PreviousVersion {
@@ -413,19 +494,50 @@ impl Reloader {
             }
             old
         };
-        if let Some(store) = &self.store {
-            let committed = Committed {
-                source: new.source.clone(),
-                sha256: digests_of(new),
-                version: new.version.clone(),
-                generation: new.generation(),
-                committed_at_unix_ms: unix_ms(),
+        Ok(old)
+    }
+
+    /// Writes committed.json and the audit line of a commit of `new` at `generation`; on
+    /// failure puts committed.json back and says what could not be written.
+    fn record_commit(
+        &self,
+        run: &Run,
+        store: &StateStore,
+        slot: &Slot,
+        new: &ModelVersion,
+        generation: u64,
+    ) -> std::result::Result<(), String> {
+        let committed = Committed {
+            source: new.source.clone(),
+            sha256: digests_of(new),
+            version: new.version.clone(),
+            generation,
+            committed_at_unix_ms: unix_ms(),
+        };
+        let refused = |what: String| {
+            format!(
+                "the swap was refused because it could not be recorded: {what}; the serving version stays active (make the state directory {} writable)",
+                store.dir().display()
+            )
+        };
+        let before = store
+            .commit(&slot.spec.name, committed)
+            .map_err(|e| refused(format!("writing committed.json: {e}")))?;
+        let mut line = run.record("commit");
+        let old = slot.active();
+        line.committed = true;
+        line.from_version = old.as_ref().map(|o| o.version.clone());
+        line.from_generation = old.as_ref().map(|o| o.generation());
+        line.to_version = Some(new.version.clone());
+        line.to_generation = Some(generation);
+        if let Err(e) = store.audit(&line) {
+            let restored = match store.restore(&before) {
+                Ok(()) => String::new(),
+                Err(r) => format!(" (putting committed.json back failed too: {r})"),
             };
-            if let Err(e) = store.commit(&slot.spec.name, committed) {
-                tracing::error!(model = %slot.spec.name, error = %e, "the swap is live but could not be recorded; a restart would serve the previous commit");
-            }
+            return Err(refused(format!("appending to audit.jsonl: {e}{restored}")));
         }
-        old
+        Ok(())
     }
 
     /// Waits for the requests still on `old`; returns how many are left (WAIT past the

@@ -51,7 +51,14 @@ impl Reloader {
                 let _guard = guard;
                 let mut run = this.new_run(&slot, tx, "rollback", &req);
                 slot.standby.store(None);
-                this.swap_drain_free(&mut run, &slot, standby, &req).await;
+                let back = standby.clone();
+                let r = crate::panic::catch(this.swap_drain_free(&mut run, &slot, standby, &req))
+                    .await;
+                this.after_panic(&mut run, &slot, r);
+                if !run.outcome.committed {
+                    // Refused before the swap (it could not be recorded): still the standby.
+                    slot.standby.store(Some(back));
+                }
                 run.finish();
             });
             return Ok(rx);

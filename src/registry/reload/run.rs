@@ -24,10 +24,29 @@ pub(super) struct Run {
     pub(super) actor: String,
     pub(super) source: String,
     pub(super) pins: BTreeMap<String, String>,
+    /// Whether a failure of this run counts towards its source's cool-down (false when the
+    /// failure says nothing about the files: wrong pins, the version already active, a
+    /// state directory that cannot be written, shutdown).
+    pub(super) cools_down: bool,
+}
+
+/// Debug builds only: `SWAPD_FAILPOINT=reload:PHASE` panics as that phase starts, so a test
+/// can prove that a panic anywhere in a reload ends it as failed, with a result, an audit
+/// line and metrics. Release builds have no failpoints.
+fn failpoint(phase: Phase) {
+    #[cfg(debug_assertions)]
+    if let Ok(f) = std::env::var("SWAPD_FAILPOINT") {
+        if f == format!("reload:{phase:?}").to_lowercase() {
+            panic!("failpoint {f}");
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = phase;
 }
 
 impl Run {
     pub(super) fn start(&mut self, phase: Phase, detail: impl Into<String>) {
+        failpoint(phase);
         self.phase = phase;
         self.phase_started = Instant::now();
         self.slot.state().reloading = Some((phase, SystemTime::now()));
@@ -55,12 +74,41 @@ impl Run {
 
     /// Ends the reload at the current phase with `error`; the serving version is untouched.
     pub(super) fn fail(&mut self, error: impl std::fmt::Display, check: Option<String>) {
-        let msg = error.to_string();
+        let msg = crate::error::clean_message(&error.to_string());
         let ev = self.event(PhaseState::Failed, msg.clone());
         self.done(ev);
         self.outcome.error = Some(msg);
         self.outcome.failed_phase = Some(self.phase);
         self.outcome.failed_check = check;
+    }
+
+    /// The audit record of this run as it stands.
+    pub(super) fn record(&self, stage: &str) -> AuditRecord {
+        let o = &self.outcome;
+        AuditRecord {
+            at_unix_ms: unix_ms(),
+            model: self.slot.spec.name.clone(),
+            action: self.action.into(),
+            stage: stage.into(),
+            actor: self.actor.clone(),
+            source: self.source.clone(),
+            sha256: self.pins.clone(),
+            from_version: o.previous.as_ref().map(|v| v.version.clone()),
+            from_generation: o.previous.as_ref().map(|v| v.generation),
+            to_version: o.version.as_ref().map(|v| v.version.clone()),
+            to_generation: o.version.as_ref().map(|v| v.generation),
+            committed: o.committed,
+            error: o.error.clone(),
+            failed_phase: o.failed_phase.map(|p| format!("{p:?}").to_lowercase()),
+            failed_check: o.failed_check.clone(),
+            phases_ms: o
+                .timings
+                .iter()
+                .map(|(p, d)| (format!("{p:?}").to_lowercase(), d.as_secs_f64() * 1e3))
+                .collect(),
+            cancelled_requests: o.cancelled_requests,
+            previous_freed: o.previous_freed,
+        }
     }
 
     pub(super) fn finish(mut self) {
@@ -76,44 +124,18 @@ impl Run {
         let mut st = self.slot.state();
         st.reloading = None;
         st.last_result = Some(self.outcome.clone());
+        let key = super::cooldown_key(&self.source, &self.pins);
         if self.outcome.committed {
-            st.failures.remove(&self.source);
-        } else {
-            let entry = st
-                .failures
-                .entry(self.source.clone())
-                .or_insert((0, Instant::now()));
+            st.failures.remove(&key);
+        } else if self.cools_down {
+            let entry = st.failures.entry(key).or_insert((0, Instant::now()));
             *entry = (entry.0 + 1, Instant::now());
         }
         drop(st);
         self.metrics
             .reload_done(&self.slot.spec.name, self.action, &self.outcome);
         if let Some(store) = &self.store {
-            let o = &self.outcome;
-            let record = AuditRecord {
-                at_unix_ms: unix_ms(),
-                model: self.slot.spec.name.clone(),
-                action: self.action.into(),
-                actor: self.actor.clone(),
-                source: self.source.clone(),
-                sha256: self.pins.clone(),
-                from_version: o.previous.as_ref().map(|v| v.version.clone()),
-                from_generation: o.previous.as_ref().map(|v| v.generation),
-                to_version: o.version.as_ref().map(|v| v.version.clone()),
-                to_generation: o.version.as_ref().map(|v| v.generation),
-                committed: o.committed,
-                error: o.error.clone(),
-                failed_phase: o.failed_phase.map(|p| format!("{p:?}").to_lowercase()),
-                failed_check: o.failed_check.clone(),
-                phases_ms: o
-                    .timings
-                    .iter()
-                    .map(|(p, d)| (format!("{p:?}").to_lowercase(), d.as_secs_f64() * 1e3))
-                    .collect(),
-                cancelled_requests: o.cancelled_requests,
-                previous_freed: o.previous_freed,
-            };
-            if let Err(e) = store.audit(&record) {
+            if let Err(e) = store.audit(&self.record("end")) {
                 tracing::error!(error = %e, dir = %store.dir().display(), "cannot append to the audit log");
             }
         }
