@@ -47,6 +47,26 @@ impl Secret {
     }
 }
 
+/// Why `t` cannot be the admin token, if it cannot. Empty means no token. A token travels in
+/// an `authorization: Bearer …` header, which cannot carry whitespace or control characters
+/// intact (clients strip leading and trailing spaces, so a token of one space would be
+/// matched by an empty bearer); the value itself is never part of the message.
+pub fn check_admin_token(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Ok(());
+    }
+    if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "a token of {} characters that contains whitespace or control characters: use visible characters only (at least 16 recommended)",
+            t.chars().count()
+        ));
+    }
+    if !t.is_ascii() {
+        return Err("a token with non-ASCII characters: an HTTP header cannot carry them".into());
+    }
+    Ok(())
+}
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(<redacted>)")
@@ -452,6 +472,11 @@ impl Config {
                 1,
             ),
         };
+        if let (flag, Some(t)) = pick!(admin_token) {
+            if let Err(why) = check_admin_token(&t) {
+                err("admin_token", flag, why);
+            }
+        }
         let mut secs = |key: &str, (flag, v): (bool, Option<f64>), default: f64| {
             let v = v.unwrap_or(default);
             if !(v.is_finite() && v >= 0.0) {

@@ -94,3 +94,26 @@ async fn hf_sources_resolve_from_the_local_cache_offline() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_link_out_of_the_cache_is_refused_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config(dir.path());
+    let cache = dir.path().join("hub");
+    let gguf = dir.path().join("tiny-llm/tiny.gguf");
+    add_to_cache(&cache, "tiny-org/tiny-llm-gguf", &[("tiny.gguf", &gguf)]);
+    // A second name in the snapshot links straight at a file outside the cache.
+    let snap = cache.join(format!("models--tiny-org--tiny-llm-gguf/snapshots/{COMMIT}"));
+    std::os::unix::fs::symlink(&gguf, snap.join("escape.gguf")).unwrap();
+    config.manifest.models[0].source = "hf://tiny-org/tiny-llm-gguf/escape.gguf".into();
+    config.manifest.models[0]
+        .sha256
+        .insert("escape.gguf".into(), sha(&gguf));
+    config.hf_cache = Some(cache);
+    config.hf_offline = true;
+    let e = match swapd::server::Server::start(config).await {
+        Ok(_) => panic!("followed a link out of the cache"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("outside the cache"), "{e}");
+}

@@ -46,8 +46,32 @@ impl Source {
         if owner.is_empty() || name.is_empty() {
             return Err(format!("`{s}`: expected hf://owner/repo[@revision]/path"));
         }
-        if path.split('/').any(|p| p == "..") {
-            return Err(format!("`{s}`: `..` is not allowed in a repository path"));
+        // Each part becomes a path component of the cache (models--OWNER--REPO/snapshots/
+        // REVISION/PATH): nothing in it may climb out or name something else.
+        let plain = |part: &str| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        for (what, part) in [("owner", owner), ("repository", name)]
+            .into_iter()
+            .chain(revision.as_deref().map(|r| ("revision", r)))
+        {
+            if !plain(part) {
+                return Err(format!(
+                    "`{s}`: {what} `{part}` must be letters, digits, `-`, `_` and `.` (and not `.` or `..`)"
+                ));
+            }
+        }
+        if path.split('/').any(|p| p == ".." || p == "." || p.is_empty() && !path.is_empty())
+            || path.contains('\\')
+        {
+            return Err(format!(
+                "`{s}`: `.`, `..`, empty parts and backslashes are not allowed in a repository path"
+            ));
         }
         Ok(Source::Hf {
             repo: format!("{owner}/{name}"),
@@ -110,6 +134,7 @@ impl Resolver {
                     let local = self
                         .hf_file(&repo, revision.as_deref(), &name)
                         .await
+                        .and_then(|p| inside_repo_cache(&p, &repo))
                         .map_err(|e| src_err(format!("{name}: {e}")))?;
                     let base = name.rsplit('/').next().unwrap_or(&name).to_string();
                     out.push((base, local));
@@ -142,6 +167,11 @@ impl Resolver {
             });
         }
         match kind {
+            ModelKind::Llm if canonical.is_dir() => Err(ModelError::Source {
+                model: model.to_string(),
+                source_uri: p.display().to_string(),
+                reason: "is a directory: an LLM source must name its .gguf file".into(),
+            }),
             ModelKind::Llm => {
                 let name = canonical
                     .file_name()
@@ -195,6 +225,32 @@ impl Resolver {
     }
 }
 
+/// The cached file `local` of `repo`, canonical, checked to lie inside that repository's
+/// folder of the cache (`models--OWNER--REPO`): a snapshot's links point into its `blobs`,
+/// and one that points anywhere else is refused rather than followed.
+fn inside_repo_cache(local: &Path, repo: &str) -> Result<PathBuf, String> {
+    let folder = format!("models--{}", repo.replace('/', "--"));
+    let repo_dir = local
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == folder.as_str()))
+        .ok_or_else(|| format!("{} is not inside a `{folder}` cache folder", local.display()))?;
+    let canonical_dir = repo_dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", repo_dir.display()))?;
+    let canonical = local
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", local.display()))?;
+    if !canonical.starts_with(&canonical_dir) {
+        return Err(format!(
+            "{} links to {}, outside the cache's {} folder; refusing to follow it",
+            local.display(),
+            canonical.display(),
+            canonical_dir.display()
+        ));
+    }
+    Ok(canonical)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,7 +277,22 @@ mod tests {
             Source::parse("a/b.gguf").unwrap(),
             Source::Local("a/b.gguf".into())
         );
-        for bad in ["", "hf://", "hf://owner", "hf://o/r@/x", "hf://o/r/../x"] {
+        for bad in [
+            "",
+            "hf://",
+            "hf://owner",
+            "hf://o/r@/x",
+            "hf://o/r/../x",
+            "hf://../r/x",
+            "hf://o/../x",
+            "hf://o/r@../x",
+            "hf://o/r@..",
+            "hf://./r/x",
+            "hf://o/r/./x",
+            "hf://o/r/a//b",
+            "hf://o/r/a\\b",
+            "hf://o w/r/x",
+        ] {
             assert!(Source::parse(bad).is_err(), "{bad}");
         }
     }
