@@ -226,6 +226,10 @@ struct FileConfig {
 /// How long requests in flight get to finish at shutdown unless configured.
 pub const DEFAULT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The longest duration a config key takes: past it a number of seconds is a mistake, and
+/// durations near the type's limit overflow when added to an instant.
+const MAX_SECS: u64 = 365 * 24 * 3600;
+
 /// Limits that protect the server from overload and oversized input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -477,10 +481,26 @@ impl Config {
                 err("admin_token", flag, why);
             }
         }
+        for (key, (flag, v)) in [
+            ("manifest_poll_secs", pick!(manifest_poll_secs)),
+            ("reload_cooldown_secs", pick!(reload_cooldown_secs)),
+        ] {
+            if let Some(v) = v.filter(|&v| v > MAX_SECS) {
+                err(
+                    key,
+                    flag,
+                    format!("{v}: at most {MAX_SECS} seconds (a year)"),
+                );
+            }
+        }
         let mut secs = |key: &str, (flag, v): (bool, Option<f64>), default: f64| {
             let v = v.unwrap_or(default);
-            if !(v.is_finite() && v >= 0.0) {
-                err(key, flag, format!("{v}: must be a number of seconds >= 0"));
+            if !(v.is_finite() && (0.0..=MAX_SECS as f64).contains(&v)) {
+                err(
+                    key,
+                    flag,
+                    format!("{v}: must be a number of seconds from 0 to {MAX_SECS} (a year)"),
+                );
                 return default;
             }
             v
@@ -569,7 +589,7 @@ impl Config {
                 .manifest_poll_secs
                 .or(file.manifest_poll_secs)
                 .filter(|s| *s > 0)
-                .map(std::time::Duration::from_secs),
+                .map(|s| std::time::Duration::from_secs(s.min(MAX_SECS))),
             cooldown: {
                 let d = crate::registry::reload::Cooldown::default();
                 crate::registry::reload::Cooldown {
@@ -581,7 +601,7 @@ impl Config {
                     duration: args
                         .reload_cooldown_secs
                         .or(file.reload_cooldown_secs)
-                        .map(std::time::Duration::from_secs)
+                        .map(|s| std::time::Duration::from_secs(s.min(MAX_SECS)))
                         .unwrap_or(d.duration),
                 }
             },

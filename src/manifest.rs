@@ -162,7 +162,22 @@ impl Manifest {
                 }
             }
             let d = &m.defaults;
-            let checks: [(&str, bool, &str); 5] = [
+            let sampling = [
+                (
+                    "defaults.temperature",
+                    crate::model::sampling::check_temperature(d.temperature),
+                ),
+                (
+                    "defaults.repetition_penalty",
+                    crate::model::sampling::check_repetition_penalty(d.repetition_penalty),
+                ),
+            ];
+            for (k, r) in sampling {
+                if let Err(why) = r {
+                    return Err(ConfigError::at(path, key(k), why));
+                }
+            }
+            let checks: [(&str, bool, &str); 3] = [
                 (
                     "defaults.context_length",
                     d.context_length >= 2,
@@ -174,19 +189,9 @@ impl Manifest {
                     "must be at least 1",
                 ),
                 (
-                    "defaults.temperature",
-                    d.temperature >= 0.0 && d.temperature.is_finite(),
-                    "must be >= 0",
-                ),
-                (
                     "defaults.top_p",
                     d.top_p > 0.0 && d.top_p <= 1.0,
                     "must be in (0, 1]",
-                ),
-                (
-                    "defaults.repetition_penalty",
-                    d.repetition_penalty > 0.0 && d.repetition_penalty.is_finite(),
-                    "must be > 0",
                 ),
             ];
             for (k, ok, why) in checks {

@@ -1,6 +1,8 @@
 //! A sentence-embedding model from a Hugging Face directory (config.json, model.safetensors,
 //! tokenizer.json) through candle-transformers' BERT, pooled and normalized the way
 //! sentence-transformers does it.
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -9,6 +11,63 @@ use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::ModelError;
+
+/// Reads the safetensors file at `path` onto `device` as candle does, after checking its
+/// header ([`super::header::check_safetensors_header`]): a broken file is an error naming
+/// what is wrong, never a panic.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    super::header::check_safetensors_header(&mut std::io::BufReader::new(&mut file), len)?;
+    catch_unwind(AssertUnwindSafe(|| {
+        candle_core::safetensors::load(path, device)
+    }))
+    .map_err(|p| {
+        format!(
+            "the safetensors reader panicked: {}",
+            crate::panic::message(p.as_ref())
+        )
+    })?
+    .map_err(|e| e.to_string())
+}
+
+/// The BERT settings candle divides by or sizes tables from must make sense (candle's
+/// loader divides `hidden_size` by `num_attention_heads` unchecked).
+pub fn check_bert_config(c: &Config) -> Result<(), String> {
+    let positive = [
+        ("vocab_size", c.vocab_size),
+        ("hidden_size", c.hidden_size),
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("num_attention_heads", c.num_attention_heads),
+        ("intermediate_size", c.intermediate_size),
+        ("max_position_embeddings", c.max_position_embeddings),
+        ("type_vocab_size", c.type_vocab_size),
+    ];
+    for (k, v) in positive {
+        if v == 0 {
+            return Err(format!("{k} is 0"));
+        }
+    }
+    if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+        return Err(format!(
+            "hidden_size {} is not a multiple of num_attention_heads {}",
+            c.hidden_size, c.num_attention_heads
+        ));
+    }
+    if !(c.layer_norm_eps.is_finite() && c.layer_norm_eps > 0.0) {
+        return Err(format!(
+            "layer_norm_eps is {}: must be a finite number > 0",
+            c.layer_norm_eps
+        ));
+    }
+    if c.pad_token_id >= c.vocab_size {
+        return Err(format!(
+            "pad_token_id {} is outside the vocabulary of {}",
+            c.pad_token_id, c.vocab_size
+        ));
+    }
+    Ok(())
+}
 
 /// A loaded embedding model.
 pub struct Embedder {
@@ -51,16 +110,23 @@ impl Embedder {
             .map_err(|e| fmt("config.json", "JSON", e.to_string()))?;
         let config: Config = serde_json::from_str(&config_text)
             .map_err(|e| fmt("config.json", "BERT config", e.to_string()))?;
+        check_bert_config(&config).map_err(|e| fmt("config.json", "BERT config", e))?;
         super::compute::pace();
-        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), device)
-            .map_err(|e| fmt("model.safetensors", "safetensors", e.to_string()))?;
+        let tensors = read_safetensors(&dir.join("model.safetensors"), device)
+            .map_err(|e| fmt("model.safetensors", "safetensors", e))?;
         let weight_bytes = tensors
             .values()
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum();
         super::compute::pace();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let model = BertModel::load(vb, &config)
+        let model = catch_unwind(AssertUnwindSafe(|| BertModel::load(vb, &config)))
+            .unwrap_or_else(|p| {
+                Err(candle_core::Error::msg(format!(
+                    "the BERT loader panicked: {}",
+                    crate::panic::message(p.as_ref())
+                )))
+            })
             .map_err(|e| fmt("model.safetensors", "BERT weights", e.to_string()))?;
         super::compute::pace();
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
@@ -153,5 +219,109 @@ impl Embedder {
                 truncated: !enc.get_overflowing().is_empty(),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synth::{write_tiny_bert, TinyBert};
+
+    fn load_err(dir: &Path) -> String {
+        match Embedder::load("e", dir, &Device::Cpu, 64) {
+            Ok(_) => panic!("{} loaded", dir.display()),
+            Err(e) => {
+                assert!(matches!(e, ModelError::Format { .. }), "{e}");
+                assert_eq!(e.check_name(), "format");
+                e.to_string()
+            }
+        }
+    }
+
+    fn with_config(dir: &Path, key: &str, v: serde_json::Value) {
+        let p = dir.join("config.json");
+        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        c[key] = v;
+        std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+    }
+
+    /// candle's BERT loader divides by `num_attention_heads`: 0 panicked there.
+    #[test]
+    fn unusable_configs_are_format_errors_not_panics() {
+        for (key, v, want) in [
+            (
+                "num_attention_heads",
+                serde_json::json!(0),
+                "num_attention_heads is 0",
+            ),
+            (
+                "num_attention_heads",
+                serde_json::json!(3),
+                "hidden_size 32 is not a multiple of num_attention_heads 3",
+            ),
+            ("hidden_size", serde_json::json!(0), "hidden_size is 0"),
+            (
+                "layer_norm_eps",
+                serde_json::json!(-1.0),
+                "layer_norm_eps is -1",
+            ),
+            (
+                "pad_token_id",
+                serde_json::json!(100000),
+                "pad_token_id 100000 is outside",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            write_tiny_bert(dir.path(), &TinyBert::default()).unwrap();
+            with_config(dir.path(), key, v);
+            let e = load_err(dir.path());
+            assert!(e.contains(want), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn broken_safetensors_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_bert(dir.path(), &TinyBert::default()).unwrap();
+        let st = dir.path().join("model.safetensors");
+        let good = std::fs::read(&st).unwrap();
+        std::fs::write(&st, b"").unwrap();
+        let e = load_err(dir.path());
+        assert!(
+            e.contains("file is 0 bytes: too short to be a safetensors file"),
+            "{e}"
+        );
+        let mut huge = good.clone();
+        huge[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        std::fs::write(&st, &huge).unwrap();
+        let e = load_err(dir.path());
+        assert!(
+            e.contains("header length 1099511627776 (2^40) exceeds"),
+            "{e}"
+        );
+        std::fs::write(&st, &good[..good.len() - 100]).unwrap();
+        let e = load_err(dir.path());
+        assert!(e.contains("truncated"), "{e}");
+        std::fs::write(&st, &good).unwrap();
+        assert!(Embedder::load("e", dir.path(), &Device::Cpu, 64).is_ok());
+    }
+
+    #[test]
+    fn the_real_model_passes_the_checks() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
+        if !dir.join("model.safetensors").exists() {
+            return;
+        }
+        let config: Config =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        check_bert_config(&config).unwrap();
+        let p = dir.join("model.safetensors");
+        let len = std::fs::metadata(&p).unwrap().len();
+        let h = crate::model::header::check_safetensors_header(
+            &mut std::fs::File::open(&p).unwrap(),
+            len,
+        )
+        .unwrap();
+        assert!(h.tensor_count > 50, "{h:?}");
     }
 }

@@ -10,6 +10,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use super::chat::{ChatMessage, ChatTemplate};
+use super::header;
 use super::tokenizer::GgufTokenizer;
 use super::ModelError;
 
@@ -19,7 +20,12 @@ const PREFILL_CHUNK: usize = 256;
 
 /// Bytes a GGUF tensor takes as stored (quantized blocks).
 pub fn stored_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> u64 {
-    (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64
+    let elems = info
+        .shape
+        .dims()
+        .iter()
+        .fold(1u64, |a, &d| a.saturating_mul(d as u64));
+    (elems / info.ggml_dtype.block_size() as u64).saturating_mul(info.ggml_dtype.type_size() as u64)
 }
 
 /// Bytes the tensors of `ct` take once loaded onto the CPU (`on_cpu`) or another device.
@@ -28,33 +34,265 @@ pub fn stored_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> u64
 fn tensor_bytes(ct: &Content, file_len: u64, on_cpu: bool) -> Result<u64, String> {
     let mut total = 0u64;
     for (tname, info) in &ct.tensor_infos {
-        let elems = info.shape.elem_count();
         let bytes = stored_bytes(info);
-        let end = ct.tensor_data_offset + info.offset + bytes;
+        let end = ct
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(bytes);
         if end > file_len {
             return Err(format!(
                 "tensor `{tname}` ends at byte {end} but the file has {file_len} bytes (truncated?)"
             ));
         }
-        total += bytes;
+        total = total.saturating_add(bytes);
         if tname == "token_embd.weight"
             && !crate::quant::packs(info.ggml_dtype, info.shape.dims(), on_cpu)
         {
             // Unless the table stays packed, the loader adds a dequantized f32 copy of it
             // for lookups.
-            total += (elems * 4) as u64;
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .fold(1u64, |a, &d| a.saturating_mul(d as u64));
+            total = total.saturating_add(elems.saturating_mul(4));
         }
     }
     Ok(total)
 }
 
 /// Bytes the GGUF at `path` will hold once loaded onto the CPU (`on_cpu`) or another
-/// device, from its header alone.
+/// device, from its header alone. The header is bounds-checked first
+/// ([`super::header::read_gguf`]): a broken file is an error here, never a panic or a huge
+/// allocation.
 pub fn weight_bytes_of(path: &Path, on_cpu: bool) -> Result<u64, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
-    let ct = Content::read(&mut std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+    let (ct, _) = header::read_gguf(&mut std::io::BufReader::new(file))?;
     tensor_bytes(&ct, len, on_cpu)
+}
+
+/// Largest attention head the loader accepts: real llama-architecture models use 64–256;
+/// the RoPE tables candle precomputes take `MAX_SEQ_LEN` × this × 8 bytes.
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// The llama hyper-parameters [`check_llama`] found usable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaParams {
+    pub embedding_length: usize,
+    pub block_count: usize,
+    pub head_count: usize,
+    pub head_count_kv: usize,
+    pub head_dim: usize,
+    /// From `tokenizer.ggml.tokens` (`None` when absent: the tokenizer check reports it).
+    pub vocab: Option<usize>,
+    /// `llama.context_length`, when the file has one.
+    pub context_length: Option<usize>,
+}
+
+/// Checks the metadata and tensor shapes the llama loader ([`super::qllama`]) relies on, so
+/// that a file which would load but could not serve (context 0, heads that do not divide,
+/// a vocabulary that does not match the embedding table, ...) fails here with the reason.
+pub fn check_llama(ct: &Content) -> Result<LlamaParams, String> {
+    use candle_core::quantized::gguf_file::Value;
+    let get = |k: &str| ct.metadata.get(k);
+    // qllama reads these with `to_u32`/`to_f32`: any other type is an error there (or,
+    // for the optional keys, silently the default), so it is one here.
+    let opt_u32 = |k: &str| -> Result<Option<usize>, String> {
+        match get(k) {
+            None => Ok(None),
+            Some(Value::U32(v)) => Ok(Some(*v as usize)),
+            Some(v) => Err(format!("{k} is {v:?}: expected a u32")),
+        }
+    };
+    let u32_ = |k: &str| -> Result<usize, String> {
+        opt_u32(k)?.ok_or_else(|| format!("metadata key `{k}` is missing"))
+    };
+    let opt_f32 = |k: &str| -> Result<Option<f32>, String> {
+        match get(k) {
+            None => Ok(None),
+            Some(Value::F32(v)) => Ok(Some(*v)),
+            Some(v) => Err(format!("{k} is {v:?}: expected an f32")),
+        }
+    };
+    let dim = u32_("llama.embedding_length")?;
+    let blocks = u32_("llama.block_count")?;
+    let heads = u32_("llama.attention.head_count")?;
+    let kv_heads = u32_("llama.attention.head_count_kv")?;
+    let rope_dim = u32_("llama.rope.dimension_count")?;
+    let eps = opt_f32("llama.attention.layer_norm_rms_epsilon")?
+        .ok_or("metadata key `llama.attention.layer_norm_rms_epsilon` is missing")?;
+    let freq_base = opt_f32("llama.rope.freq_base")?.unwrap_or(10000.0);
+    let context = opt_u32("llama.context_length")?;
+    let ff_meta = opt_u32("llama.feed_forward_length")?;
+    let n_expert = opt_u32("llama.expert_count")?.unwrap_or(0);
+    let n_expert_used = opt_u32("llama.expert_used_count")?.unwrap_or(0);
+    if dim == 0 {
+        return Err("llama.embedding_length is 0".into());
+    }
+    if blocks == 0 {
+        return Err("llama.block_count is 0: the model has no layers".into());
+    }
+    if heads == 0 {
+        return Err("llama.attention.head_count is 0".into());
+    }
+    if kv_heads == 0 {
+        return Err("llama.attention.head_count_kv is 0".into());
+    }
+    if dim % heads != 0 {
+        return Err(format!(
+            "llama.embedding_length {dim} is not a multiple of llama.attention.head_count {heads}"
+        ));
+    }
+    if heads % kv_heads != 0 {
+        return Err(format!(
+            "llama.attention.head_count {heads} is not a multiple of llama.attention.head_count_kv {kv_heads}"
+        ));
+    }
+    let head_dim = dim / heads;
+    if head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+        return Err(format!(
+            "the head size {head_dim} (llama.embedding_length {dim} / llama.attention.head_count {heads}) must be even and at most {MAX_HEAD_DIM}"
+        ));
+    }
+    if rope_dim != head_dim {
+        return Err(format!(
+            "llama.rope.dimension_count {rope_dim} differs from the head size {head_dim} (llama.embedding_length {dim} / llama.attention.head_count {heads}): partial RoPE is not supported"
+        ));
+    }
+    if !(freq_base.is_finite() && freq_base > 0.0) {
+        return Err(format!(
+            "llama.rope.freq_base is {freq_base}: must be a finite number > 0"
+        ));
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(format!(
+            "llama.attention.layer_norm_rms_epsilon is {eps}: must be a finite number > 0"
+        ));
+    }
+    if let Some(c) = context {
+        if c < 2 {
+            return Err(format!(
+                "llama.context_length is {c}: the model could not take a prompt and generate (at least 2)"
+            ));
+        }
+    }
+    let vocab = match get("tokenizer.ggml.tokens") {
+        Some(Value::Array(t)) => Some(t.len()),
+        _ => None,
+    };
+    if vocab == Some(0) {
+        return Err("tokenizer.ggml.tokens is empty".into());
+    }
+    if let (Some(v), Some(n)) = (vocab, opt_u32("llama.vocab_size")?) {
+        if v != n {
+            return Err(format!(
+                "llama.vocab_size {n} differs from the {v} tokens of tokenizer.ggml.tokens"
+            ));
+        }
+    }
+    let shape = |name: &str| ct.tensor_infos.get(name).map(|i| i.shape.dims().to_vec());
+    let expect = |name: &str, want: &[usize], why: &dyn Fn() -> String| -> Result<(), String> {
+        match shape(name) {
+            None => Err(format!("tensor `{name}` is missing")),
+            Some(s) if s != want => Err(format!(
+                "tensor `{name}` has shape {s:?}, expected {want:?} ({})",
+                why()
+            )),
+            Some(_) => Ok(()),
+        }
+    };
+    let vocab_rows = match shape("token_embd.weight") {
+        None => return Err("tensor `token_embd.weight` is missing".into()),
+        Some(s) if s.len() == 2 && s[1] == dim => s[0],
+        Some(s) => {
+            return Err(format!(
+                "tensor `token_embd.weight` has shape {s:?}, expected [vocabulary, {dim}] (llama.embedding_length {dim})"
+            ))
+        }
+    };
+    if let Some(v) = vocab {
+        if vocab_rows != v {
+            return Err(format!(
+                "tensor `token_embd.weight` has {vocab_rows} rows but tokenizer.ggml.tokens has {v} tokens"
+            ));
+        }
+    }
+    if ct.tensor_infos.contains_key("output.weight") {
+        expect("output.weight", &[vocab_rows, dim], &|| {
+            format!("the output head must match token_embd.weight's {vocab_rows} tokens × {dim}")
+        })?;
+    }
+    let dims = || format!("llama.embedding_length {dim}");
+    expect("output_norm.weight", &[dim], &dims)?;
+    if n_expert > 1 && !(1..=n_expert).contains(&n_expert_used) {
+        return Err(format!(
+            "llama.expert_used_count {n_expert_used} must be between 1 and llama.expert_count {n_expert}"
+        ));
+    }
+    // Every block needs at least 9 tensors: a block count past that is refused before the
+    // loader reserves room for that many layers.
+    if blocks > ct.tensor_infos.len() / 9 {
+        return Err(format!(
+            "llama.block_count {blocks} needs at least {} tensors but the file has {}",
+            blocks.saturating_mul(9),
+            ct.tensor_infos.len()
+        ));
+    }
+    let kv_dim = head_dim * kv_heads;
+    let heads_why =
+        || format!("llama.embedding_length {dim}, head_count {heads}, head_count_kv {kv_heads}");
+    for l in 0..blocks {
+        let t = |n: &str| format!("blk.{l}.{n}.weight");
+        expect(&t("attn_q"), &[dim, dim], &heads_why)?;
+        expect(&t("attn_k"), &[kv_dim, dim], &heads_why)?;
+        expect(&t("attn_v"), &[kv_dim, dim], &heads_why)?;
+        expect(&t("attn_output"), &[dim, dim], &heads_why)?;
+        expect(&t("attn_norm"), &[dim], &dims)?;
+        expect(&t("ffn_norm"), &[dim], &dims)?;
+        let ffn = |gate: &str, up: &str, down: &str| -> Result<(), String> {
+            let ff = match shape(gate) {
+                None => return Err(format!("tensor `{gate}` is missing")),
+                Some(s) if s.len() == 2 && s[1] == dim && s[0] > 0 => s[0],
+                Some(s) => {
+                    return Err(format!(
+                    "tensor `{gate}` has shape {s:?}, expected [feed_forward_length, {dim}] ({})",
+                    dims()
+                ))
+                }
+            };
+            if let Some(m) = ff_meta {
+                if m != ff {
+                    return Err(format!(
+                        "tensor `{gate}` has {ff} rows but llama.feed_forward_length is {m}"
+                    ));
+                }
+            }
+            let why = || format!("feed-forward length {ff} from `{gate}`, {}", dims());
+            expect(up, &[ff, dim], &why)?;
+            expect(down, &[dim, ff], &why)
+        };
+        if n_expert <= 1 {
+            ffn(&t("ffn_gate"), &t("ffn_up"), &t("ffn_down"))?;
+        } else {
+            expect(&t("ffn_gate_inp"), &[n_expert, dim], &|| {
+                format!("llama.expert_count {n_expert}, {}", dims())
+            })?;
+            for i in 0..n_expert {
+                let e = |n: &str| format!("blk.{l}.{n}.{i}.weight");
+                ffn(&e("ffn_gate"), &e("ffn_up"), &e("ffn_down"))?;
+            }
+        }
+    }
+    Ok(LlamaParams {
+        embedding_length: dim,
+        block_count: blocks,
+        head_count: heads,
+        head_count_kv: kv_heads,
+        head_dim,
+        vocab,
+        context_length: context,
+    })
 }
 
 /// A loaded GGUF language model: shared weights, tokenizer, chat template.
@@ -80,8 +318,28 @@ fn format_err(model: &str, path: &Path, reason: impl ToString) -> ModelError {
 
 impl Llm {
     /// Reads and loads `path`. `context_length` is capped by the file's own limit and by the
-    /// RoPE table candle precomputes.
+    /// RoPE table candle precomputes. A file that would not serve is a
+    /// [`ModelError::Format`] naming the problem (see [`check_llama`]); so is a panic while
+    /// loading, as a last resort.
     pub fn load(
+        name: &str,
+        path: &Path,
+        device: &Device,
+        context_length: usize,
+    ) -> Result<Self, ModelError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::load_unguarded(name, path, device, context_length)
+        }))
+        .unwrap_or_else(|p| {
+            Err(format_err(
+                name,
+                path,
+                format!("the loader panicked: {}", crate::panic::message(p.as_ref())),
+            ))
+        })
+    }
+
+    fn load_unguarded(
         name: &str,
         path: &Path,
         device: &Device,
@@ -96,7 +354,7 @@ impl Llm {
         // Buffered: the metadata is ~100k small reads (the vocabulary's strings), which
         // unbuffered cost a syscall each (80 ms for SmolLM2's).
         let mut file = std::io::BufReader::with_capacity(1 << 16, file);
-        let ct = Content::read(&mut file).map_err(|e| format_err(name, path, e))?;
+        let (ct, _) = header::read_gguf(&mut file).map_err(|e| format_err(name, path, e))?;
         // `pace` marks where a background load may hand the CPU to serving (see
         // `compute::in_background`).
         super::compute::pace();
@@ -113,6 +371,7 @@ impl Llm {
                 format!("architecture `{arch}` is not supported (only `llama`)"),
             ));
         }
+        let params = check_llama(&ct).map_err(|reason| format_err(name, path, reason))?;
         let weight_bytes = tensor_bytes(&ct, file_len, device.is_cpu())
             .map_err(|reason| format_err(name, path, reason))?;
         // Float tensors (the norms) are checked for NaN and infinity: a NaN there can vanish
@@ -163,12 +422,7 @@ impl Llm {
             ),
             None => None,
         };
-        let file_ctx = ct
-            .metadata
-            .get("llama.context_length")
-            .and_then(|v| v.to_u32().ok())
-            .map(|v| v as usize)
-            .unwrap_or(MAX_SEQ_LEN);
+        let file_ctx = params.context_length.unwrap_or(MAX_SEQ_LEN);
         let context_length = context_length.min(file_ctx).min(MAX_SEQ_LEN);
         super::compute::pace();
         let weights = ModelWeights::from_gguf(ct, &mut file, device)
@@ -277,5 +531,244 @@ impl Session {
         let logits = self.weights.forward(&input, self.pos)?;
         self.pos += ids.len();
         logits.squeeze(0)?.to_dtype(candle_core::DType::F32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synth::{write_tiny_llama_gguf, TinyLlm};
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::QTensor;
+    use std::path::PathBuf;
+
+    type Meta = Vec<(String, Value)>;
+    type Tensors = Vec<(String, QTensor)>;
+
+    /// The tiny llama GGUF rewritten after `edit` changed its metadata and tensors.
+    fn tiny_with(dir: &Path, name: &str, edit: impl FnOnce(&mut Meta, &mut Tensors)) -> PathBuf {
+        let src = dir.join("tiny.gguf");
+        if !src.exists() {
+            write_tiny_llama_gguf(&src, &TinyLlm::default()).unwrap();
+        }
+        let mut f = std::io::BufReader::new(std::fs::File::open(&src).unwrap());
+        let ct = Content::read(&mut f).unwrap();
+        let mut meta: Meta = ct.metadata.clone().into_iter().collect();
+        meta.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut tensors: Tensors = ct
+            .tensor_infos
+            .keys()
+            .map(|n| (n.clone(), ct.tensor(&mut f, n, &Device::Cpu).unwrap()))
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        edit(&mut meta, &mut tensors);
+        let dst = dir.join(name);
+        let md: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&dst).unwrap());
+        gguf_file::write(&mut out, &md, &ts).unwrap();
+        std::io::Write::flush(&mut out).unwrap();
+        dst
+    }
+
+    fn set(meta: &mut Meta, key: &str, v: Value) {
+        meta.retain(|(k, _)| k != key);
+        meta.push((key.to_string(), v));
+    }
+
+    fn load_err(path: &Path) -> String {
+        match Llm::load("m", path, &Device::Cpu, 512) {
+            Ok(_) => panic!("{} loaded", path.display()),
+            Err(e) => {
+                assert_eq!(e.check_name(), "format", "{e}");
+                assert!(matches!(e, ModelError::Format { .. }), "{e}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn alignment_zero_is_a_format_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = tiny_with(dir.path(), "a0.gguf", |m, _| {
+            set(m, "general.alignment", Value::U32(0))
+        });
+        let e = weight_bytes_of(&p, true).unwrap_err();
+        assert!(
+            e.contains("general.alignment is 0: must be a power of two"),
+            "{e}"
+        );
+        let e = load_err(&p);
+        assert!(e.contains("general.alignment is 0"), "{e}");
+    }
+
+    #[test]
+    fn empty_and_short_files_say_how_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("empty.gguf");
+        std::fs::write(&p, b"").unwrap();
+        let want = "file is 0 bytes: too short to be a GGUF file (the header is at least 24 bytes)";
+        assert_eq!(weight_bytes_of(&p, true).unwrap_err(), want);
+        assert!(load_err(&p).contains(want));
+        std::fs::write(&p, b"GGUF\x03\0\0\0\x01").unwrap();
+        assert!(weight_bytes_of(&p, true)
+            .unwrap_err()
+            .contains("file is 9 bytes: too short to be a GGUF v3 file"));
+    }
+
+    #[test]
+    fn huge_counts_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = tiny_with(dir.path(), "t.gguf", |_, _| {});
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let e = weight_bytes_of(&p, true).unwrap_err();
+        assert!(
+            e.contains("tensor count 1099511627776 (2^40) exceeds what a"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_tiny_model_and_the_real_one_pass_the_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = tiny_with(dir.path(), "t.gguf", |_, _| {});
+        let mut f = std::io::BufReader::new(std::fs::File::open(&p).unwrap());
+        let (ct, h) = header::read_gguf(&mut f).unwrap();
+        assert_eq!(h.tensor_data_offset, ct.tensor_data_offset);
+        let params = check_llama(&ct).unwrap();
+        assert_eq!((params.head_dim, params.context_length), (16, Some(512)));
+        let real = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if real.exists() {
+            let mut f = std::io::BufReader::new(std::fs::File::open(&real).unwrap());
+            let (ct, h) = header::read_gguf(&mut f).unwrap();
+            assert_eq!(h.tensor_data_offset, ct.tensor_data_offset);
+            assert_eq!(h.tensor_count as usize, ct.tensor_infos.len());
+            let params = check_llama(&ct).unwrap();
+            assert_eq!(params.vocab, Some(49152));
+        }
+    }
+
+    /// Metadata that loads but cannot serve fails `format` at load, naming the problem.
+    #[test]
+    fn unusable_metadata_fails_format_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = Value::U32;
+        type Mutate = Box<dyn FnOnce(&mut Meta, &mut Tensors)>;
+        let cases: Vec<(&str, Mutate, &str)> = vec![
+            (
+                "ctx0",
+                Box::new(move |m, _| set(m, "llama.context_length", u(0))),
+                "llama.context_length is 0",
+            ),
+            (
+                "embd0",
+                Box::new(move |m, _| set(m, "llama.embedding_length", u(0))),
+                "llama.embedding_length is 0",
+            ),
+            (
+                "blocks0",
+                Box::new(move |m, _| set(m, "llama.block_count", u(0))),
+                "llama.block_count is 0",
+            ),
+            (
+                "heads3",
+                Box::new(move |m, _| set(m, "llama.attention.head_count", u(3))),
+                "llama.embedding_length 64 is not a multiple of llama.attention.head_count 3",
+            ),
+            (
+                "kv0",
+                Box::new(move |m, _| set(m, "llama.attention.head_count_kv", u(0))),
+                "llama.attention.head_count_kv is 0",
+            ),
+            (
+                "kv3",
+                Box::new(move |m, _| set(m, "llama.attention.head_count_kv", u(3))),
+                "llama.attention.head_count 4 is not a multiple of llama.attention.head_count_kv 3",
+            ),
+            (
+                "rope-nan",
+                Box::new(|m, _| set(m, "llama.rope.freq_base", Value::F32(f32::NAN))),
+                "llama.rope.freq_base is NaN",
+            ),
+            (
+                "rope-inf",
+                Box::new(|m, _| set(m, "llama.rope.freq_base", Value::F32(f32::INFINITY))),
+                "llama.rope.freq_base is inf",
+            ),
+            (
+                "rope-dim",
+                Box::new(move |m, _| set(m, "llama.rope.dimension_count", u(1 << 31))),
+                "llama.rope.dimension_count 2147483648 differs from the head size 16",
+            ),
+            (
+                "eps0",
+                Box::new(|m, _| set(m, "llama.attention.layer_norm_rms_epsilon", Value::F32(0.0))),
+                "llama.attention.layer_norm_rms_epsilon is 0",
+            ),
+            (
+                "eps-nan",
+                Box::new(|m, _| {
+                    set(
+                        m,
+                        "llama.attention.layer_norm_rms_epsilon",
+                        Value::F32(f32::NAN),
+                    )
+                }),
+                "llama.attention.layer_norm_rms_epsilon is NaN",
+            ),
+            (
+                "vocab",
+                Box::new(|m, _| {
+                    let mut tokens = m
+                        .iter()
+                        .find(|(k, _)| k == "tokenizer.ggml.tokens")
+                        .unwrap()
+                        .1
+                        .to_vec()
+                        .unwrap()
+                        .clone();
+                    tokens.push(Value::String("extra".into()));
+                    set(m, "tokenizer.ggml.tokens", Value::Array(tokens));
+                }),
+                "has 271 rows but tokenizer.ggml.tokens has 272 tokens",
+            ),
+            (
+                "head",
+                Box::new(|_, t| {
+                    let out = t.iter_mut().find(|(n, _)| n == "output.weight").unwrap();
+                    let w = candle_core::Tensor::zeros(
+                        (270, 64),
+                        candle_core::DType::F32,
+                        &Device::Cpu,
+                    )
+                    .unwrap();
+                    out.1 = QTensor::quantize(&w, GgmlDType::F32).unwrap();
+                }),
+                "tensor `output.weight` has shape [270, 64], expected [271, 64]",
+            ),
+            (
+                "kv-shape",
+                Box::new(move |m, _| set(m, "llama.attention.head_count_kv", u(4))),
+                "tensor `blk.0.attn_k.weight` has shape [32, 64], expected [64, 64]",
+            ),
+            (
+                "missing",
+                Box::new(|_, t| t.retain(|(n, _)| n != "blk.1.ffn_up.weight")),
+                "tensor `blk.1.ffn_up.weight` is missing",
+            ),
+            (
+                "ctx-type",
+                Box::new(|m, _| set(m, "llama.context_length", Value::U64(512))),
+                "llama.context_length is U64(512): expected a u32",
+            ),
+        ];
+        for (name, edit, want) in cases {
+            let p = tiny_with(dir.path(), &format!("{name}.gguf"), edit);
+            let e = load_err(&p);
+            assert!(e.contains(want), "{name}: {e}");
+        }
     }
 }

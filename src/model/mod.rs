@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod compute;
 pub mod embed;
+pub mod header;
 pub mod llm;
 pub mod preflight;
 pub mod qllama;

@@ -66,7 +66,9 @@ impl Source {
                 ));
             }
         }
-        if path.split('/').any(|p| p == ".." || p == "." || p.is_empty() && !path.is_empty())
+        if path
+            .split('/')
+            .any(|p| p == ".." || p == "." || p.is_empty() && !path.is_empty())
             || path.contains('\\')
         {
             return Err(format!(
@@ -195,37 +197,72 @@ impl Resolver {
         }
     }
 
+    /// The local path of `file` at `revision` of `repo` in the Hugging Face cache (the layout
+    /// the hub leaves: `models--OWNER--REPO/refs/REV` names a commit, whose
+    /// `snapshots/COMMIT/` holds links into `blobs/`). A revision that is a commit is looked
+    /// up directly. The default build never touches the network: a model server that
+    /// downloads weights at reload time fails in ways a staged, pinned cache does not. With the
+    /// `hf-online` feature and `hf_offline = false`, a file missing from the cache is
+    /// downloaded into it through hf-hub's client.
     async fn hf_file(
         &self,
         repo: &str,
         revision: Option<&str>,
         file: &str,
     ) -> Result<PathBuf, String> {
-        let mut builder = hf_hub::HFClient::builder();
-        if let Some(cache) = &self.hf_cache {
-            builder = builder.cache_dir(cache.clone());
+        let cache = match (&self.hf_cache, std::env::var_os("HF_HUB_CACHE")) {
+            (Some(dir), _) => hf_hub::Cache::new(dir.clone()),
+            (None, Some(dir)) => hf_hub::Cache::new(dir.into()),
+            (None, None) => hf_hub::Cache::from_env(),
+        };
+        let rev = revision.unwrap_or("main").to_string();
+        let cached = hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, rev);
+        let found = cache.repo(cached.clone()).get(file).or_else(|| {
+            // `refs/` names branches and tags; a commit is its own snapshot folder.
+            let snapshot = cache
+                .path()
+                .join(cached.folder_name())
+                .join("snapshots")
+                .join(revision?)
+                .join(file);
+            snapshot.exists().then_some(snapshot)
+        });
+        if let Some(path) = found {
+            return Ok(path);
         }
-        let client = builder.build().map_err(|e| e.to_string())?;
-        let (owner, name) = repo.split_once('/').unwrap_or((repo, ""));
-        client
-            .model(owner, name)
-            .download_file()
-            .filename(file)
-            .maybe_revision(revision.map(str::to_string))
-            .local_files_only(self.hf_offline)
-            .send()
-            .await
-            .map_err(|e| {
-                if self.hf_offline {
-                    format!("not in the Hugging Face cache (offline mode): {e}")
-                } else {
-                    e.to_string()
-                }
-            })
+        if self.hf_offline {
+            return Err(format!(
+                "not in the Hugging Face cache {} (offline mode)",
+                cache.path().display()
+            ));
+        }
+        download(cache, cached, file).await
     }
 }
 
-/// The cached file `local` of `repo`, canonical, checked to lie inside that repository's
+#[cfg(feature = "hf-online")]
+async fn download(cache: hf_hub::Cache, repo: hf_hub::Repo, file: &str) -> Result<PathBuf, String> {
+    let file = file.to_string();
+    tokio::task::spawn_blocking(move || {
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+            .with_progress(false)
+            .build()
+            .map_err(|e| e.to_string())?;
+        api.repo(repo).get(&file).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+#[cfg(not(feature = "hf-online"))]
+async fn download(cache: hf_hub::Cache, _: hf_hub::Repo, _: &str) -> Result<PathBuf, String> {
+    Err(format!(
+        "not in the Hugging Face cache {}, and this build does not download (stage the file into the cache, or build with `--features hf-online`)",
+        cache.path().display()
+    ))
+}
+
+/// The cached file `local` of `repo`, checked to lie (links followed) inside that repository's
 /// folder of the cache (`models--OWNER--REPO`): a snapshot's links point into its `blobs`,
 /// and one that points anywhere else is refused rather than followed.
 fn inside_repo_cache(local: &Path, repo: &str) -> Result<PathBuf, String> {
@@ -233,7 +270,12 @@ fn inside_repo_cache(local: &Path, repo: &str) -> Result<PathBuf, String> {
     let repo_dir = local
         .ancestors()
         .find(|a| a.file_name().is_some_and(|n| n == folder.as_str()))
-        .ok_or_else(|| format!("{} is not inside a `{folder}` cache folder", local.display()))?;
+        .ok_or_else(|| {
+            format!(
+                "{} is not inside a `{folder}` cache folder",
+                local.display()
+            )
+        })?;
     let canonical_dir = repo_dir
         .canonicalize()
         .map_err(|e| format!("{}: {e}", repo_dir.display()))?;
@@ -248,7 +290,9 @@ fn inside_repo_cache(local: &Path, repo: &str) -> Result<PathBuf, String> {
             canonical_dir.display()
         ));
     }
-    Ok(canonical)
+    // The snapshot path itself, not the blob: a version's files are named as in the
+    // repository (an embedding model's loader finds its siblings beside it).
+    Ok(local.to_path_buf())
 }
 
 #[cfg(test)]
