@@ -534,7 +534,9 @@ impl GenJob {
                 version: self.lease.version.clone(),
             })
         } else if self.expired() && reading {
-            Some(Error::DeadlineWaiting("waiting for the client to read".into()))
+            Some(Error::DeadlineWaiting(
+                "waiting for the client to read".into(),
+            ))
         } else if self.expired() {
             Some(Error::DeadlineExceeded("generating".into()))
         } else {

@@ -66,7 +66,9 @@ mod tests {
         borrowed += 1;
         assert_eq!(borrowed, 3);
         assert_eq!(super::catch(async { 7 }).await, Ok(7));
-        let e = tokio::spawn(async { panic!("in a task") }).await.unwrap_err();
+        let e = tokio::spawn(async { panic!("in a task") })
+            .await
+            .unwrap_err();
         assert_eq!(super::of_join(e), "in a task");
     }
 }

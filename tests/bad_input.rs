@@ -296,6 +296,15 @@ async fn a_passed_deadline_ends_the_stream_and_frees_the_request() {
     let mut client = server.client().await;
     // Hold the only running slot so the next request waits in the queue past its deadline.
     let blocker = client.generate(endless()).await.unwrap().into_inner();
+    // Its headers come back before it takes the slot: wait until it holds it.
+    let t = Instant::now();
+    while server.engine.load().0 < 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the blocker never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut req = tonic::Request::new(greedy(REAL_LLM, "hello", 4));
     req.set_timeout(Duration::from_millis(300));
     let result = async {
@@ -318,8 +327,10 @@ async fn a_passed_deadline_ends_the_stream_and_frees_the_request() {
 async fn a_deadline_passing_mid_generation_ends_the_stream() {
     let server = TestServer::start(real_config()).await;
     let mut client = server.client().await;
-    let mut req = tonic::Request::new(endless());
-    req.set_timeout(Duration::from_millis(800));
+    // Room for the first token behind sibling tests on the shared CPU turn queue; far short
+    // of 2000 tokens.
+    let mut req = tonic::Request::new(greedy(REAL_LLM, "1, 2, 3, 4, 5, 6,", 2000));
+    req.set_timeout(Duration::from_secs(3));
     let mut stream = client.generate(req).await.unwrap().into_inner();
     let mut deltas = 0;
     let err = loop {

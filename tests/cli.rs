@@ -257,7 +257,7 @@ fn reload_rollback_and_status_from_the_command_line() {
             .output()
             .unwrap()
     };
-    let out = admin(&["reload", "tiny-llm", "--keep-previous"]);
+    let out = admin(&["reload", "tiny-llm", "--keep-previous", "--force"]);
     let o = text(&out.stdout);
     assert!(out.status.success(), "{o}{}", text(&out.stderr));
     assert!(
@@ -329,7 +329,15 @@ fn after_kill_9_a_restart_serves_the_last_committed_version() {
     );
 
     let audit = std::fs::read_to_string(dir.path().join(".swapd").join("audit.jsonl")).unwrap();
-    let rec: serde_json::Value = serde_json::from_str(audit.lines().next().unwrap()).unwrap();
+    // The commit line (written before the swap), then the end line with every phase.
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["stage"], "commit");
+    assert_eq!(lines[0]["to_generation"], 2);
+    let rec = &lines[1];
+    assert_eq!(rec["stage"], "end");
     assert_eq!(rec["model"], "tiny-llm");
     assert_eq!(rec["action"], "reload");
     assert_eq!(rec["committed"], true);

@@ -103,7 +103,9 @@ async fn a_snapshot_link_out_of_the_cache_is_refused_not_followed() {
     let gguf = dir.path().join("tiny-llm/tiny.gguf");
     add_to_cache(&cache, "tiny-org/tiny-llm-gguf", &[("tiny.gguf", &gguf)]);
     // A second name in the snapshot links straight at a file outside the cache.
-    let snap = cache.join(format!("models--tiny-org--tiny-llm-gguf/snapshots/{COMMIT}"));
+    let snap = cache.join(format!(
+        "models--tiny-org--tiny-llm-gguf/snapshots/{COMMIT}"
+    ));
     std::os::unix::fs::symlink(&gguf, snap.join("escape.gguf")).unwrap();
     config.manifest.models[0].source = "hf://tiny-org/tiny-llm-gguf/escape.gguf".into();
     config.manifest.models[0]

@@ -249,6 +249,8 @@ async fn one_reload_at_a_time_compare_and_swap_and_cancel_drain() {
         model: real.into(),
         drain_timeout_ms: Some(1500),
         drain_policy: proto::DrainPolicy::Cancel as i32,
+        // The same files again (the point is the drain): forced past "already active".
+        force: true,
         ..Default::default()
     };
     let first = ctl.reload(req.clone()).await.unwrap().into_inner();
@@ -428,34 +430,6 @@ async fn control_calls_need_the_admin_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_source_that_keeps_failing_cools_down_unless_forced() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(tiny_with_token(dir.path())).await;
-    let (src, _) = tiny_version(dir.path(), 2, "");
-    let wrong = BTreeMap::from([("v2.gguf".to_string(), "cd".repeat(32))]);
-    for _ in 0..3 {
-        let (_, r) = reload(&server, reload_req(&src, &wrong)).await;
-        assert!(!r.committed);
-    }
-    let mut ctl = control(&server).await;
-    let e = ctl.reload(reload_req(&src, &wrong)).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(
-        e.message().contains("failed 3 reloads in a row"),
-        "{}",
-        e.message()
-    );
-    // Forced, it runs (and fails again, at verify).
-    let mut forced = reload_req(&src, &wrong);
-    forced.force = true;
-    let (_, r) = reload(&server, forced).await;
-    assert_eq!(r.failed_phase(), Phase::Verify);
-    // Another source is not affected.
-    let (_, r) = reload(&server, reload_req("tiny-llm/tiny.gguf", &BTreeMap::new())).await;
-    assert!(r.committed, "{}", r.error);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_polled_manifest_change_reloads_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = tiny_with_token(dir.path());
@@ -500,6 +474,8 @@ async fn automatic_rollback_fires_on_an_error_spike() {
         proto::ReloadRequest {
             model: real.into(),
             keep_previous: true,
+            // The same files again: a second copy of the version, which the standby keeps.
+            force: true,
             ..Default::default()
         },
     )
@@ -543,7 +519,9 @@ async fn automatic_rollback_fires_on_an_error_spike() {
         .into_inner();
     let why = &st.models[0].auto_rollback_reason;
     assert!(
-        why.contains("automatic rollback") && why.contains("6 of 11 requests failed"),
+        // The watch polls every 50 ms: it may count a failure or two more than the sixth.
+        why.contains("automatic rollback")
+            && (6..=8).any(|f| why.contains(&format!("{f} of {} requests failed", f + 5))),
         "{why}"
     );
     assert_eq!(

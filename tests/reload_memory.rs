@@ -36,6 +36,8 @@ async fn memory_returns_to_one_version_after_each_real_model_reload() {
             &server,
             proto::ReloadRequest {
                 model: llm.into(),
+                // The same files each time: forced, or it is refused as already active.
+                force: true,
                 ..Default::default()
             },
         )

@@ -47,6 +47,8 @@ async fn two_versions_that_do_not_fit_are_refused_or_swapped_in_place() {
             .into_iter()
             .collect(),
         memory_policy: policy as i32,
+        // The active version's files again (what matters here is the memory path).
+        force: true,
         ..Default::default()
     };
 

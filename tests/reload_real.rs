@@ -124,8 +124,9 @@ async fn real_versions_swap_under_load_and_every_stream_is_one_versions_output()
             served
         }));
     }
+    // Version 0 is active after the warm-up: alternate 1, 0, 1, ...
     for n in 0..6 {
-        let (_, r) = reload(&server, switch_to(&versions[n % 2])).await;
+        let (_, r) = reload(&server, switch_to(&versions[(n + 1) % 2])).await;
         assert!(r.committed, "reload {n}: {}", r.error);
         assert!(
             r.previous_freed,

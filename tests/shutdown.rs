@@ -12,6 +12,9 @@ use swapd::proto::inference_client::InferenceClient;
 
 const LLM: &str = "smollm2-135m-instruct";
 
+/// Each server its own state directory: tests run in parallel.
+static NEXT_STATE_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn real_args(extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = vec![
         "--models-root".into(),
@@ -21,7 +24,11 @@ fn real_args(extra: &[&str]) -> Vec<String> {
         "--state-dir".into(),
         // Keep the repository's state directory out of it.
         std::env::temp_dir()
-            .join(format!("swapd-shutdown-{}", std::process::id()))
+            .join(format!(
+                "swapd-shutdown-{}-{}",
+                std::process::id(),
+                NEXT_STATE_DIR.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ))
             .to_str()
             .unwrap()
             .into(),
@@ -202,7 +209,9 @@ fn no_secret_reaches_the_log_even_at_trace_level() {
         assert!(cli(&["status"], admin).status.success());
         let out = cli(&["status"], wrong);
         assert!(!out.status.success());
-        assert!(cli(&["reload", "tiny-llm"], admin).status.success());
+        assert!(cli(&["reload", "tiny-llm", "--force"], admin)
+            .status
+            .success());
         let gen = Command::new(BIN)
             .args(["generate", "--server", &p.url, "--model", "tiny-llm", "hi"])
             .output()

@@ -22,6 +22,9 @@ use crate::proto::{self, inference_client::InferenceClient, reload_event::Event}
 pub enum BenchCommand {
     /// Stream from K clients while reloads alternate between versions; report and plot.
     Reload(ReloadBench),
+    /// The soak's careless and hostile clients (cancels, slow readers, bad requests); exits 1
+    /// on any outcome other than the expected one. See scripts/soak.sh.
+    Chaos(super::chaos::ChaosBench),
     /// Write a perturbed copy of a GGUF (norm weights scaled by random factors): a second real
     /// version whose outputs differ, for reload benchmarks and tests.
     Perturb {
@@ -182,6 +185,7 @@ pub async fn run(cmd: BenchCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Reload(b) => reload_bench(b).await,
+        BenchCommand::Chaos(b) => super::chaos::run(b).await,
         BenchCommand::Decode(b) => {
             let report = super::peers::decode_bench(b).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -126,6 +126,9 @@ enum Outcome {
     Skipped,
     /// Serves the new version.
     Updated,
+    /// Already served the new version's files: left alone (its standby and rollback target
+    /// are not replaced by a copy of what it serves).
+    Unchanged,
     /// Its reload did not commit, or its watch tripped.
     Failed,
     /// Changed, then rolled back and checked to be on its version from before.
@@ -141,6 +144,7 @@ impl Outcome {
         match self {
             Outcome::Skipped => "skipped",
             Outcome::Updated => "updated",
+            Outcome::Unchanged => "unchanged",
             Outcome::Failed => "failed",
             Outcome::RolledBack => "rolled-back",
             Outcome::RollbackFailed => "rollback-failed",
@@ -269,6 +273,8 @@ async fn preflight(url: String, token: Option<String>, model: String) -> Result<
 /// How one reload ended.
 enum Reloaded {
     Committed(proto::VersionRef),
+    /// The replica already serves these files (the server refused them as already active).
+    Unchanged(proto::VersionRef),
     Failed(String),
 }
 
@@ -314,6 +320,13 @@ async fn reload_one(
             }
             None => Reloaded::Failed("the result names no version".into()),
         },
+        Some(r) if r.failed_check == "already_active" => {
+            out.line(
+                &url,
+                format!("unchanged: already serves {}", vname(&before)),
+            );
+            Reloaded::Unchanged(before)
+        }
         Some(r) => {
             let why = format!("failed in {}: {}", phase_name(r.failed_phase), r.error);
             out.line(&url, format!("not committed: {why}"));
@@ -709,6 +722,13 @@ pub async fn fleet_reload(a: FleetArgs) -> Result<ExitCode> {
                             failure.get_or_insert(format!("{}: {}", r.url, r.detail));
                         }
                         Some(_) => {}
+                    }
+                }
+                Reloaded::Unchanged(v) => {
+                    r.result = Outcome::Unchanged;
+                    r.after = Some(v.clone());
+                    if target.is_none() {
+                        target = Some(v);
                     }
                 }
                 Reloaded::Failed(why) => {

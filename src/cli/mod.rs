@@ -1,6 +1,7 @@
 //! The command line: `swapd serve` and the client commands operators and scripts use.
 pub mod admin;
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod fleet;
 pub mod peers;

@@ -121,7 +121,11 @@ impl StateStore {
     /// Records `c` as `model`'s committed version: temp file, fsync, rename, fsync the dir.
     /// Returns what was recorded before, for [`StateStore::restore`]. On failure nothing
     /// changed (the temp file is removed).
-    pub fn commit(&self, model: &str, c: Committed) -> std::io::Result<BTreeMap<String, Committed>> {
+    pub fn commit(
+        &self,
+        model: &str,
+        c: Committed,
+    ) -> std::io::Result<BTreeMap<String, Committed>> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         // An unreadable file was set aside at startup; one that became unreadable since is
         // replaced rather than blocking every swap.

@@ -368,6 +368,7 @@ pub fn value(
         .map(|s| s.value)
 }
 pub mod process;
+pub mod stall;
 
 /// A reload request that makes tiny version `seed` (see [`tiny_version`]) the `tiny-llm`.
 pub fn reload_to_tiny(dir: &Path, seed: u64, poison: &str) -> proto::ReloadRequest {

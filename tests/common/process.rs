@@ -24,6 +24,8 @@ pub struct Served {
     /// The separate control address's URL, when `--control-listen` was given.
     pub control_url: Option<String>,
     log: Arc<Mutex<Vec<String>>>,
+    /// The thread draining stderr; joined once the process exits, so its last lines are in.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Served {
@@ -54,7 +56,7 @@ impl Served {
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
         // Keeps draining the log, so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -64,6 +66,7 @@ impl Served {
             url: String::new(),
             control_url: None,
             log,
+            reader: Some(reader),
         };
         // The `serving` line (not e.g. `serving the last committed version`) names the address.
         let line = served.wait_for_line("a `serving` line with the bound address", |l| {
@@ -132,6 +135,11 @@ impl Served {
         let t = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Its last lines may still be in the pipe: read it to EOF first (swapd starts
+                // no child processes, so its exit closes the pipe).
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
                 return status.code();
             }
             assert!(

@@ -199,6 +199,8 @@ impl Reloader {
     fn after_panic(&self, run: &mut Run, slot: &Slot, r: std::result::Result<(), String>) {
         let Err(msg) = r else { return };
         tracing::error!(model = %slot.spec.name, phase = ?run.phase, panic = %msg, "the reload panicked");
+        // A bug in swapd, not in the files: no cool-down.
+        run.cools_down = false;
         if run.outcome.error.is_none() && !run.outcome.committed {
             run.fail(
                 format!(
@@ -316,9 +318,12 @@ impl Reloader {
         };
         if let Some(active) = slot.active().filter(|a| !req.force && a.source == source) {
             let same = digests.len() == active.files.len()
-                && digests
-                    .iter()
-                    .all(|d| active.files.iter().any(|f| f.name == d.name && f.sha256 == d.sha256));
+                && digests.iter().all(|d| {
+                    active
+                        .files
+                        .iter()
+                        .any(|f| f.name == d.name && f.sha256 == d.sha256)
+                });
             if same {
                 run.cools_down = false;
                 run.fail(

@@ -52,8 +52,8 @@ impl Reloader {
                 let mut run = this.new_run(&slot, tx, "rollback", &req);
                 slot.standby.store(None);
                 let back = standby.clone();
-                let r = crate::panic::catch(this.swap_drain_free(&mut run, &slot, standby, &req))
-                    .await;
+                let r =
+                    crate::panic::catch(this.swap_drain_free(&mut run, &slot, standby, &req)).await;
                 this.after_panic(&mut run, &slot, r);
                 if !run.outcome.committed {
                     // Refused before the swap (it could not be recorded): still the standby.

@@ -46,10 +46,10 @@ fn failpoint(phase: Phase) {
 
 impl Run {
     pub(super) fn start(&mut self, phase: Phase, detail: impl Into<String>) {
-        failpoint(phase);
         self.phase = phase;
         self.phase_started = Instant::now();
         self.slot.state().reloading = Some((phase, SystemTime::now()));
+        failpoint(phase);
         self.emit(PhaseEvent::new(
             phase,
             PhaseState::Started,
