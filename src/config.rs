@@ -226,6 +226,17 @@ struct FileConfig {
 /// How long requests in flight get to finish at shutdown unless configured.
 pub const DEFAULT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A tracing filter from a level or directives (`info,swapd=debug`). Each directive is
+/// trimmed, and a filter that makes tracing-subscriber's parser panic (found by fuzzing:
+/// `"\ta\u{e000}="`) is an error, not a crash at startup.
+pub fn log_filter(s: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let directives: Vec<&str> = s.split(',').map(str::trim).collect();
+    let joined = directives.join(",");
+    std::panic::catch_unwind(|| tracing_subscriber::EnvFilter::try_new(&joined))
+        .map_err(|p| format!("not a filter ({})", crate::panic::message(p.as_ref())))?
+        .map_err(|e| e.to_string())
+}
+
 /// The longest duration a config key takes: past it a number of seconds is a mistake, and
 /// durations near the type's limit overflow when added to an instant.
 const MAX_SECS: u64 = 365 * 24 * 3600;
@@ -526,7 +537,7 @@ impl Config {
         }
         let (level_flag, log_level) = pick!(log_level);
         let log_level = log_level.unwrap_or_else(|| "info".into());
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        if let Err(e) = log_filter(&log_level) {
             err("log_level", level_flag, format!("`{log_level}`: {e}"));
         }
         let state_dir = args.state_dir.clone().or(from_file(file.state_dir.clone()));

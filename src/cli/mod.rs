@@ -139,8 +139,10 @@ fn config_check(file: std::path::PathBuf) -> ExitCode {
 
 /// Starts logging. `RUST_LOG`, when set, wins over `level` (a level or a tracing filter).
 pub fn init_tracing(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+    let filter = std::env::var("RUST_LOG")
+        .map_err(|e| e.to_string())
+        .and_then(|v| crate::config::log_filter(&v))
+        .or_else(|_| crate::config::log_filter(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

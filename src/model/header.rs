@@ -148,10 +148,26 @@ struct Walk<'a, R> {
     end: u64,
     /// Bytes of a length prefix: 4 in GGUF v1, 8 after.
     prefix: u64,
+    /// Heap candle's reader will take for what was walked so far, and its limit.
     heap: u64,
+    heap_cap: u64,
 }
 
 impl<R: Read> Walk<'_, R> {
+    /// Adds `bytes` to the heap estimate; past the limit, the file is refused at once
+    /// (before the walk itself holds that much).
+    fn charge(&mut self, bytes: u64) -> Result<(), String> {
+        self.heap = self.heap.saturating_add(bytes);
+        if self.heap > self.heap_cap {
+            return Err(format!(
+                "the header would take more than {} bytes of memory once parsed (the limit is {HEADER_HEAP_PER_FILE_BYTE} bytes per byte of the file, at most {}): not a model file",
+                self.heap_cap,
+                show(MAX_HEADER_HEAP)
+            ));
+        }
+        Ok(())
+    }
+
     fn left(&self) -> u64 {
         self.end.saturating_sub(self.pos)
     }
@@ -223,7 +239,7 @@ impl<R: Read> Walk<'_, R> {
                 self.left()
             ));
         }
-        self.heap = self.heap.saturating_add(string_heap(len));
+        self.charge(string_heap(len))?;
         Ok(len)
     }
 
@@ -303,7 +319,7 @@ impl<R: Read> Walk<'_, R> {
                 }
                 // candle pushes every element into a `Vec<Value>` (capacity up to twice the
                 // length; old and new buffer both live while it grows).
-                self.heap = self.heap.saturating_add(n.saturating_mul(3 * VALUE_BYTES));
+                self.charge(n.saturating_mul(3 * VALUE_BYTES))?;
                 match scalar_size(et) {
                     Some(_) if et != 7 => self.skip(n * min, what),
                     _ => {
@@ -350,6 +366,7 @@ fn walk_gguf<R: Read>(reader: &mut R, start: u64, end: u64) -> Result<GgufHeader
         end,
         prefix: 8,
         heap: 0,
+        heap_cap: MAX_HEADER_HEAP.min(file_len.saturating_mul(HEADER_HEAP_PER_FILE_BYTE)),
     };
     let magic = w.bytes::<4>(&|| "magic".into())?;
     match &magic {
@@ -407,9 +424,11 @@ fn walk_gguf<R: Read>(reader: &mut R, start: u64, end: u64) -> Result<GgufHeader
             metadata_count * min_kv + tensor_count * min_tensor + header_len
         ));
     }
-    w.heap = metadata_count
-        .saturating_mul(map_entry_heap(24 + VALUE_BYTES))
-        .saturating_add(tensor_count.saturating_mul(map_entry_heap(24 + 40)));
+    w.charge(
+        metadata_count
+            .saturating_mul(map_entry_heap(24 + VALUE_BYTES))
+            .saturating_add(tensor_count.saturating_mul(map_entry_heap(24 + 40))),
+    )?;
 
     let mut keys = HashSet::new();
     let mut alignment = DEFAULT_ALIGNMENT;
@@ -478,7 +497,7 @@ fn walk_gguf<R: Read>(reader: &mut R, start: u64, end: u64) -> Result<GgufHeader
             });
         }
         // Each tensor info holds a `Shape` of its dimensions.
-        w.heap = w.heap.saturating_add(16 * n_dims as u64);
+        w.charge(16 * n_dims as u64)?;
         let code = w.u32(&|| format!("{}: type", what()))?;
         let dtype =
             ggml_dtype(code).ok_or_else(|| format!("{} has unknown tensor type {code}", what()))?;
@@ -539,13 +558,6 @@ fn walk_gguf<R: Read>(reader: &mut R, start: u64, end: u64) -> Result<GgufHeader
             }
         }
         tensor_bytes += t.bytes;
-    }
-    let heap_cap = MAX_HEADER_HEAP.min(file_len.saturating_mul(HEADER_HEAP_PER_FILE_BYTE));
-    if w.heap > heap_cap {
-        return Err(format!(
-            "the header would take about {} bytes of memory once parsed, more than the limit of {heap_cap} for a {file_len}-byte file",
-            w.heap
-        ));
     }
     Ok(GgufHeader {
         version,
@@ -676,6 +688,12 @@ pub fn check_safetensors_header<R: Read>(
     let StHeader(mut entries) =
         serde_json::from_str(text).map_err(|e| format!("header is not valid JSON: {e}"))?;
     let data_bytes = file_len - 8 - n;
+    // JSON allows a key twice; safetensors keeps the last (found by tests/fuzz.rs).
+    let mut names = HashSet::new();
+    if let Some((name, _)) = entries.iter().find(|(k, _)| !names.insert(k.as_str())) {
+        return Err(format!("tensor `{name}` appears twice in the header"));
+    }
+    drop(names);
     entries.sort_by_key(|(_, e)| e.data_offsets);
     let mut at = 0u64;
     for (name, e) in &entries {
@@ -882,7 +900,7 @@ mod tests {
         v.extend(10_000u64.to_le_bytes());
         v.extend(vec![0u8; 10_000]);
         let e = check(&gguf(&[("bytes", 9, v)], &[], 0)).unwrap_err();
-        assert!(e.contains("would take about"), "{e}");
+        assert!(e.contains("would take more than"), "{e}");
     }
 
     #[test]
@@ -947,5 +965,10 @@ mod tests {
         assert!(check_st(&st(&bad, 16))
             .unwrap_err()
             .contains("not supported"));
+        // Found by tests/fuzz.rs (a bit flip made two names equal): safetensors keeps the
+        // last entry and then finds a gap.
+        let twice = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
+        let e = check_st(&st(twice, 16)).unwrap_err();
+        assert!(e.contains("tensor `a` appears twice"), "{e}");
     }
 }
