@@ -921,7 +921,7 @@ fn safetensors_header() {
             let (r, usage) = measure(|| -> Result<bool, String> {
                 let mut f = std::fs::File::open(&path).unwrap();
                 let checked =
-                    swapd::model::header::check_safetensors_header(&mut f, b.len() as u64);
+                    swapd::model::safetensors::check_safetensors_header(&mut f, b.len() as u64);
                 let loaded = swapd::model::embed::read_safetensors(&path, &Device::Cpu);
                 match (checked, loaded) {
                     (Ok(_), Ok(_)) => Ok(true),

@@ -13,12 +13,12 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use super::ModelError;
 
 /// Reads the safetensors file at `path` onto `device` as candle does, after checking its
-/// header ([`super::header::check_safetensors_header`]): a broken file is an error naming
+/// header ([`super::safetensors::check_safetensors_header`]): a broken file is an error naming
 /// what is wrong, never a panic.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, String> {
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
-    super::header::check_safetensors_header(&mut std::io::BufReader::new(&mut file), len)?;
+    super::safetensors::check_safetensors_header(&mut std::io::BufReader::new(&mut file), len)?;
     catch_unwind(AssertUnwindSafe(|| {
         candle_core::safetensors::load(path, device)
     }))
@@ -317,7 +317,7 @@ mod tests {
         check_bert_config(&config).unwrap();
         let p = dir.join("model.safetensors");
         let len = std::fs::metadata(&p).unwrap().len();
-        let h = crate::model::header::check_safetensors_header(
+        let h = crate::model::safetensors::check_safetensors_header(
             &mut std::fs::File::open(&p).unwrap(),
             len,
         )

@@ -7,6 +7,7 @@ pub mod header;
 pub mod llm;
 pub mod preflight;
 pub mod qllama;
+pub mod safetensors;
 pub mod sampling;
 pub mod source;
 pub mod stream;
