@@ -88,16 +88,17 @@ impl Server {
             Some(s) => read_committed(s),
             None => Default::default(),
         };
+        // Generations never go backwards, even when committed.json was lost: the audit log
+        // remembers the highest one of each model.
+        let highest = store
+            .as_ref()
+            .map(|s| s.highest_generations())
+            .unwrap_or_default();
         let mut loads = tokio::task::JoinSet::new();
         for spec in config.manifest.models.clone() {
             let (resolver, device) = (resolver.clone(), device.clone());
             let last = committed.get(&spec.name).cloned();
-            // Generations never go backwards, even when committed.json was lost: the audit
-            // log remembers the highest one.
-            let highest = store
-                .as_ref()
-                .map(|s| s.highest_generation(&spec.name))
-                .unwrap_or(0);
+            let highest = highest.get(&spec.name).copied().unwrap_or(0);
             loads.spawn(async move {
                 let v = load_committed_or_manifest(&spec, last, highest, &resolver, &device).await;
                 v.map(|v| (spec, v))

@@ -48,6 +48,14 @@ pub struct AuditRecord {
     pub previous_freed: bool,
 }
 
+/// Milliseconds since the Unix epoch, as the records carry them.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
 fn end_stage() -> String {
     "end".into()
 }
@@ -107,13 +115,9 @@ impl StateStore {
     /// Renames an unreadable `committed.json` out of the way (kept for inspection) and
     /// returns its new path.
     pub fn set_aside(&self) -> std::io::Result<PathBuf> {
-        let to = self.dir.join(format!(
-            "{COMMITTED}.unreadable-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or_default()
-        ));
+        let to = self
+            .dir
+            .join(format!("{COMMITTED}.unreadable-{}", unix_ms()));
         std::fs::rename(self.dir.join(COMMITTED), &to)?;
         Ok(to)
     }
@@ -163,16 +167,17 @@ impl StateStore {
         r
     }
 
-    /// The highest generation `model` was ever committed at, by the audit log (a lost or
-    /// unreadable committed.json must not send generations backwards).
-    pub fn highest_generation(&self, model: &str) -> u64 {
-        self.audit_records()
-            .unwrap_or_default()
-            .iter()
-            .filter(|r| r.model == model && r.committed)
-            .filter_map(|r| r.to_generation)
-            .max()
-            .unwrap_or(0)
+    /// The highest generation each model was ever committed at, by the audit log (a lost
+    /// or unreadable committed.json must not send generations backwards); one read of it.
+    pub fn highest_generations(&self) -> BTreeMap<String, u64> {
+        let mut highest = BTreeMap::new();
+        for r in self.audit_records().unwrap_or_default() {
+            if let (true, Some(g)) = (r.committed, r.to_generation) {
+                let h = highest.entry(r.model).or_insert(0);
+                *h = g.max(*h);
+            }
+        }
+        highest
     }
 
     /// Appends one line to the audit log.

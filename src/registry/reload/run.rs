@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use super::super::persist::{AuditRecord, StateStore};
 use super::super::Slot;
 use super::{unix_ms, Phase, PhaseEvent, PhaseState, ReloadEvent, ReloadOutcome};
+use crate::metrics::phase_name;
 
 /// Sends events to whoever listens and records the phase on the slot.
 pub(super) struct Run {
@@ -36,7 +37,7 @@ pub(super) struct Run {
 fn failpoint(phase: Phase) {
     #[cfg(debug_assertions)]
     if let Ok(f) = std::env::var("SWAPD_FAILPOINT") {
-        if f == format!("reload:{phase:?}").to_lowercase() {
+        if f == format!("reload:{}", phase_name(phase)) {
             panic!("failpoint {f}");
         }
     }
@@ -99,12 +100,12 @@ impl Run {
             to_generation: o.version.as_ref().map(|v| v.generation),
             committed: o.committed,
             error: o.error.clone(),
-            failed_phase: o.failed_phase.map(|p| format!("{p:?}").to_lowercase()),
+            failed_phase: o.failed_phase.map(|p| phase_name(p).to_string()),
             failed_check: o.failed_check.clone(),
             phases_ms: o
                 .timings
                 .iter()
-                .map(|(p, d)| (format!("{p:?}").to_lowercase(), d.as_secs_f64() * 1e3))
+                .map(|(p, d)| (phase_name(*p).to_string(), d.as_secs_f64() * 1e3))
                 .collect(),
             cancelled_requests: o.cancelled_requests,
             previous_freed: o.previous_freed,
