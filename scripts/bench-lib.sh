@@ -46,6 +46,12 @@ context_length = 2048
 TOML
 }
 
+# scratch: sets $work, a scratch folder that is removed, with the server stopped, on exit.
+scratch() {
+    work=$(mktemp -d)
+    trap 'stop_server; rm -rf "$work"' EXIT
+}
+
 stop_server() {
     [[ -n "$server" ]] || return 0
     kill -TERM "$server" 2>/dev/null || true

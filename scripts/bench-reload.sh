@@ -36,13 +36,7 @@ bin=target/release/swapd
 mkdir -p "$OUT"
 
 source scripts/bench-lib.sh
-work=$(mktemp -d)
-# shellcheck disable=SC2317 # the EXIT trap calls it
-cleanup() {
-    stop_server
-    rm -rf "$work"
-}
-trap cleanup EXIT
+scratch
 
 two_versions "$work/models" smollm2-135m-instruct
 

@@ -97,13 +97,8 @@ fi
 
 # 2. Device memory through a reload that keeps the previous version resident, then one that
 #    frees both old versions. SmolLM2 (a.gguf) and a perturbed copy (b.gguf).
-source scripts/bench-lib.sh # two_versions, start_server (on $DEVICE), stop_server
-work=$(mktemp -d)
-cleanup() {
-    stop_server
-    rm -rf "$work"
-}
-trap cleanup EXIT
+source scripts/bench-lib.sh # scratch, two_versions, start_server (on $DEVICE), stop_server
+scratch
 two_versions "$work/models" smollm2
 
 # swapd's view of the device (what admission uses): free and total from /metrics.

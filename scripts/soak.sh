@@ -38,13 +38,7 @@ bin=$BIN
 mkdir -p "$OUT"
 
 source scripts/bench-lib.sh
-work=$(mktemp -d)
-# shellcheck disable=SC2317 # the EXIT trap calls it
-cleanup() {
-    stop_server
-    rm -rf "$work"
-}
-trap cleanup EXIT
+scratch
 
 two_versions "$work/models" smollm2-135m-instruct
 start_server "$OUT/server.log" "$PORT" "$METRICS_PORT" --models-root "$work/models" \

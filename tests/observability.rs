@@ -299,20 +299,7 @@ async fn health_transitions_are_reported_through_watch() {
     // A stream that never reads holds the old version: the reload stays suspended in its
     // drain (NOT_SERVING) until it goes, so no watcher can miss the state (health keeps
     // only the latest state, and a 10 ms suspension could pass between two looks).
-    let ch = tonic::transport::Endpoint::from_shared(server.url())
-        .unwrap()
-        .initial_stream_window_size(16)
-        .initial_connection_window_size(16)
-        .connect()
-        .await
-        .unwrap();
-    let mut long = greedy("tiny-llm", "hello", 250);
-    long.sampling.as_mut().unwrap().ignore_eos = true;
-    let stuck = swapd::proto::inference_client::InferenceClient::new(ch)
-        .generate(long)
-        .await
-        .unwrap()
-        .into_inner();
+    let stuck = common::stall::stalled(&server, None).await;
     let mut ctl = control(&server).await;
     let events = ctl.reload(preserving).await.unwrap().into_inner();
     assert_eq!(next_status(&mut model).await, not_serving);
