@@ -4,6 +4,7 @@ pub mod chat;
 pub mod compute;
 pub mod embed;
 pub mod header;
+pub mod llama_meta;
 pub mod llm;
 pub mod preflight;
 pub mod qllama;

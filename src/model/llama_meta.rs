@@ -1,0 +1,227 @@
+//! The llama metadata a GGUF must carry to be served, checked before any tensor loads:
+//! a version whose context is 0 or whose head counts do not divide would pass every
+//! pre-flight check and then refuse every request.
+use candle_core::quantized::gguf_file::Content;
+
+/// Largest attention head the loader accepts: real llama-architecture models use 64–256;
+/// the RoPE tables candle precomputes take `MAX_SEQ_LEN` × this × 8 bytes.
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// The llama hyper-parameters [`check_llama`] found usable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaParams {
+    pub embedding_length: usize,
+    pub block_count: usize,
+    pub head_count: usize,
+    pub head_count_kv: usize,
+    pub head_dim: usize,
+    /// From `tokenizer.ggml.tokens` (`None` when absent: the tokenizer check reports it).
+    pub vocab: Option<usize>,
+    /// `llama.context_length`, when the file has one.
+    pub context_length: Option<usize>,
+}
+
+/// Checks the metadata and tensor shapes the llama loader ([`super::qllama`]) relies on, so
+/// that a file which would load but could not serve (context 0, heads that do not divide,
+/// a vocabulary that does not match the embedding table, ...) fails here with the reason.
+pub fn check_llama(ct: &Content) -> Result<LlamaParams, String> {
+    use candle_core::quantized::gguf_file::Value;
+    let get = |k: &str| ct.metadata.get(k);
+    // qllama reads these with `to_u32`/`to_f32`: any other type is an error there (or,
+    // for the optional keys, silently the default), so it is one here.
+    let opt_u32 = |k: &str| -> Result<Option<usize>, String> {
+        match get(k) {
+            None => Ok(None),
+            Some(Value::U32(v)) => Ok(Some(*v as usize)),
+            Some(v) => Err(format!("{k} is {v:?}: expected a u32")),
+        }
+    };
+    let u32_ = |k: &str| -> Result<usize, String> {
+        opt_u32(k)?.ok_or_else(|| format!("metadata key `{k}` is missing"))
+    };
+    let opt_f32 = |k: &str| -> Result<Option<f32>, String> {
+        match get(k) {
+            None => Ok(None),
+            Some(Value::F32(v)) => Ok(Some(*v)),
+            Some(v) => Err(format!("{k} is {v:?}: expected an f32")),
+        }
+    };
+    let dim = u32_("llama.embedding_length")?;
+    let blocks = u32_("llama.block_count")?;
+    let heads = u32_("llama.attention.head_count")?;
+    let kv_heads = u32_("llama.attention.head_count_kv")?;
+    let rope_dim = u32_("llama.rope.dimension_count")?;
+    let eps = opt_f32("llama.attention.layer_norm_rms_epsilon")?
+        .ok_or("metadata key `llama.attention.layer_norm_rms_epsilon` is missing")?;
+    let freq_base = opt_f32("llama.rope.freq_base")?.unwrap_or(10000.0);
+    let context = opt_u32("llama.context_length")?;
+    let ff_meta = opt_u32("llama.feed_forward_length")?;
+    let n_expert = opt_u32("llama.expert_count")?.unwrap_or(0);
+    let n_expert_used = opt_u32("llama.expert_used_count")?.unwrap_or(0);
+    if dim == 0 {
+        return Err("llama.embedding_length is 0".into());
+    }
+    if blocks == 0 {
+        return Err("llama.block_count is 0: the model has no layers".into());
+    }
+    if heads == 0 {
+        return Err("llama.attention.head_count is 0".into());
+    }
+    if kv_heads == 0 {
+        return Err("llama.attention.head_count_kv is 0".into());
+    }
+    if dim % heads != 0 {
+        return Err(format!(
+            "llama.embedding_length {dim} is not a multiple of llama.attention.head_count {heads}"
+        ));
+    }
+    if heads % kv_heads != 0 {
+        return Err(format!(
+            "llama.attention.head_count {heads} is not a multiple of llama.attention.head_count_kv {kv_heads}"
+        ));
+    }
+    let head_dim = dim / heads;
+    if head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+        return Err(format!(
+            "the head size {head_dim} (llama.embedding_length {dim} / llama.attention.head_count {heads}) must be even and at most {MAX_HEAD_DIM}"
+        ));
+    }
+    if rope_dim != head_dim {
+        return Err(format!(
+            "llama.rope.dimension_count {rope_dim} differs from the head size {head_dim} (llama.embedding_length {dim} / llama.attention.head_count {heads}): partial RoPE is not supported"
+        ));
+    }
+    if !(freq_base.is_finite() && freq_base > 0.0) {
+        return Err(format!(
+            "llama.rope.freq_base is {freq_base}: must be a finite number > 0"
+        ));
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(format!(
+            "llama.attention.layer_norm_rms_epsilon is {eps}: must be a finite number > 0"
+        ));
+    }
+    if let Some(c) = context {
+        if c < 2 {
+            return Err(format!(
+                "llama.context_length is {c}: the model could not take a prompt and generate (at least 2)"
+            ));
+        }
+    }
+    let vocab = match get("tokenizer.ggml.tokens") {
+        Some(Value::Array(t)) => Some(t.len()),
+        _ => None,
+    };
+    if vocab == Some(0) {
+        return Err("tokenizer.ggml.tokens is empty".into());
+    }
+    if let (Some(v), Some(n)) = (vocab, opt_u32("llama.vocab_size")?) {
+        if v != n {
+            return Err(format!(
+                "llama.vocab_size {n} differs from the {v} tokens of tokenizer.ggml.tokens"
+            ));
+        }
+    }
+    let shape = |name: &str| ct.tensor_infos.get(name).map(|i| i.shape.dims().to_vec());
+    let expect = |name: &str, want: &[usize], why: &dyn Fn() -> String| -> Result<(), String> {
+        match shape(name) {
+            None => Err(format!("tensor `{name}` is missing")),
+            Some(s) if s != want => Err(format!(
+                "tensor `{name}` has shape {s:?}, expected {want:?} ({})",
+                why()
+            )),
+            Some(_) => Ok(()),
+        }
+    };
+    let vocab_rows = match shape("token_embd.weight") {
+        None => return Err("tensor `token_embd.weight` is missing".into()),
+        Some(s) if s.len() == 2 && s[1] == dim => s[0],
+        Some(s) => {
+            return Err(format!(
+                "tensor `token_embd.weight` has shape {s:?}, expected [vocabulary, {dim}] (llama.embedding_length {dim})"
+            ))
+        }
+    };
+    if let Some(v) = vocab {
+        if vocab_rows != v {
+            return Err(format!(
+                "tensor `token_embd.weight` has {vocab_rows} rows but tokenizer.ggml.tokens has {v} tokens"
+            ));
+        }
+    }
+    if ct.tensor_infos.contains_key("output.weight") {
+        expect("output.weight", &[vocab_rows, dim], &|| {
+            format!("the output head must match token_embd.weight's {vocab_rows} tokens × {dim}")
+        })?;
+    }
+    let dims = || format!("llama.embedding_length {dim}");
+    expect("output_norm.weight", &[dim], &dims)?;
+    if n_expert > 1 && !(1..=n_expert).contains(&n_expert_used) {
+        return Err(format!(
+            "llama.expert_used_count {n_expert_used} must be between 1 and llama.expert_count {n_expert}"
+        ));
+    }
+    // Every block needs at least 9 tensors: a block count past that is refused before the
+    // loader reserves room for that many layers.
+    if blocks > ct.tensor_infos.len() / 9 {
+        return Err(format!(
+            "llama.block_count {blocks} needs at least {} tensors but the file has {}",
+            blocks.saturating_mul(9),
+            ct.tensor_infos.len()
+        ));
+    }
+    let kv_dim = head_dim * kv_heads;
+    let heads_why =
+        || format!("llama.embedding_length {dim}, head_count {heads}, head_count_kv {kv_heads}");
+    for l in 0..blocks {
+        let t = |n: &str| format!("blk.{l}.{n}.weight");
+        expect(&t("attn_q"), &[dim, dim], &heads_why)?;
+        expect(&t("attn_k"), &[kv_dim, dim], &heads_why)?;
+        expect(&t("attn_v"), &[kv_dim, dim], &heads_why)?;
+        expect(&t("attn_output"), &[dim, dim], &heads_why)?;
+        expect(&t("attn_norm"), &[dim], &dims)?;
+        expect(&t("ffn_norm"), &[dim], &dims)?;
+        let ffn = |gate: &str, up: &str, down: &str| -> Result<(), String> {
+            let ff = match shape(gate) {
+                None => return Err(format!("tensor `{gate}` is missing")),
+                Some(s) if s.len() == 2 && s[1] == dim && s[0] > 0 => s[0],
+                Some(s) => {
+                    return Err(format!(
+                    "tensor `{gate}` has shape {s:?}, expected [feed_forward_length, {dim}] ({})",
+                    dims()
+                ))
+                }
+            };
+            if let Some(m) = ff_meta {
+                if m != ff {
+                    return Err(format!(
+                        "tensor `{gate}` has {ff} rows but llama.feed_forward_length is {m}"
+                    ));
+                }
+            }
+            let why = || format!("feed-forward length {ff} from `{gate}`, {}", dims());
+            expect(up, &[ff, dim], &why)?;
+            expect(down, &[dim, ff], &why)
+        };
+        if n_expert <= 1 {
+            ffn(&t("ffn_gate"), &t("ffn_up"), &t("ffn_down"))?;
+        } else {
+            expect(&t("ffn_gate_inp"), &[n_expert, dim], &|| {
+                format!("llama.expert_count {n_expert}, {}", dims())
+            })?;
+            for i in 0..n_expert {
+                let e = |n: &str| format!("blk.{l}.{n}.{i}.weight");
+                ffn(&e("ffn_gate"), &e("ffn_up"), &e("ffn_down"))?;
+            }
+        }
+    }
+    Ok(LlamaParams {
+        embedding_length: dim,
+        block_count: blocks,
+        head_count: heads,
+        head_count_kv: kv_heads,
+        head_dim,
+        vocab,
+        context_length: context,
+    })
+}
