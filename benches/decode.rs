@@ -30,9 +30,9 @@ impl Model for candle_transformers::models::quantized_llama::ModelWeights {
     }
 }
 
-impl Model for swapd::model::qllama::ModelWeights {
+impl Model for swapd::model::qllama::Sequential {
     fn forward(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        swapd::model::qllama::ModelWeights::forward(self, x, pos)
+        swapd::model::qllama::Sequential::forward(self, x, pos)
     }
 }
 
@@ -112,7 +112,7 @@ fn main() {
     )
     .unwrap();
     let (ct, mut f) = open();
-    let ours = swapd::model::qllama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+    let ours = swapd::model::qllama::Sequential::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
     println!(
         "SmolLM2-135M Q4_1: prefill {PROMPT_TOKENS} tokens in one pass, decode {DECODE_TOKENS}; \
          {} threads; kernels: {:?}",

@@ -20,7 +20,7 @@ fn gguf() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(GGUF)
 }
 
-fn logits_ours(m: &mut swapd::model::qllama::ModelWeights, ids: &[u32], pos: usize) -> Vec<f32> {
+fn logits_ours(m: &mut swapd::model::qllama::Sequential, ids: &[u32], pos: usize) -> Vec<f32> {
     let x = Tensor::new(ids, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -71,7 +71,7 @@ fn greedy_tokens_equal_llama_cpp_and_logits_track_candle() {
         (ct, f)
     };
     let (ct, mut f) = load();
-    let ours = swapd::model::qllama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+    let ours = swapd::model::qllama::Sequential::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
     let (ct, mut f) = load();
     let theirs = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
         ct,

@@ -1,9 +1,12 @@
 //! A causal language model from a GGUF file, run through swapd's copy of candle-transformers'
 //! quantized llama ([`super::qllama`]), whose matmuls use the SIMD kernels of [`crate::quant`].
-//! The weights are loaded once per version; every request decodes in its own [`Session`],
-//! which clones the model cheaply (weights are shared through `Arc`, the KV cache is not).
+//! The weights are loaded once per version and shared read-only; every sequence keeps its
+//! own [`KvCache`], and [`Llm::step`] runs one forward pass over a batch of sequences.
+//! [`Session`] is the batch of one, for pre-flight checks and tools.
 use std::path::Path;
+use std::sync::Arc;
 
+use super::kv::{KvCache, StepItem};
 use super::qllama::{ModelWeights, MAX_SEQ_LEN};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
@@ -14,9 +17,11 @@ use super::header;
 use super::tokenizer::GgufTokenizer;
 use super::ModelError;
 
-/// Tokens fed per forward pass during prefill: bounds the attention matrix of a long prompt
-/// and lets a cancelled request stop between chunks.
-const PREFILL_CHUNK: usize = 256;
+/// Tokens of a prompt fed per forward pass: bounds the attention matrix of a long prompt,
+/// lets a cancelled request stop between chunks and lets a batch step take part of a
+/// prompt beside decoding sequences. A prompt is always cut at the same places (multiples of
+/// this from its start), alone or in a batch, so its logits do not depend on the batch.
+pub const PREFILL_CHUNK: usize = 128;
 
 /// Bytes a GGUF tensor takes as stored (quantized blocks).
 pub fn stored_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> u64 {
@@ -76,7 +81,7 @@ pub use super::llama_meta::{check_llama, LlamaParams, MAX_HEAD_DIM};
 
 /// A loaded GGUF language model: shared weights, tokenizer, chat template.
 pub struct Llm {
-    weights: ModelWeights,
+    weights: Arc<ModelWeights>,
     pub tokenizer: GgufTokenizer,
     pub chat_template: Option<ChatTemplate>,
     /// Longest prompt + completion, in tokens.
@@ -207,7 +212,7 @@ impl Llm {
         let weights = ModelWeights::from_gguf(ct, &mut file, device)
             .map_err(|e| format_err(name, path, e))?;
         Ok(Self {
-            weights,
+            weights: Arc::new(weights),
             tokenizer,
             chat_template,
             context_length,
@@ -267,17 +272,39 @@ impl Llm {
     pub fn session(&self) -> Session {
         Session {
             weights: self.weights.clone(),
-            pos: 0,
+            cache: self.new_cache(PREFILL_CHUNK),
             device: self.device.clone(),
             model: self.name.clone(),
         }
     }
+
+    /// An empty KV cache sized for `tokens` tokens.
+    pub fn new_cache(&self, tokens: usize) -> KvCache {
+        KvCache::new(self.weights.n_layers(), tokens)
+    }
+
+    /// Bytes one token takes in a sequence's KV cache.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.weights.kv_bytes_per_token()
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// One forward pass over a batch of sequences (see [`ModelWeights::step`]), at the
+    /// CPU's turn when on the CPU.
+    pub fn step(&self, items: &mut [StepItem<'_>]) -> Result<Vec<Option<Tensor>>, ModelError> {
+        let _turn = super::compute::turn_on(&self.device);
+        self.weights.step(items).map_err(|e| self.err(e))
+    }
 }
 
-/// Per-request decoding state: a clone of the model (shared weights) and its position.
+/// One sequence decoded on its own: shared weights, its own KV cache.
 pub struct Session {
-    weights: ModelWeights,
-    pos: usize,
+    weights: Arc<ModelWeights>,
+    cache: KvCache,
     device: Device,
     model: String,
 }
@@ -291,25 +318,27 @@ impl Session {
         keep_going: &mut dyn FnMut() -> bool,
     ) -> Result<Option<Tensor>, ModelError> {
         let mut logits = None;
-        for chunk in ids.chunks(PREFILL_CHUNK) {
-            if logits.is_some() && !keep_going() {
+        let chunks = ids.len().div_ceil(PREFILL_CHUNK);
+        for (i, chunk) in ids.chunks(PREFILL_CHUNK).enumerate() {
+            if i > 0 && !keep_going() {
                 return Ok(None);
             }
-            let out = self.forward(chunk).map_err(|e| ModelError::Inference {
-                model: self.model.clone(),
-                reason: e.to_string(),
-            })?;
-            logits = Some(out);
+            let _turn = super::compute::turn_on(&self.device);
+            let mut items = [StepItem {
+                ids: chunk,
+                cache: &mut self.cache,
+                logits: i + 1 == chunks,
+            }];
+            let out = self
+                .weights
+                .step(&mut items)
+                .map_err(|e| ModelError::Inference {
+                    model: self.model.clone(),
+                    reason: e.to_string(),
+                })?;
+            logits = out.into_iter().next().flatten();
         }
         Ok(logits)
-    }
-
-    fn forward(&mut self, ids: &[u32]) -> candle_core::Result<Tensor> {
-        let _turn = super::compute::turn_on(&self.device);
-        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let logits = self.weights.forward(&input, self.pos)?;
-        self.pos += ids.len();
-        logits.squeeze(0)?.to_dtype(candle_core::DType::F32)
     }
 }
 

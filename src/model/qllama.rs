@@ -15,107 +15,20 @@
 //!   directly instead of repeating K and V (same products, no copy of the cache per step).
 //!
 //! The GGML (pre-GGUF) loader is left out: swapd only reads GGUF.
-use std::collections::HashMap;
-
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{CpuStorage, DType, Device, IndexOp, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::build_causal_mask;
 
+use super::kv::{KvCache, StepItem};
+use super::moe::{Mlp, MlpOrMoe};
 use crate::quant::QLinear;
 
 pub use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 
 fn linear(t: QTensor) -> Result<QLinear> {
     QLinear::from_qtensor(t)
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    feed_forward_w1: QLinear,
-    feed_forward_w2: QLinear,
-    feed_forward_w3: QLinear,
-}
-
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let [w1, w3]: [Tensor; 2] =
-            QLinear::forward_many(&[&self.feed_forward_w1, &self.feed_forward_w3], xs)?
-                .try_into()
-                .expect("two projections");
-        self.feed_forward_w2
-            .forward(&(candle_nn::ops::silu(&w1)? * w3)?)
-    }
-}
-
-#[derive(Debug, Clone)]
-enum MlpOrMoe {
-    Mlp(Mlp),
-    MoE {
-        n_expert_used: usize,
-        feed_forward_gate_inp: QLinear,
-        experts: Vec<Mlp>,
-    },
-}
-
-impl Module for MlpOrMoe {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::MoE {
-                feed_forward_gate_inp,
-                experts,
-                n_expert_used,
-            } => {
-                let (b_size, seq_len, hidden_dim) = xs.dims3()?;
-                let xs = xs.reshape(((), hidden_dim))?;
-                let router_logits = feed_forward_gate_inp.forward(&xs)?;
-                let routing_weights = candle_nn::ops::softmax_last_dim(&router_logits)?;
-                let routing_weights = routing_weights.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-
-                // Top-k experts per row, with their renormalized routing weights.
-                let mut top_x = vec![vec![]; experts.len()];
-                let mut selected_rws = vec![vec![]; experts.len()];
-                for (row_idx, rw) in routing_weights.iter().enumerate() {
-                    let mut dst = (0..rw.len() as u32).collect::<Vec<u32>>();
-                    dst.sort_by(|&i, &j| rw[j as usize].total_cmp(&rw[i as usize]));
-                    let mut sum_routing_weights = 0f32;
-                    for &expert_idx in dst.iter().take(*n_expert_used) {
-                        let expert_idx = expert_idx as usize;
-                        let routing_weight = rw[expert_idx];
-                        sum_routing_weights += routing_weight;
-                        top_x[expert_idx].push(row_idx as u32);
-                    }
-                    for &expert_idx in dst.iter().take(*n_expert_used) {
-                        let expert_idx = expert_idx as usize;
-                        let routing_weight = rw[expert_idx];
-                        selected_rws[expert_idx].push(routing_weight / sum_routing_weights)
-                    }
-                }
-
-                let mut ys = xs.zeros_like()?;
-                for (expert_idx, expert_layer) in experts.iter().enumerate() {
-                    let top_x = &top_x[expert_idx];
-                    if top_x.is_empty() {
-                        continue;
-                    }
-                    let top_x = Tensor::new(top_x.as_slice(), xs.device())?;
-                    let selected_rws =
-                        Tensor::new(selected_rws[expert_idx].as_slice(), xs.device())?
-                            .reshape(((), 1))?;
-                    let current_state = xs.index_select(&top_x, 0)?.reshape(((), hidden_dim))?;
-                    let current_hidden_states = expert_layer.forward(&current_state)?;
-                    let current_hidden_states =
-                        current_hidden_states.broadcast_mul(&selected_rws)?;
-                    ys = ys.index_add(&top_x, &current_hidden_states, 0)?;
-                }
-
-                let ys = ys.reshape((b_size, seq_len, hidden_dim))?;
-                Ok(ys)
-            }
-            Self::Mlp(mlp) => mlp.forward(xs),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -135,7 +48,6 @@ struct LayerWeights {
     cos: Tensor,
     sin: Tensor,
     neg_inf: Tensor,
-    kv_cache: Option<(Tensor, Tensor)>,
 }
 
 /// Rounds f32 values to the nearest f16 (kept as f32).
@@ -188,20 +100,20 @@ impl LayerWeights {
         }
     }
 
-    fn forward_attn(
-        &mut self,
-        x: &Tensor,
+    /// Attention of one sequence's `seq_len` new rows (their query, key and value
+    /// projections, `(1, seq_len, ·)`) over its cache at `layer`, which they join.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
         mask: Option<&Tensor>,
-        index_pos: usize,
     ) -> Result<Tensor> {
-        let (b_sz, seq_len, n_embd) = x.dims3()?;
-        let [q, k, v]: [Tensor; 3] = QLinear::forward_many(
-            &[&self.attention_wq, &self.attention_wk, &self.attention_wv],
-            x,
-        )?
-        .try_into()
-        .expect("three projections");
-
+        let index_pos = cache.pos();
+        let (b_sz, seq_len, _) = q.dims3()?;
         let q = q
             .reshape((b_sz, seq_len, self.n_head, self.head_dim))?
             .transpose(1, 2)?;
@@ -211,7 +123,6 @@ impl LayerWeights {
         let v = v
             .reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?
             .transpose(1, 2)?
-            // Lets the fast kernel run below; a no-op except for prompts.
             .contiguous()?;
 
         let q = self.apply_rotary_emb(&q, index_pos)?;
@@ -221,20 +132,7 @@ impl LayerWeights {
         let q = round_f16(&q)?;
         let k = round_f16(&k)?;
         let v = round_f16(&v)?;
-
-        let (k, v) = match &self.kv_cache {
-            None => (k, v),
-            Some((k_cache, v_cache)) => {
-                if index_pos == 0 {
-                    (k, v)
-                } else {
-                    let k = Tensor::cat(&[k_cache, &k], 2)?;
-                    let v = Tensor::cat(&[v_cache, &v], 2)?;
-                    (k, v)
-                }
-            }
-        };
-        self.kv_cache = Some((k.clone(), v.clone()));
+        let (k, v) = cache.append(layer, &k, &v)?;
 
         let y = if q.device().is_metal() && seq_len == 1 {
             // SDPA does MQA itself.
@@ -266,14 +164,12 @@ impl LayerWeights {
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
             let att = att.reshape((b_sz, self.n_kv_head, n_rep * seq_len, kv_len))?;
-            // matmul does not take a strided v.
-            att.matmul(&v.contiguous()?)?
+            att.matmul(&v)?
                 .reshape((b_sz, self.n_head, seq_len, self.head_dim))?
         };
 
-        let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
-        let y = self.attention_wo.forward(&y)?;
-        Ok(y)
+        y.transpose(1, 2)?
+            .reshape((b_sz, seq_len, self.n_head * self.head_dim))
     }
 }
 
@@ -315,8 +211,6 @@ pub struct ModelWeights {
     layers: Vec<LayerWeights>,
     norm: RmsNorm,
     output: QLinear,
-    /// Mask cache keyed by (seq_len, kv_len).
-    masks: HashMap<(usize, usize), Tensor>,
 }
 
 fn precomput_freqs_cis(
@@ -485,7 +379,6 @@ impl ModelWeights {
                 cos: cos.clone(),
                 sin: sin.clone(),
                 neg_inf: neg_inf.clone(),
-                kv_cache: None,
             })
         }
         Ok(Self {
@@ -493,54 +386,171 @@ impl ModelWeights {
             layers,
             norm,
             output,
-            masks: HashMap::new(),
         })
     }
 
-    /// Causal mask of shape `(seq_len, index_pos + seq_len)`: prefix keys are all visible.
-    fn mask(&mut self, seq_len: usize, index_pos: usize, device: &Device) -> Result<Tensor> {
-        let kv_len = index_pos + seq_len;
-        if let Some(mask) = self.masks.get(&(seq_len, kv_len)) {
-            Ok(mask.clone())
-        } else {
-            let mask = build_causal_mask(seq_len, index_pos, device)?;
-            self.masks.insert((seq_len, kv_len), mask.clone());
-            Ok(mask)
-        }
+    /// Layers (each holds a slice of every sequence's KV cache).
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
     }
 
-    /// Clears the KV cache of every layer.
-    pub fn clear_kv_cache(&mut self) {
-        for layer in self.layers.iter_mut() {
-            layer.kv_cache = None;
-        }
+    /// Bytes of keys and values one token takes in a sequence's cache (f32, every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| 2 * l.n_kv_head * l.head_dim * 4)
+            .sum()
     }
 
-    /// Logits for the token after `x` (`(batch, seq_len)` ids at positions from
-    /// `index_pos`), appending their keys and values to the cache.
+    /// One forward step over a batch of sequences: each item's tokens join its own cache
+    /// (at its own position), and each item that asks for them gets the logits of its next
+    /// token (`[vocab]`, f32), in order; the others get `None`.
+    ///
+    /// Projections, norms and the MLP run over the rows of every item at once (each weight
+    /// block loaded once for all of them); attention runs per item over its own cache. Every
+    /// operation computes a row from that row alone, so an item's logits are bit-identical
+    /// whatever else is in the batch.
+    pub fn step(&self, items: &mut [StepItem<'_>]) -> Result<Vec<Option<Tensor>>> {
+        let device = self.output_device();
+        let lens: Vec<usize> = items.iter().map(|i| i.ids.len()).collect();
+        if lens.contains(&0) {
+            candle_core::bail!("a step item has no tokens");
+        }
+        let ids: Vec<u32> = items.iter().flat_map(|i| i.ids.iter().copied()).collect();
+        let masks = items
+            .iter()
+            .map(|i| match i.ids.len() {
+                1 => Ok(None),
+                n => build_causal_mask(n, i.cache.pos(), &device).map(Some),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = self
+            .tok_embeddings
+            .forward(&Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = layer.attention_norm.forward(&x)?;
+            let [q, k, v]: [Tensor; 3] = QLinear::forward_many(
+                &[
+                    &layer.attention_wq,
+                    &layer.attention_wk,
+                    &layer.attention_wv,
+                ],
+                &h,
+            )?
+            .try_into()
+            .expect("three projections");
+            let mut ys = Vec::with_capacity(items.len());
+            let mut off = 0;
+            for ((item, &n), mask) in items.iter_mut().zip(&lens).zip(&masks) {
+                let rows = |t: &Tensor| t.narrow(1, off, n);
+                ys.push(layer.attend(
+                    &rows(&q)?,
+                    &rows(&k)?,
+                    &rows(&v)?,
+                    item.cache,
+                    li,
+                    mask.as_ref(),
+                )?);
+                off += n;
+            }
+            let y = if ys.len() == 1 {
+                ys.pop().expect("one item")
+            } else {
+                Tensor::cat(&ys, 1)?
+            };
+            let x1 = (layer.attention_wo.forward(&y)? + residual)?;
+            let h = layer.ffn_norm.forward(&x1)?;
+            x = (layer.mlp_or_moe.forward(&h)? + &x1)?;
+        }
+        for (item, &n) in items.iter_mut().zip(&lens) {
+            item.cache.advance(n);
+        }
+        // The last row of every item that wants logits, through the norm and the head.
+        let mut last = Vec::new();
+        let mut end = 0;
+        for (item, &n) in items.iter().zip(&lens) {
+            end += n;
+            if item.logits {
+                last.push(end as u32 - 1);
+            }
+        }
+        let mut out = vec![None; items.len()];
+        if last.is_empty() {
+            return Ok(out);
+        }
+        let rows = x
+            .squeeze(0)?
+            .index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
+        let logits = self
+            .output
+            .forward(&self.norm.forward(&rows)?)?
+            .to_dtype(DType::F32)?;
+        let mut r = 0;
+        for (slot, item) in out.iter_mut().zip(items.iter()) {
+            if item.logits {
+                *slot = Some(logits.i(r)?);
+                r += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The device the weights are on.
+    fn output_device(&self) -> Device {
+        self.layers
+            .first()
+            .map(|l| l.cos.device().clone())
+            .unwrap_or(Device::Cpu)
+    }
+}
+
+/// A model with one cache, fed one sequence in order: `forward(ids, pos)` as candle's
+/// `quantized_llama` has it, for tests and benchmarks that compare the two.
+#[derive(Clone)]
+pub struct Sequential {
+    pub weights: ModelWeights,
+    cache: KvCache,
+}
+
+impl Sequential {
+    pub fn new(weights: ModelWeights) -> Self {
+        let cache = KvCache::new(weights.n_layers(), 512);
+        Self { weights, cache }
+    }
+
+    /// Loads a llama-architecture GGUF (see [`ModelWeights::from_gguf`]).
+    pub fn from_gguf<R: std::io::Seek + std::io::Read>(
+        ct: gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self::new(ModelWeights::from_gguf(ct, reader, device)?))
+    }
+
+    /// Logits (`(1, vocab)`) for the token after `x` (`(1, seq_len)` ids at positions from
+    /// `index_pos`); position 0 starts a new sequence.
     pub fn forward(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
-        let (_b_sz, seq_len) = x.dims2()?;
-        let mask = if seq_len == 1 {
-            None
-        } else {
-            Some(self.mask(seq_len, index_pos, x.device())?)
-        };
-        let mut layer_in = self.tok_embeddings.forward(x)?;
-        for layer in self.layers.iter_mut() {
-            let x = layer_in;
-            let residual = &x;
-            let x = layer.attention_norm.forward(&x)?;
-            let attn = layer.forward_attn(&x, mask.as_ref(), index_pos)?;
-            let x = (attn + residual)?;
-
-            let residual = &x;
-            let x = layer.ffn_norm.forward(&x)?;
-            let x = layer.mlp_or_moe.forward(&x)?;
-            let x = (x + residual)?;
-            layer_in = x
+        if index_pos == 0 {
+            self.cache = KvCache::new(self.weights.n_layers(), 512);
         }
-        let x = self.norm.forward(&layer_in)?;
-        let x = x.i((.., seq_len - 1, ..))?;
-        self.output.forward(&x)
+        if index_pos != self.cache.pos() {
+            candle_core::bail!(
+                "position {index_pos}, but the cache is at {}",
+                self.cache.pos()
+            );
+        }
+        let ids = x.squeeze(0)?.to_vec1::<u32>()?;
+        let mut items = [StepItem {
+            ids: &ids,
+            cache: &mut self.cache,
+            logits: true,
+        }];
+        let logits = self
+            .weights
+            .step(&mut items)?
+            .remove(0)
+            .expect("logits asked");
+        logits.unsqueeze(0)
     }
 }

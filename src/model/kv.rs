@@ -1,0 +1,69 @@
+//! A sequence's own keys and values, and what one batched forward step takes from it.
+//!
+//! The weights of a version are shared and read-only; everything that grows as a sequence
+//! decodes lives here, owned by the sequence. Each layer's keys and values sit in a buffer
+//! allocated once for the tokens the sequence reserved (its prompt plus its most new
+//! tokens), written in place as it grows, so a decode step copies one row per layer rather
+//! than the whole cache.
+use candle_core::{Result, Tensor};
+
+/// The sequence axis of the `(1, kv_heads, tokens, head_dim)` cache tensors.
+const SEQ_DIM: usize = 2;
+
+/// Keys and values of one sequence, for every layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<candle_nn::kv_cache::KvCache>,
+    pos: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layers` layers with room for `capacity` tokens (it grows by as
+    /// much again if a sequence goes past it).
+    pub fn new(n_layers: usize, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            layers: (0..n_layers)
+                .map(|_| candle_nn::kv_cache::KvCache::new(SEQ_DIM, capacity))
+                .collect(),
+            pos: 0,
+            capacity,
+        }
+    }
+
+    /// Tokens fed so far (the position of the next one).
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Tokens the cache was sized for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Appends layer `layer`'s new keys and values (`(1, kv_heads, n, head_dim)`,
+    /// contiguous) and returns all of them so far.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        self.layers[layer].append(k, v)
+    }
+
+    /// Moves the position past `n` tokens whose keys and values every layer now holds.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.pos += n;
+    }
+}
+
+/// One sequence's part of a forward step: the tokens it feeds now (a decode token or a
+/// prefill chunk) at the position its cache is at, and whether it needs the next-token
+/// logits (the last chunk of a prompt, or a decode step).
+pub struct StepItem<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: bool,
+}
