@@ -121,9 +121,20 @@ pub struct ServeArgs {
     /// auto | cpu | cuda | cuda:N [default: auto].
     #[arg(long, env = "SWAPD_DEVICE")]
     pub device: Option<String>,
-    /// Requests running inference at once [default: 4].
+    /// Requests running inference at once, all models together [default: 16].
     #[arg(long, env = "SWAPD_MAX_CONCURRENT")]
     pub max_concurrent: Option<usize>,
+    /// Sequences of one version decoded together in one batch step [default: 16].
+    #[arg(long, env = "SWAPD_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Tokens one batch step feeds, decode tokens and prompt chunks together; a step takes
+    /// at least one prompt chunk (128 tokens) when a prompt waits [default: 256].
+    #[arg(long, env = "SWAPD_STEP_TOKENS")]
+    pub step_tokens: Option<usize>,
+    /// KV cache tokens the sequences of one version may reserve together (each reserves its
+    /// prompt plus max_tokens); counted in a reload's memory admission [default: 16384].
+    #[arg(long, env = "SWAPD_KV_CACHE_TOKENS")]
+    pub kv_cache_tokens: Option<usize>,
     /// Requests waiting for a slot before new ones get RESOURCE_EXHAUSTED [default: 64].
     #[arg(long, env = "SWAPD_MAX_QUEUE")]
     pub max_queue: Option<usize>,
@@ -201,6 +212,9 @@ struct FileConfig {
     models: Option<Vec<String>>,
     device: Option<String>,
     max_concurrent: Option<usize>,
+    max_batch: Option<usize>,
+    step_tokens: Option<usize>,
+    kv_cache_tokens: Option<usize>,
     max_queue: Option<usize>,
     max_request_bytes: Option<usize>,
     max_embed_batch: Option<usize>,
@@ -248,15 +262,24 @@ pub struct Limits {
     pub max_queue: usize,
     pub max_request_bytes: usize,
     pub max_embed_batch: usize,
+    /// Sequences of one version in one batch step.
+    pub max_batch: usize,
+    /// Tokens one batch step feeds (decode tokens and prompt chunks).
+    pub step_tokens: usize,
+    /// KV cache tokens the sequences of one version may reserve together.
+    pub kv_cache_tokens: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_concurrent: 4,
+            max_concurrent: 16,
             max_queue: 64,
             max_request_bytes: 1 << 20,
             max_embed_batch: 64,
+            max_batch: 16,
+            step_tokens: 256,
+            kv_cache_tokens: 16384,
         }
     }
 }
@@ -486,7 +509,29 @@ impl Config {
                 d.max_embed_batch,
                 1,
             ),
+            max_batch: limit("max_batch", pick!(max_batch), d.max_batch, 1),
+            step_tokens: limit("step_tokens", pick!(step_tokens), d.step_tokens, 1),
+            kv_cache_tokens: limit(
+                "kv_cache_tokens",
+                pick!(kv_cache_tokens),
+                d.kv_cache_tokens,
+                1,
+            ),
         };
+        for (key, v, max) in [
+            ("max_batch", limits.max_batch, 1024),
+            ("step_tokens", limits.step_tokens, 1 << 20),
+            ("kv_cache_tokens", limits.kv_cache_tokens, 1 << 24),
+        ] {
+            if v > max {
+                let flag = match key {
+                    "max_batch" => pick!(max_batch).0,
+                    "step_tokens" => pick!(step_tokens).0,
+                    _ => pick!(kv_cache_tokens).0,
+                };
+                err(key, flag, format!("{v}: at most {max}"));
+            }
+        }
         if let (flag, Some(t)) = pick!(admin_token) {
             if let Err(why) = check_admin_token(&t) {
                 err("admin_token", flag, why);

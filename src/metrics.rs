@@ -29,6 +29,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+fn batch_histogram() -> Histogram {
+    // 1, 2, 4, .. 1024 sequences.
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
+}
+
 fn phase_histogram() -> Histogram {
     // 1 ms .. ~9 min: a drain may wait out long streams.
     Histogram::new(exponential_buckets(0.001, 2.5, 15))
@@ -47,7 +52,13 @@ pub struct Metrics {
     generated_tokens: Family<Labels, Counter>,
     prompt_tokens: Family<Labels, Counter>,
     rejected: Counter,
+    batch_size: Hist,
+    step_seconds: Hist,
     // Read at scrape time.
+    batch_sequences: Family<Labels, Gauge>,
+    batch_parked: Family<Labels, Gauge>,
+    batch_waiting: Family<Labels, Gauge>,
+    kv_tokens: Family<Labels, Gauge>,
     active_info: Family<Labels, Gauge>,
     in_flight: Family<Labels, Gauge>,
     model_memory: Family<Labels, Gauge>,
@@ -86,6 +97,12 @@ impl Metrics {
             generated_tokens: Family::default(),
             prompt_tokens: Family::default(),
             rejected: Counter::default(),
+            batch_size: Family::new_with_constructor(batch_histogram),
+            step_seconds: Family::new_with_constructor(latency_histogram),
+            batch_sequences: Family::default(),
+            batch_parked: Family::default(),
+            batch_waiting: Family::default(),
+            kv_tokens: Family::default(),
             active_info: Family::default(),
             in_flight: Family::default(),
             model_memory: Family::default(),
@@ -194,7 +211,46 @@ impl Metrics {
             "Total memory of the device models load onto (MemTotal on the CPU)",
             m.device_total.clone(),
         );
+        r.register(
+            "batch_size",
+            "Sequences in each batch step, by model",
+            m.batch_size.clone(),
+        );
+        r.register(
+            "step_seconds",
+            "Duration of each batch step (one forward pass over the batch, sampling included), by model",
+            m.step_seconds.clone(),
+        );
+        r.register(
+            "batch_sequences",
+            "Sequences in a version's batch (running or parked), by model and version",
+            m.batch_sequences.clone(),
+        );
+        r.register(
+            "batch_parked_sequences",
+            "Sequences out of their batch because their client does not read, by model and version",
+            m.batch_parked.clone(),
+        );
+        r.register(
+            "batch_waiting_sequences",
+            "Sequences waiting to join their version's batch (batch full or KV budget used), by model and version",
+            m.batch_waiting.clone(),
+        );
+        r.register(
+            "kv_cache_tokens",
+            "KV cache tokens reserved by a version's sequences, by model and version",
+            m.kv_tokens.clone(),
+        );
         Self { registry: r, ..m }
+    }
+
+    /// One batch step of `model` over `size` sequences.
+    pub fn batch_step(&self, model: &str, size: usize, took: Duration) {
+        let l = vec![("model", model.to_string())];
+        self.batch_size.get_or_create(&l).observe(size as f64);
+        self.step_seconds
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
     }
 
     /// A finished request: `code` is the gRPC code name (`OK`, `INVALID_ARGUMENT`, ...).
@@ -300,6 +356,25 @@ impl Metrics {
             self.reloading
                 .get_or_create(&vec![("model", model)])
                 .set(reloading as i64);
+        }
+        for g in [
+            &self.batch_sequences,
+            &self.batch_parked,
+            &self.batch_waiting,
+            &self.kv_tokens,
+        ] {
+            g.clear();
+        }
+        for (model, version, b) in engine.batches() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let l = vec![("model", model), ("version", version)];
+            let set = |g: &Family<Labels, Gauge>, v: &std::sync::atomic::AtomicUsize| {
+                g.get_or_create(&l).set(v.load(Relaxed) as i64);
+            };
+            set(&self.batch_sequences, &b.sequences);
+            set(&self.batch_parked, &b.parked);
+            set(&self.batch_waiting, &b.waiting);
+            set(&self.kv_tokens, &b.kv_tokens);
         }
         let (running, queued) = engine.load();
         self.running.set(running as i64);

@@ -422,3 +422,38 @@ fn qlinear_forward_shapes_fallback_and_forward_many() {
         want.to_vec2::<f32>().unwrap()
     );
 }
+
+/// Batch invariance, the property continuous batching rests on: a row's result is the same
+/// bits whether it is multiplied alone or as any row of a batch of up to 16 (every kernel,
+/// every format, shapes off the block, SIMD and tile widths), and whatever the other rows
+/// hold. A sequence's logits then never depend on what it was batched with.
+#[test]
+fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
+    let mut rng = StdRng::seed_from_u64(0xba7c);
+    for isa in Isa::supported() {
+        for format in FORMATS {
+            for _ in 0..12 {
+                let k = 32 * [1, 2, 3, 5, 18, 31][rng.random_range(0..6)];
+                let n = [1, 7, 9, 16, 17, 33, 100][rng.random_range(0..7)];
+                let b = rng.random_range(1..=16);
+                let raw = random_weights(&mut rng, format, n, k);
+                let w = PackedMatrix::pack(format, &raw, n, k, isa).unwrap();
+                let x = random_acts(&mut rng, b, k);
+                let batched = w.matmul(&x, b);
+                for (r, row) in x.chunks_exact(k).enumerate() {
+                    let alone = w.matmul(row, 1);
+                    let label = format!("{isa:?} {format:?} n={n} k={k} batch={b} row={r}");
+                    let got: Vec<u32> = batched[r * n..(r + 1) * n]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect();
+                    let want: Vec<u32> = alone.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(
+                        got, want,
+                        "{label}: a batched row differs from the row alone"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -143,8 +143,35 @@ impl QLinear {
 impl Module for QLinear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match &self.inner {
+            Inner::Candle(q @ QMatMul::QTensor(_)) => q.forward(xs),
+            Inner::Candle(q) if xs.device().is_cpu() => row_by_row(q, xs),
             Inner::Candle(q) => q.forward(xs),
             Inner::Packed(_) => Ok(Self::forward_many(&[self], xs)?.remove(0)),
         }
     }
+}
+
+/// Float weights on the CPU, applied one input row at a time. candle's dense matmul may
+/// compute a row differently depending on how many rows come with it (one row takes a
+/// matrix-vector path), and a sequence's logits must not depend on its batch. Quantized
+/// weights need no such care: this module's kernels and candle's quantized products compute
+/// each row on its own. Only small tensors are float in the GGUFs served here (norms, and the
+/// test models' output heads).
+fn row_by_row(q: &QMatMul, xs: &Tensor) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let Some((&k, batch)) = dims.split_last() else {
+        candle_core::bail!("qlinear: input is a scalar");
+    };
+    let m: usize = batch.iter().product();
+    if m <= 1 {
+        return q.forward(xs);
+    }
+    let x = xs.reshape((m, k))?;
+    let rows = (0..m)
+        .map(|i| q.forward(&x.narrow(0, i, 1)?))
+        .collect::<Result<Vec<_>>>()?;
+    let out = Tensor::cat(&rows, 0)?;
+    let mut shape = batch.to_vec();
+    shape.push(out.dim(1)?);
+    out.reshape(shape)
 }

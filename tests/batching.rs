@@ -1,0 +1,338 @@
+//! Continuous batching: a sequence's output does not depend on what it is batched with, and
+//! a sequence that ends early (cancelled, past its deadline, its client not reading) leaves
+//! the others' tokens alone and gives its place back.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::Device;
+use common::stall::{running, stalled, until};
+use common::*;
+use swapd::model::kv::{KvCache, StepItem};
+use swapd::model::llm::{Llm, PREFILL_CHUNK};
+use swapd::proto;
+
+const SMOL: &str = "smollm2-135m-instruct";
+
+fn smollm2() -> PathBuf {
+    repo_models().join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn tiny(dir: &Path, seed: u64) -> PathBuf {
+    let p = dir.join(format!("tiny{seed}.gguf"));
+    swapd::model::synth::write_tiny_llama_gguf(
+        &p,
+        &swapd::model::synth::TinyLlm {
+            seed,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p
+}
+
+/// A long prompt: several prefill chunks on either model.
+fn long_prompt(min_tokens: usize, llm: &Llm) -> String {
+    let mut p = String::new();
+    while llm.tokenizer.encode(&p).unwrap().len() < min_tokens {
+        p.push_str("the quick brown fox jumps over the lazy dog, 12 34 56. ");
+    }
+    p
+}
+
+/// One sequence driven by hand: its prompt, its cache, and every logits vector it got (as
+/// bits), greedy.
+struct Driven {
+    prompt: Vec<u32>,
+    fed: usize,
+    next: Vec<u32>,
+    cache: KvCache,
+    logits: Vec<Vec<u32>>,
+    want: usize,
+}
+
+impl Driven {
+    fn new(llm: &Llm, prompt: Vec<u32>, want: usize) -> Self {
+        Self {
+            cache: llm.new_cache(prompt.len() + want),
+            prompt,
+            fed: 0,
+            next: Vec::new(),
+            logits: Vec::new(),
+            want,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.logits.len() >= self.want
+    }
+
+    fn item(&mut self) -> (StepItem<'_>, usize) {
+        if self.fed < self.prompt.len() {
+            let end = (self.fed + PREFILL_CHUNK).min(self.prompt.len());
+            let n = end - self.fed;
+            let item = StepItem {
+                ids: &self.prompt[self.fed..end],
+                logits: end == self.prompt.len(),
+                cache: &mut self.cache,
+            };
+            (item, n)
+        } else {
+            let item = StepItem {
+                ids: &self.next,
+                logits: true,
+                cache: &mut self.cache,
+            };
+            (item, 0)
+        }
+    }
+
+    fn took(&mut self, prompt_fed: usize, logits: Option<candle_core::Tensor>) {
+        self.fed += prompt_fed;
+        if let Some(l) = logits {
+            let v: Vec<f32> = l.to_vec1().unwrap();
+            let best = v
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            self.next = vec![best as u32];
+            self.logits.push(v.iter().map(|x| x.to_bits()).collect());
+        }
+    }
+}
+
+/// Steps every sequence in `seqs` that has joined (sequence `i` joins at step `join[i]`)
+/// and is not done, all in one batch per step, until all are done.
+fn run_batched(llm: &Llm, seqs: &mut [Driven], join: &[usize]) {
+    let mut step = 0;
+    while seqs.iter().any(|s| !s.done()) {
+        let mut picked: Vec<&mut Driven> = seqs
+            .iter_mut()
+            .zip(join)
+            .filter(|(s, &j)| j <= step && !s.done())
+            .map(|(s, _)| s)
+            .collect();
+        if !picked.is_empty() {
+            let mut fed = Vec::new();
+            let mut items = Vec::new();
+            for s in picked.iter_mut() {
+                let (item, n) = s.item();
+                items.push(item);
+                fed.push(n);
+            }
+            let out = llm.step(&mut items).unwrap();
+            drop(items);
+            for ((s, n), l) in picked.iter_mut().zip(fed).zip(out) {
+                s.took(n, l);
+            }
+        }
+        step += 1;
+    }
+}
+
+fn check_batch_invariance(llm: &Llm, prompts: &[String]) {
+    let want = [12, 5, 9, 16, 3, 11, 7, 14];
+    let alone: Vec<Driven> = prompts
+        .iter()
+        .zip(want)
+        .map(|(p, w)| {
+            let mut s = [Driven::new(llm, llm.tokenizer.encode(p).unwrap(), w)];
+            run_batched(llm, &mut s, &[0]);
+            let [s] = s;
+            s
+        })
+        .collect();
+    let mut batched: Vec<Driven> = prompts
+        .iter()
+        .zip(want)
+        .map(|(p, w)| Driven::new(llm, llm.tokenizer.encode(p).unwrap(), w))
+        .collect();
+    // Staggered: each joins a batch that is already decoding (or prefilling) others.
+    let join: Vec<usize> = (0..prompts.len()).map(|i| 2 * i).collect();
+    run_batched(llm, &mut batched, &join);
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a.logits.len(), b.logits.len());
+        for (t, (la, lb)) in a.logits.iter().zip(&b.logits).enumerate() {
+            assert!(
+                la == lb,
+                "sequence {i} ({} prompt tokens), output {t}: batched logits differ from alone",
+                a.prompt.len()
+            );
+        }
+    }
+}
+
+fn prompts(llm: &Llm) -> Vec<String> {
+    let mut p: Vec<String> = [
+        "The capital of France is",
+        "hello",
+        "def fibonacci(n):\n",
+        "One, two, three,",
+        "Water boils at",
+        "a",
+        "Rust is a language that",
+    ]
+    .map(String::from)
+    .to_vec();
+    // Two and a half prefill chunks, joining while the others decode.
+    p.insert(3, long_prompt(2 * PREFILL_CHUNK + 40, llm));
+    p
+}
+
+#[test]
+fn one_step_over_a_batch_gives_each_sequence_its_own_logits_bit_for_bit_tiny() {
+    let dir = tempfile::tempdir().unwrap();
+    let llm = Llm::load("tiny", &tiny(dir.path(), 3), &Device::Cpu, 512).unwrap();
+    check_batch_invariance(&llm, &prompts(&llm));
+}
+
+#[test]
+fn one_step_over_a_batch_gives_each_sequence_its_own_logits_bit_for_bit_smollm2() {
+    let llm = Llm::load(SMOL, &smollm2(), &Device::Cpu, 2048).unwrap();
+    check_batch_invariance(&llm, &prompts(&llm));
+}
+
+/// Each request alone, then all of them at once with staggered starts: every stream's token
+/// ids are the same, and the server really batched (some step held more than one sequence).
+async fn streams_alone_and_batched(server: &TestServer, reqs: Vec<proto::GenerateRequest>) {
+    let mut client = server.client().await;
+    let mut alone = Vec::new();
+    for r in &reqs {
+        alone.push(collect(&mut client, r.clone()).await.unwrap().ids);
+    }
+    let mut tasks = Vec::new();
+    for (i, r) in reqs.into_iter().enumerate() {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(40 * i as u64)).await;
+            collect(&mut c, r).await.unwrap().ids
+        }));
+    }
+    for (i, (t, want)) in tasks.into_iter().zip(alone).enumerate() {
+        assert_eq!(
+            t.await.unwrap(),
+            want,
+            "stream {i}: batched ids differ from alone"
+        );
+    }
+    let m = scrape(server.metrics_addr).await;
+    let sum = value(&m, "swapd_batch_size_sum", &[]).unwrap();
+    let count = value(&m, "swapd_batch_size_count", &[]).unwrap();
+    assert!(
+        sum > count,
+        "no step held two sequences ({sum} over {count} steps)"
+    );
+}
+
+fn greedy_long(model: &str, prompt: &str, max_tokens: u32) -> proto::GenerateRequest {
+    let mut r = greedy(model, prompt, max_tokens);
+    r.sampling.as_mut().unwrap().ignore_eos = true;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_staggered_streams_get_their_own_tokens_tiny() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tiny_config(dir.path())).await;
+    let long = "the quick brown fox jumps over the lazy dog again and again, ".repeat(3);
+    let reqs = [
+        ("hello", 60),
+        ("The capital of France is", 20),
+        (long.as_str(), 40),
+        ("a", 90),
+        ("One, two, three,", 33),
+        ("xyz", 7),
+        ("Water boils at", 50),
+        ("def f(n):", 64),
+    ]
+    .map(|(p, n)| greedy_long("tiny-llm", p, n))
+    .to_vec();
+    streams_alone_and_batched(&server, reqs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_staggered_streams_get_their_own_tokens_smollm2() {
+    let mut config = real_config();
+    config.manifest.models.retain(|m| m.name == SMOL);
+    let server = TestServer::start(config).await;
+    let long = swapd::cli::peers::LONG_PROMPT;
+    let reqs = [
+        ("The capital of France is", 12),
+        ("def fibonacci(n):\n", 20),
+        (long, 8),
+        ("One, two, three, four,", 16),
+        ("Water boils at", 6),
+        ("Hello", 18),
+        ("The largest planet is", 10),
+        ("1 + 1 =", 14),
+    ]
+    .map(|(p, n)| greedy_long(SMOL, p, n))
+    .to_vec();
+    streams_alone_and_batched(&server, reqs).await;
+}
+
+/// In the middle of a batch: one client leaves, one request's deadline passes, one client
+/// stops reading. The others' tokens are unchanged, and every place comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_a_deadline_and_a_stalled_client_leave_the_batch_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tiny_config(dir.path())).await;
+    let mut client = server.client().await;
+    let keep: Vec<proto::GenerateRequest> = [("hello", 200), ("One, two", 180), ("abc", 190)]
+        .map(|(p, n)| greedy_long("tiny-llm", p, n))
+        .to_vec();
+    let mut alone = Vec::new();
+    for r in &keep {
+        alone.push(collect(&mut client, r.clone()).await.unwrap().ids);
+    }
+    let mut tasks = Vec::new();
+    for r in keep {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            collect(&mut c, r).await.unwrap().ids
+        }));
+    }
+    // A client that reads two messages and leaves.
+    let mut c = server.client().await;
+    let mut leaving = c
+        .generate(greedy_long("tiny-llm", "bye", 200))
+        .await
+        .unwrap()
+        .into_inner();
+    leaving.message().await.unwrap().unwrap();
+    leaving.message().await.unwrap().unwrap();
+    drop(leaving);
+    // A request whose deadline passes while it generates.
+    let mut c = server.client().await;
+    let mut req = tonic::Request::new(greedy_long("tiny-llm", "late", 200));
+    req.set_timeout(Duration::from_millis(150));
+    let late = tokio::spawn(async move {
+        match c.generate(req).await {
+            Err(s) => s.code(),
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break tonic::Code::Ok,
+                        Err(s) => break s.code(),
+                    }
+                }
+            }
+        }
+    });
+    // A client that never reads, with a deadline.
+    let stall = stalled(&server, Some(Duration::from_secs(2))).await;
+    for (i, (t, want)) in tasks.into_iter().zip(alone).enumerate() {
+        assert_eq!(t.await.unwrap(), want, "stream {i}: its tokens changed");
+    }
+    assert_eq!(late.await.unwrap(), tonic::Code::DeadlineExceeded);
+    until("every place back", Duration::from_secs(30), || {
+        running(&server) == 0 && server.engine.admitted() == 0
+    })
+    .await;
+    drop(stall);
+}
