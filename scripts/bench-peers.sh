@@ -14,7 +14,7 @@
 # Writes OUT/*.json and OUT/peers.md.
 # Environment: THREADS (nproc), DECODE (128 tokens), ROUNDS (5 per pass), PASSES (2),
 # SCALING (1 2 4 8), SCALING_DURATION (30 s), OUT (target/bench/peers), PORT (50161),
-# METRICS_PORT (9574), LLAMA_CPP_PYTHON (0.3.36), LLAMA_CMAKE_ARGS (below).
+# METRICS_PORT (9574), LLAMA_CPP_PYTHON (0.3.36), LLAMA_CMAKE_ARGS (see peer_venv in bench-lib.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-$(nproc)}
@@ -37,24 +37,8 @@ cargo build --release --quiet
 bin=target/release/swapd
 mkdir -p "$OUT"
 
-# llama.cpp, compiled on first use (~10 min on 2 cores) with every x86 extension up to
-# AVX-512 (VNNI, VBMI, BF16) but not AMX: on the machine this was written on, ggml's AMX
-# matmul (GGML_NATIVE picks it where the CPU reports AMX) crashes with SIGSEGV in
-# ggml_backend_amx_mul_mat on this Q4_1 model. Set LLAMA_CMAKE_ARGS to choose others
-# (e.g. "-DGGML_NATIVE=ON").
-LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON}
-venv=target/peers/venv
-stamp="llama-cpp-python==$LLAMA_CPP_PYTHON $LLAMA_CMAKE_ARGS"
-if [[ "$(cat "$venv/built" 2>/dev/null)" != "$stamp" ]]; then
-    echo "== building llama-cpp-python $LLAMA_CPP_PYTHON from source into $venv ($LLAMA_CMAKE_ARGS)"
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$venv/bin/pip" install --quiet --no-cache-dir \
-        --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON"
-    echo "$stamp" >"$venv/built"
-fi
-
 source scripts/bench-lib.sh
+peer_venv
 trap stop_server EXIT
 # The server runs only while it is measured, so each engine has the machine to itself.
 serve() {

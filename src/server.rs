@@ -125,6 +125,7 @@ impl Server {
             store,
             cooldown: config.cooldown,
             budget: config.memory_budget,
+            kv_cache_tokens: config.limits.kv_cache_tokens,
             memory_policy: config.memory_policy,
             auto_rollback: config.auto_rollback,
             metrics: metrics.clone(),

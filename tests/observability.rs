@@ -264,9 +264,12 @@ async fn health_transitions_are_reported_through_watch() {
     config.admin_token = Some(TOKEN.into());
     // Two LLM versions do not fit: a reload takes the resource-preserving path, during
     // which the model has no active version.
-    let llm =
-        swapd::model::llm::weight_bytes_of(&dir.path().join("tiny-llm/tiny.gguf"), test_on_cpu())
-            .unwrap();
+    let llm = swapd::model::llm::resident_bytes_of(
+        &dir.path().join("tiny-llm/tiny.gguf"),
+        test_on_cpu(),
+        config.limits.kv_cache_tokens,
+    )
+    .unwrap();
     let bert = std::fs::metadata(dir.path().join("tiny-bert/model.safetensors"))
         .unwrap()
         .len();

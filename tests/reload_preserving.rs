@@ -29,7 +29,14 @@ async fn two_versions_that_do_not_fit_are_refused_or_swapped_in_place() {
     let mut config = swapd::config::Config::with_manifest(dir.path(), config.manifest).unwrap();
     config.admin_token = Some(TOKEN.into());
     let weights = swapd::model::llm::weight_bytes_of(&smol.join("a.gguf"), test_on_cpu()).unwrap();
-    config.memory_budget = Some(weights * 3 / 2);
+    // What admission counts for a version: its weights and its KV cache budget.
+    let resident = swapd::model::llm::resident_bytes_of(
+        &smol.join("a.gguf"),
+        test_on_cpu(),
+        config.limits.kv_cache_tokens,
+    )
+    .unwrap();
+    config.memory_budget = Some(resident * 3 / 2);
     let server = TestServer::start(config).await;
     let original = server
         .registry

@@ -143,7 +143,7 @@ impl Sequence {
         let reserved = plan.kv_tokens();
         let cache = llm_of(&plan.lease)
             .map(|l| l.new_cache(reserved))
-            .unwrap_or_else(|| KvCache::new(0, 1));
+            .unwrap_or_else(|| KvCache::new(0, 1, 0, true));
         Self {
             _ticket: ticket,
             tx,

@@ -7,26 +7,48 @@
 //! than the whole cache.
 use candle_core::{Result, Tensor};
 
+use super::attention::LayerKv;
+
 /// The sequence axis of the `(1, kv_heads, tokens, head_dim)` cache tensors.
 const SEQ_DIM: usize = 2;
 
 /// Keys and values of one sequence, for every layer.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<candle_nn::kv_cache::KvCache>,
+    layers: Layers,
     pos: usize,
     capacity: usize,
 }
 
+#[derive(Debug, Clone)]
+enum Layers {
+    /// Plain vectors the CPU attention ([`super::attention`]) reads and appends to.
+    Cpu(Vec<LayerKv>),
+    /// Device tensors for candle's attention.
+    Device(Vec<candle_nn::kv_cache::KvCache>),
+}
+
 impl KvCache {
-    /// An empty cache for `n_layers` layers with room for `capacity` tokens (it grows by as
-    /// much again if a sequence goes past it).
-    pub fn new(n_layers: usize, capacity: usize) -> Self {
+    /// An empty cache for `n_layers` layers with room for `capacity` tokens of `kv_width`
+    /// values per layer (it grows if a sequence goes past it), for weights on the CPU
+    /// (`on_cpu`) or another device.
+    pub fn new(n_layers: usize, capacity: usize, kv_width: usize, on_cpu: bool) -> Self {
         let capacity = capacity.max(1);
+        let layers = if on_cpu {
+            Layers::Cpu(
+                (0..n_layers)
+                    .map(|_| LayerKv::with_capacity(capacity, kv_width))
+                    .collect(),
+            )
+        } else {
+            Layers::Device(
+                (0..n_layers)
+                    .map(|_| candle_nn::kv_cache::KvCache::new(SEQ_DIM, capacity))
+                    .collect(),
+            )
+        };
         Self {
-            layers: (0..n_layers)
-                .map(|_| candle_nn::kv_cache::KvCache::new(SEQ_DIM, capacity))
-                .collect(),
+            layers,
             pos: 0,
             capacity,
         }
@@ -50,7 +72,18 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        self.layers[layer].append(k, v)
+        match &mut self.layers {
+            Layers::Device(l) => l[layer].append(k, v),
+            Layers::Cpu(_) => candle_core::bail!("a CPU cache takes its keys through attention"),
+        }
+    }
+
+    /// Layer `layer`'s CPU keys and values, when this is a CPU cache.
+    pub(crate) fn cpu_layer(&mut self, layer: usize) -> Option<&mut LayerKv> {
+        match &mut self.layers {
+            Layers::Cpu(l) => l.get_mut(layer),
+            Layers::Device(_) => None,
+        }
     }
 
     /// Moves the position past `n` tokens whose keys and values every layer now holds.

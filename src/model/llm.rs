@@ -77,6 +77,22 @@ pub fn weight_bytes_of(path: &Path, on_cpu: bool) -> Result<u64, String> {
     tensor_bytes(&ct, len, on_cpu)
 }
 
+/// Bytes one token takes in a sequence's KV cache for the GGUF at `path`: keys and values,
+/// f32, every layer (what [`Llm::kv_bytes_per_token`] will say once it is loaded).
+pub fn kv_bytes_per_token_of(path: &Path) -> Result<u64, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let (ct, _) = header::read_gguf(&mut std::io::BufReader::new(file))?;
+    let p = check_llama(&ct)?;
+    Ok((p.block_count * 2 * p.head_count_kv * p.head_dim * 4) as u64)
+}
+
+/// Bytes a version of the GGUF at `path` may hold: its weights and a KV cache budget of
+/// `kv_tokens` tokens (what a reload's memory admission counts).
+pub fn resident_bytes_of(path: &Path, on_cpu: bool, kv_tokens: usize) -> Result<u64, String> {
+    let kv = kv_bytes_per_token_of(path)?.saturating_mul(kv_tokens as u64);
+    Ok(weight_bytes_of(path, on_cpu)?.saturating_add(kv))
+}
+
 pub use super::llama_meta::{check_llama, LlamaParams, MAX_HEAD_DIM};
 
 /// A loaded GGUF language model: shared weights, tokenizer, chat template.
@@ -280,7 +296,7 @@ impl Llm {
 
     /// An empty KV cache sized for `tokens` tokens.
     pub fn new_cache(&self, tokens: usize) -> KvCache {
-        KvCache::new(self.weights.n_layers(), tokens)
+        self.weights.new_cache(tokens)
     }
 
     /// Bytes one token takes in a sequence's KV cache.

@@ -1,5 +1,6 @@
 //! Models: where their files come from, how they are verified and loaded, and the loaded
 //! version every request holds for its whole life.
+pub(crate) mod attention;
 pub mod chat;
 pub mod compute;
 pub mod embed;
@@ -281,12 +282,18 @@ impl std::fmt::Debug for ModelVersion {
 }
 
 /// Bytes a version of these verified files will hold once loaded onto the CPU (`on_cpu`)
-/// or another device, from the file headers (the admit phase's estimate).
-pub fn estimate_bytes(kind: ModelKind, files: &[FileDigest], on_cpu: bool) -> Result<u64, String> {
+/// or another device, from the file headers (the admit phase's estimate): the weights, and
+/// for a language model a KV cache budget of `kv_tokens` tokens.
+pub fn estimate_bytes(
+    kind: ModelKind,
+    files: &[FileDigest],
+    on_cpu: bool,
+    kv_tokens: usize,
+) -> Result<u64, String> {
     match kind {
         ModelKind::Llm => {
             let f = files.first().ok_or("no file")?;
-            llm::weight_bytes_of(&f.path, on_cpu).map_err(|e| e.to_string())
+            llm::resident_bytes_of(&f.path, on_cpu, kv_tokens)
         }
         // Safetensors hold the weights as they are loaded (f32 here).
         ModelKind::Embedding => Ok(files

@@ -21,6 +21,9 @@ use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::build_causal_mask;
 
+use std::sync::Arc;
+
+use super::attention::{self, Heads, Rope};
 use super::kv::{KvCache, StepItem};
 use super::moe::{Mlp, MlpOrMoe};
 use crate::quant::QLinear;
@@ -48,6 +51,8 @@ struct LayerWeights {
     cos: Tensor,
     sin: Tensor,
     neg_inf: Tensor,
+    /// The RoPE tables as plain vectors, for the CPU attention (shared by every layer).
+    rope_cpu: Option<Arc<Rope>>,
 }
 
 /// Rounds f32 values to the nearest f16 (kept as f32).
@@ -98,6 +103,60 @@ impl LayerWeights {
         } else {
             candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
         }
+    }
+
+    /// Attention on the CPU of every item's new rows (`q`, `k`, `v`: `(1, rows, ·)`, the
+    /// items' rows in order), each over its own cache.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_cpu(
+        &self,
+        rope: &Rope,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        items: &mut [StepItem<'_>],
+        lens: &[usize],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let h = Heads {
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+        };
+        let (qw, kw) = (h.n_head * h.head_dim, h.n_kv_head * h.head_dim);
+        let total: usize = lens.iter().sum();
+        if items
+            .iter()
+            .any(|i| i.cache.pos() + i.ids.len() > rope.positions(h.head_dim))
+        {
+            candle_core::bail!(
+                "a sequence is past the {} positions RoPE covers",
+                rope.positions(h.head_dim)
+            );
+        }
+        let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+        let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+        let mut out = vec![0f32; total * qw];
+        let mut off = 0;
+        for (item, &n) in items.iter_mut().zip(lens) {
+            let pos = item.cache.pos();
+            let Some(cache) = item.cache.cpu_layer(layer) else {
+                candle_core::bail!("a CPU model was given a device KV cache");
+            };
+            attention::attend(
+                h,
+                rope,
+                &q[off * qw..(off + n) * qw],
+                &k[off * kw..(off + n) * kw],
+                &v[off * kw..(off + n) * kw],
+                n,
+                pos,
+                cache,
+                &mut out[off * qw..(off + n) * qw],
+            );
+            off += n;
+        }
+        Tensor::from_vec(out, (1, total, qw), &Device::Cpu)
     }
 
     /// Attention of one sequence's `seq_len` new rows (their query, key and value
@@ -299,6 +358,14 @@ impl ModelWeights {
         };
         let (cos, sin) = precomput_freqs_cis(rope_dim, rope_freq_base, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
+        let rope_cpu = match device {
+            Device::Cpu => Some(Arc::new(Rope {
+                cos: cos.flatten_all()?.to_vec1::<f32>()?,
+                sin: sin.flatten_all()?.to_vec1::<f32>()?,
+                neox: rope_is_neox,
+            })),
+            _ => None,
+        };
 
         let tok_embeddings_q = tensor("token_embd.weight")?;
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, rms_norm_eps)?;
@@ -379,6 +446,7 @@ impl ModelWeights {
                 cos: cos.clone(),
                 sin: sin.clone(),
                 neg_inf: neg_inf.clone(),
+                rope_cpu: rope_cpu.clone(),
             })
         }
         Ok(Self {
@@ -392,6 +460,17 @@ impl ModelWeights {
     /// Layers (each holds a slice of every sequence's KV cache).
     pub fn n_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// An empty KV cache for one sequence, with room for `tokens` tokens.
+    pub fn new_cache(&self, tokens: usize) -> KvCache {
+        let width = self.layers.first().map_or(0, |l| l.n_kv_head * l.head_dim);
+        KvCache::new(
+            self.n_layers(),
+            tokens,
+            width,
+            self.output_device().is_cpu(),
+        )
     }
 
     /// Bytes of keys and values one token takes in a sequence's cache (f32, every layer).
@@ -440,24 +519,29 @@ impl ModelWeights {
             )?
             .try_into()
             .expect("three projections");
-            let mut ys = Vec::with_capacity(items.len());
-            let mut off = 0;
-            for ((item, &n), mask) in items.iter_mut().zip(&lens).zip(&masks) {
-                let rows = |t: &Tensor| t.narrow(1, off, n);
-                ys.push(layer.attend(
-                    &rows(&q)?,
-                    &rows(&k)?,
-                    &rows(&v)?,
-                    item.cache,
-                    li,
-                    mask.as_ref(),
-                )?);
-                off += n;
-            }
-            let y = if ys.len() == 1 {
-                ys.pop().expect("one item")
-            } else {
-                Tensor::cat(&ys, 1)?
+            let y = match &layer.rope_cpu {
+                Some(rope) => layer.attend_cpu(rope, &q, &k, &v, items, &lens, li)?,
+                None => {
+                    let mut ys = Vec::with_capacity(items.len());
+                    let mut off = 0;
+                    for ((item, &n), mask) in items.iter_mut().zip(&lens).zip(&masks) {
+                        let rows = |t: &Tensor| t.narrow(1, off, n);
+                        ys.push(layer.attend(
+                            &rows(&q)?,
+                            &rows(&k)?,
+                            &rows(&v)?,
+                            item.cache,
+                            li,
+                            mask.as_ref(),
+                        )?);
+                        off += n;
+                    }
+                    if ys.len() == 1 {
+                        ys.pop().expect("one item")
+                    } else {
+                        Tensor::cat(&ys, 1)?
+                    }
+                }
             };
             let x1 = (layer.attention_wo.forward(&y)? + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
@@ -515,7 +599,7 @@ pub struct Sequential {
 
 impl Sequential {
     pub fn new(weights: ModelWeights) -> Self {
-        let cache = KvCache::new(weights.n_layers(), 512);
+        let cache = weights.new_cache(512);
         Self { weights, cache }
     }
 
@@ -532,7 +616,7 @@ impl Sequential {
     /// `index_pos`); position 0 starts a new sequence.
     pub fn forward(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
         if index_pos == 0 {
-            self.cache = KvCache::new(self.weights.n_layers(), 512);
+            self.cache = self.weights.new_cache(512);
         }
         if index_pos != self.cache.pos() {
             candle_core::bail!(

@@ -289,12 +289,20 @@ impl Registry {
     }
 
     /// Bytes of weights held by every active and standby version.
-    pub fn resident_bytes(&self) -> u64 {
+    /// Bytes the resident versions may hold: their weights, and for language models a KV
+    /// cache budget of `kv_tokens` tokens each.
+    pub fn resident_bytes(&self, kv_tokens: usize) -> u64 {
         self.slots()
             .iter()
             .flat_map(|s| [s.active(), s.standby()])
             .flatten()
-            .map(|v| v.weight_bytes)
+            .map(|v| {
+                let kv = match &v.model {
+                    crate::model::LoadedModel::Llm(l) => l.kv_bytes_per_token() * kv_tokens,
+                    crate::model::LoadedModel::Embedding(_) => 0,
+                };
+                v.weight_bytes + kv as u64
+            })
             .sum()
     }
 

@@ -28,18 +28,22 @@ impl Reloader {
     ) -> Admission {
         run.start(Phase::Admit, "");
         let name = run.slot.spec.name.clone();
-        let needed =
-            match model::estimate_bytes(run.slot.spec.kind, digests, self.device.candle().is_cpu())
-            {
-                Ok(n) => n,
-                Err(e) => {
-                    run.fail(e, Some("format".into()));
-                    return Admission::Refused;
-                }
-            };
+        let on_cpu = self.device.candle().is_cpu();
+        let needed = match model::estimate_bytes(
+            run.slot.spec.kind,
+            digests,
+            on_cpu,
+            self.kv_cache_tokens,
+        ) {
+            Ok(n) => n,
+            Err(e) => {
+                run.fail(e, Some("format".into()));
+                return Admission::Refused;
+            }
+        };
         let device = self.device.label();
         let free = self.device.memory().free_total().map(|(free, _)| free);
-        let resident = self.registry.resident_bytes();
+        let resident = self.registry.resident_bytes(self.kv_cache_tokens);
         let mut ev = run.event(PhaseState::Done, "");
         ev.bytes_needed = needed;
         ev.bytes_available = free.unwrap_or(u64::MAX);

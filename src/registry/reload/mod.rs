@@ -45,8 +45,11 @@ pub struct Reloader {
     /// Where committed versions and the audit log go; `None` keeps nothing across restarts.
     pub store: Option<Arc<StateStore>>,
     pub cooldown: Cooldown,
-    /// Most bytes of weights resident at once (all models, standbys included), if limited.
+    /// Most bytes of weights and KV budgets resident at once (all models, standbys
+    /// included), if limited.
     pub budget: Option<u64>,
+    /// The KV cache tokens each language model version may reserve (counted in admission).
+    pub kv_cache_tokens: usize,
     pub memory_policy: MemoryPolicy,
     /// `None`: no automatic rollback.
     pub auto_rollback: Option<AutoRollback>,
