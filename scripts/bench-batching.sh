@@ -14,7 +14,7 @@
 #     batched-bench does, in the peer virtualenv (target/peers/venv).
 # Writes OUT/*.json and OUT/batching.md.
 # Environment: THREADS (nproc), SCALING ("1 2 4 8 16"), DURATION (20), RELOAD_CLIENTS (8),
-# RELOAD_DURATION (60), RELOAD_EVERY (6), MAX_TOKENS (64), DECODE (64, llama.cpp's steps),
+# RELOAD_DURATION (300), RELOAD_EVERY (5), MAX_TOKENS (64), DECODE (64, llama.cpp's steps),
 # OUT (target/bench/batching), PORT (50171), METRICS_PORT (9584), BIN (build release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +22,8 @@ THREADS=${THREADS:-$(nproc)}
 SCALING=${SCALING:-1 2 4 8 16}
 DURATION=${DURATION:-20}
 RELOAD_CLIENTS=${RELOAD_CLIENTS:-8}
-RELOAD_DURATION=${RELOAD_DURATION:-60}
-RELOAD_EVERY=${RELOAD_EVERY:-6}
+RELOAD_DURATION=${RELOAD_DURATION:-300}
+RELOAD_EVERY=${RELOAD_EVERY:-5}
 MAX_TOKENS=${MAX_TOKENS:-64}
 DECODE=${DECODE:-64}
 OUT=${OUT:-target/bench/batching}

@@ -61,13 +61,20 @@ stop_server() {
 
 # peer_venv: llama.cpp through llama-cpp-python, compiled from source into a scratch
 # virtualenv on first use (~10 min on 2 cores); sets $venv. Never a test dependency.
-# Built with every x86 extension up to AVX-512 (VNNI, VBMI, BF16) but not AMX: on the machine
+# On a CPU with AVX-512 VNNI, built with every x86 extension up to AVX-512 (VNNI, VBMI, BF16)
+# but not AMX (elsewhere GGML_NATIVE): on the machine
 # this was written on, ggml's AMX matmul (GGML_NATIVE picks it where the CPU reports AMX)
 # crashes with SIGSEGV in ggml_backend_amx_mul_mat on the Q4_1 model. LLAMA_CMAKE_ARGS
 # chooses others (e.g. "-DGGML_NATIVE=ON"); LLAMA_CPP_PYTHON the version (0.3.36).
 peer_venv() {
     local version=${LLAMA_CPP_PYTHON:-0.3.36}
-    local args=${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON}
+    local args=${LLAMA_CMAKE_ARGS:-}
+    if [[ -z "$args" ]] && grep -q avx512vnni /proc/cpuinfo; then
+        args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+    elif [[ -z "$args" ]]; then
+        # No AVX-512 here (so no AMX either): the compiler's view of this CPU.
+        args="-DGGML_NATIVE=ON"
+    fi
     venv=target/peers/venv
     local stamp="llama-cpp-python==$version $args"
     if [[ "$(cat "$venv/built" 2>/dev/null)" != "$stamp" ]]; then

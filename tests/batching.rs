@@ -197,7 +197,11 @@ fn one_step_over_a_batch_gives_each_sequence_its_own_logits_bit_for_bit_smollm2(
 
 /// Each request alone, then all of them at once with staggered starts: every stream's token
 /// ids are the same, and the server really batched (some step held more than one sequence).
-async fn streams_alone_and_batched(server: &TestServer, reqs: Vec<proto::GenerateRequest>) {
+async fn streams_alone_and_batched(
+    server: &TestServer,
+    reqs: Vec<proto::GenerateRequest>,
+    stagger: Duration,
+) {
     let mut client = server.client().await;
     let mut alone = Vec::new();
     for r in &reqs {
@@ -207,7 +211,7 @@ async fn streams_alone_and_batched(server: &TestServer, reqs: Vec<proto::Generat
     for (i, r) in reqs.into_iter().enumerate() {
         let mut c = server.client().await;
         tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(40 * i as u64)).await;
+            tokio::time::sleep(stagger * i as u32).await;
             collect(&mut c, r).await.unwrap().ids
         }));
     }
@@ -250,7 +254,7 @@ async fn eight_staggered_streams_get_their_own_tokens_tiny() {
     ]
     .map(|(p, n)| greedy_long("tiny-llm", p, n))
     .to_vec();
-    streams_alone_and_batched(&server, reqs).await;
+    streams_alone_and_batched(&server, reqs, Duration::from_millis(40)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,7 +275,7 @@ async fn eight_staggered_streams_get_their_own_tokens_smollm2() {
     ]
     .map(|(p, n)| greedy_long(SMOL, p, n))
     .to_vec();
-    streams_alone_and_batched(&server, reqs).await;
+    streams_alone_and_batched(&server, reqs, Duration::from_millis(40)).await;
 }
 
 /// In the middle of a batch: one client leaves, one request's deadline passes, one client
@@ -335,4 +339,36 @@ async fn a_cancel_a_deadline_and_a_stalled_client_leave_the_batch_alone() {
     })
     .await;
     drop(stall);
+}
+
+/// `max_batch` and the KV budget bound a batch: sequences past either wait for a place (and
+/// still get their own tokens), and one that could never fit the budget is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_batch_and_the_kv_budget_hold_sequences_back_and_refuse_what_cannot_fit() {
+    // Each sequence below reserves its prompt and 75 tokens, under 80. First the batch size
+    // binds (room for three in the budget), then the budget (room for two).
+    for (max_batch, kv) in [(2, 3 * 80), (16, 2 * 80)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_config(dir.path());
+        config.limits.max_batch = max_batch;
+        config.limits.kv_cache_tokens = kv;
+        let server = TestServer::start(config).await;
+        let reqs: Vec<proto::GenerateRequest> = ["hello", "abc", "xyz", "One", "a"]
+            .map(|p| greedy_long("tiny-llm", p, 75))
+            .to_vec();
+        streams_alone_and_batched(&server, reqs, Duration::from_millis(2)).await;
+        let m = scrape(server.metrics_addr).await;
+        let count = value(&m, "swapd_batch_size_count", &[]).unwrap();
+        let at_most_two = value(&m, "swapd_batch_size_bucket", &[("le", "2.0")]).unwrap();
+        assert_eq!(
+            at_most_two, count,
+            "max_batch {max_batch}, kv {kv}: a step held more than two sequences"
+        );
+        let mut client = server.client().await;
+        let err = collect(&mut client, greedy_long("tiny-llm", "hello", 250))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("kv_cache_tokens"), "{err:?}");
+    }
 }

@@ -207,6 +207,14 @@ impl Engine {
         admitted_at: Instant,
     ) -> Result<mpsc::Receiver<Result<GenEvent>>> {
         let plan = Plan::new(lease, prompt, req, deadline, admitted_at)?;
+        let budget = self.limits.kv_cache_tokens;
+        if plan.kv_tokens() > budget {
+            return Err(Error::InvalidArgument(format!(
+                "the prompt and max_tokens need {} KV cache tokens; the budget of a version \
+                 is {budget} (kv_cache_tokens)",
+                plan.kv_tokens()
+            )));
+        }
         let scheduler = self.scheduler(plan.lease.version());
         // One more place than the deltas may fill: the last message always fits.
         let (tx, rx) = mpsc::channel(STREAM_BUFFER + 1);
