@@ -135,6 +135,10 @@ pub struct ServeArgs {
     /// prompt plus max_tokens); counted in a reload's memory admission [default: 16384].
     #[arg(long, env = "SWAPD_KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<usize>,
+    /// How long an Embed call waits for others to the same version to share its forward pass,
+    /// in microseconds; 0 runs each alone [default: 2000].
+    #[arg(long, env = "SWAPD_EMBED_QUEUE_DELAY_US")]
+    pub embed_queue_delay_us: Option<u64>,
     /// Requests waiting for a slot before new ones get RESOURCE_EXHAUSTED [default: 64].
     #[arg(long, env = "SWAPD_MAX_QUEUE")]
     pub max_queue: Option<usize>,
@@ -215,6 +219,7 @@ struct FileConfig {
     max_batch: Option<usize>,
     step_tokens: Option<usize>,
     kv_cache_tokens: Option<usize>,
+    embed_queue_delay_us: Option<u64>,
     max_queue: Option<usize>,
     max_request_bytes: Option<usize>,
     max_embed_batch: Option<usize>,
@@ -268,6 +273,9 @@ pub struct Limits {
     pub step_tokens: usize,
     /// KV cache tokens the sequences of one version may reserve together.
     pub kv_cache_tokens: usize,
+    /// How long an Embed call waits for others to the same version to share its forward
+    /// pass (microseconds; 0: each runs alone).
+    pub embed_queue_delay_us: u64,
 }
 
 impl Default for Limits {
@@ -280,6 +288,7 @@ impl Default for Limits {
             max_batch: 16,
             step_tokens: 256,
             kv_cache_tokens: 16384,
+            embed_queue_delay_us: 2000,
         }
     }
 }
@@ -517,7 +526,19 @@ impl Config {
                 d.kv_cache_tokens,
                 1,
             ),
+            embed_queue_delay_us: d.embed_queue_delay_us,
         };
+        let (flag, delay) = pick!(embed_queue_delay_us);
+        let delay = delay.unwrap_or(d.embed_queue_delay_us);
+        if delay > 1_000_000 {
+            err(
+                "embed_queue_delay_us",
+                flag,
+                format!("{delay}: at most 1000000 (a second)"),
+            );
+        }
+        let mut limits = limits;
+        limits.embed_queue_delay_us = delay;
         for (key, v, max) in [
             ("max_batch", limits.max_batch, 1024),
             ("step_tokens", limits.step_tokens, 1 << 20),

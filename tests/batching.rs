@@ -373,3 +373,64 @@ async fn max_batch_and_the_kv_budget_hold_sequences_back_and_refuse_what_cannot_
         assert!(err.message().contains("kv_cache_tokens"), "{err:?}");
     }
 }
+
+/// Embed calls to one version within the queue delay share one forward pass, and each gets
+/// the embeddings it gets alone (to float rounding: padding to a longer batch member may
+/// change the last bits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_embed_calls_share_one_pass_and_get_their_own_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config(dir.path());
+    config.limits.embed_queue_delay_us = 200_000;
+    let server = TestServer::start(config).await;
+    let calls: Vec<Vec<String>> = vec![
+        vec!["hello world".into()],
+        vec!["a much longer sentence than the others".into(), "x".into()],
+        vec!["third call".into()],
+    ];
+    let embed = |texts: Vec<String>| {
+        let server_url = server.url();
+        async move {
+            let ch = tonic::transport::Channel::from_shared(server_url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut c = proto::inference_client::InferenceClient::new(ch);
+            c.embed(proto::EmbedRequest {
+                model: "tiny-bert".into(),
+                texts,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let mut alone = Vec::new();
+    for t in &calls {
+        alone.push(embed(t.clone()).await);
+    }
+    let (a, b, c) = tokio::join!(
+        embed(calls[0].clone()),
+        embed(calls[1].clone()),
+        embed(calls[2].clone())
+    );
+    let together = [a, b, c];
+    for (a, b) in alone.iter().zip(&together) {
+        assert_eq!(a.embeddings.len(), b.embeddings.len());
+        for (x, y) in a.embeddings.iter().zip(&b.embeddings) {
+            assert_eq!(x.tokens, y.tokens);
+            for (u, v) in x.values.iter().zip(&y.values) {
+                assert!((u - v).abs() < 1e-5, "{u} vs {v}");
+            }
+        }
+    }
+    let m = scrape(server.metrics_addr).await;
+    let l = [("model", "tiny-bert")];
+    let sum = value(&m, "swapd_batch_size_sum", &l).unwrap();
+    let count = value(&m, "swapd_batch_size_count", &l).unwrap();
+    assert!(
+        sum > count,
+        "no pass served two calls ({sum} calls over {count} passes)"
+    );
+}

@@ -6,12 +6,14 @@
 //! - [`sequence`]: what one generation owns (sampler, stream, counters, KV cache, outbox);
 //! - [`scheduler`]: the per-version batch and its steps.
 mod admission;
+mod embed_batch;
 pub mod scheduler;
 mod sequence;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
+
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -24,6 +26,7 @@ use crate::model::{LoadedModel, ModelError, ModelVersion};
 use crate::registry::Lease;
 
 pub use admission::Ticket;
+use embed_batch::EmbedBatcher;
 use scheduler::Scheduler;
 pub use scheduler::{BatchLimits, BatchStats};
 use sequence::{Plan, Sequence, STREAM_BUFFER};
@@ -86,8 +89,56 @@ pub enum GenEvent {
     Finished(Finish),
 }
 
-/// Every live version's scheduler, keyed by the version's address.
-type Schedulers = HashMap<usize, (Weak<ModelVersion>, Arc<Scheduler>)>;
+/// One `T` per live version, keyed by the version's address (the weak reference tells a
+/// live version from a freed one at the same address). It holds no version alive.
+pub(crate) struct PerVersion<T>(Mutex<HashMap<usize, Entry<T>>>);
+
+/// A version, weakly, and its `T`.
+type Entry<T> = (Weak<ModelVersion>, Arc<T>);
+
+impl<T> Default for PerVersion<T> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T> PerVersion<T> {
+    /// `version`'s `T`, made by `make` on first use.
+    fn get_or_make(&self, version: &Arc<ModelVersion>, make: impl FnOnce() -> Arc<T>) -> Arc<T> {
+        let key = Arc::as_ptr(version) as usize;
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, t)) = map.get(&key) {
+            if v.upgrade().is_some_and(|v| Arc::ptr_eq(&v, version)) {
+                return t.clone();
+            }
+        }
+        map.retain(|_, (v, _)| v.strong_count() > 0);
+        let t = make();
+        map.insert(key, (Arc::downgrade(version), t.clone()));
+        t
+    }
+
+    /// Every live version with its `T`.
+    fn live(&self) -> Vec<(Arc<ModelVersion>, Arc<T>)> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (v, _)| v.strong_count() > 0);
+        map.values()
+            .filter_map(|(v, t)| Some((v.upgrade()?, t.clone())))
+            .collect()
+    }
+}
+
+/// The same model failure for each of the requests a batched pass served.
+pub(crate) fn each_error(e: &ModelError) -> Error {
+    match e {
+        ModelError::Inference { model, reason } => ModelError::Inference {
+            model: model.clone(),
+            reason: reason.clone(),
+        }
+        .into(),
+        other => Error::Internal(other.to_string()),
+    }
+}
 
 /// The inference engine: one per server, shared by every model.
 #[derive(Clone)]
@@ -95,7 +146,9 @@ pub struct Engine {
     admission: Arc<admission::Admission>,
     /// The scheduler of every version with sequences, keyed by the version's address (the
     /// weak reference tells a live version from a freed one at the same address).
-    schedulers: Arc<Mutex<Schedulers>>,
+    schedulers: Arc<PerVersion<Scheduler>>,
+    /// The embedding batcher of every live embedding version.
+    embedders: Arc<PerVersion<EmbedBatcher>>,
     pub limits: Limits,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Set when the shutdown grace period is over: running generations end at their next
@@ -116,6 +169,7 @@ impl Engine {
             cut: Default::default(),
             admission: admission::Admission::new(limits.max_concurrent, limits.max_queue),
             schedulers: Default::default(),
+            embedders: Default::default(),
             limits,
         }
     }
@@ -149,33 +203,22 @@ impl Engine {
 
     /// `(model, version, stats)` of every live version's scheduler.
     pub fn batches(&self) -> Vec<(String, String, Arc<BatchStats>)> {
-        let mut map = self.schedulers.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, (v, _)| v.strong_count() > 0);
-        map.values()
-            .filter_map(|(v, s)| {
-                let v = v.upgrade()?;
-                Some((v.name.clone(), v.version.clone(), s.stats.clone()))
-            })
+        self.schedulers
+            .live()
+            .into_iter()
+            .map(|(v, s)| (v.name.clone(), v.version.clone(), s.stats.clone()))
             .collect()
     }
 
     /// The scheduler of `version`, made on first use.
     fn scheduler(&self, version: &Arc<ModelVersion>) -> Arc<Scheduler> {
-        let key = Arc::as_ptr(version) as usize;
-        let mut map = self.schedulers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((v, s)) = map.get(&key) {
-            if v.upgrade().is_some_and(|v| Arc::ptr_eq(&v, version)) {
-                return s.clone();
-            }
-        }
-        map.retain(|_, (v, _)| v.strong_count() > 0);
-        let s = Scheduler::new(
-            self.batch_limits(),
-            self.metrics.clone(),
-            format!("{}-{}", version.name, version.version),
-        );
-        map.insert(key, (Arc::downgrade(version), s.clone()));
-        s
+        self.schedulers.get_or_make(version, || {
+            Scheduler::new(
+                self.batch_limits(),
+                self.metrics.clone(),
+                format!("{}-{}", version.name, version.version),
+            )
+        })
     }
 
     /// Ends every running generation at its next token (the shutdown grace period is over).
@@ -237,7 +280,9 @@ impl Engine {
         Ok(rx)
     }
 
-    /// Embeds `texts` with the leased model on a blocking thread.
+    /// Embeds `texts` with the leased model: with calls to the same version that arrive
+    /// within `embed_queue_delay_us`, in one forward pass ([`embed_batch`]); on its own
+    /// when the delay is 0.
     pub async fn embed(
         &self,
         lease: Lease,
@@ -247,6 +292,39 @@ impl Engine {
     ) -> Result<(Lease, Vec<EmbeddingOut>)> {
         // Waiting for a running slot is nothing the version did: not counted against it.
         ticket.run_slot(deadline).await?;
+        if !matches!(lease.model, LoadedModel::Embedding(_)) {
+            return Err(Error::Internal("embed on a non-embedding model".into()));
+        }
+        if self.limits.embed_queue_delay_us > 0 {
+            let batcher = self.embedders.get_or_make(lease.version(), || {
+                EmbedBatcher::new(
+                    Duration::from_micros(self.limits.embed_queue_delay_us),
+                    self.limits.max_embed_batch,
+                    self.metrics.clone(),
+                )
+            });
+            let rx = batcher.join(lease.version(), texts);
+            let answer = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), rx)
+                    .await
+                    .map_err(|_| Error::DeadlineExceeded("embedding".into()))?,
+                None => rx.await,
+            };
+            let out = answer.map_err(|_| Error::Internal("the embedding batch ended".into()))?;
+            drop(ticket);
+            return match out {
+                Ok(v) => {
+                    lease.record(true);
+                    Ok((lease, v))
+                }
+                Err(e) => {
+                    if e.counts_against_version() {
+                        lease.record(false);
+                    }
+                    Err(e)
+                }
+            };
+        }
         tokio::task::spawn_blocking(move || {
             let _ticket = ticket;
             let LoadedModel::Embedding(m) = &lease.model else {

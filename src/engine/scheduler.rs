@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use super::sequence::{Flow, Sequence};
 use crate::error::Error;
-use crate::model::ModelError;
 
 /// How long a scheduler whose sequences are all parked waits before it looks again at
 /// their clients, deadlines and the drain policy.
@@ -212,15 +211,7 @@ impl Scheduler {
             Err(e) => {
                 tracing::warn!(scheduler = %self.label, error = %e, "batch step failed");
                 for &i in &chosen {
-                    let each = match &e {
-                        ModelError::Inference { model, reason } => ModelError::Inference {
-                            model: model.clone(),
-                            reason: reason.clone(),
-                        }
-                        .into(),
-                        other => Error::Internal(other.to_string()),
-                    };
-                    batch.failed.push((i, each));
+                    batch.failed.push((i, super::each_error(&e)));
                 }
             }
         }
