@@ -496,38 +496,6 @@ impl Config {
             },
         };
         let d = Limits::default();
-        let mut limit = |key: &str, (flag, v): (bool, Option<usize>), default: usize, min| {
-            let v = v.unwrap_or(default);
-            if v < min {
-                err(key, flag, format!("{v}: must be at least {min}"));
-            }
-            v
-        };
-        let limits = Limits {
-            max_concurrent: limit("max_concurrent", pick!(max_concurrent), d.max_concurrent, 1),
-            max_queue: limit("max_queue", pick!(max_queue), d.max_queue, 0),
-            max_request_bytes: limit(
-                "max_request_bytes",
-                pick!(max_request_bytes),
-                d.max_request_bytes,
-                1,
-            ),
-            max_embed_batch: limit(
-                "max_embed_batch",
-                pick!(max_embed_batch),
-                d.max_embed_batch,
-                1,
-            ),
-            max_batch: limit("max_batch", pick!(max_batch), d.max_batch, 1),
-            step_tokens: limit("step_tokens", pick!(step_tokens), d.step_tokens, 1),
-            kv_cache_tokens: limit(
-                "kv_cache_tokens",
-                pick!(kv_cache_tokens),
-                d.kv_cache_tokens,
-                1,
-            ),
-            embed_queue_delay_us: d.embed_queue_delay_us,
-        };
         let (flag, delay) = pick!(embed_queue_delay_us);
         let delay = delay.unwrap_or(d.embed_queue_delay_us);
         if delay > 1_000_000 {
@@ -537,22 +505,51 @@ impl Config {
                 format!("{delay}: at most 1000000 (a second)"),
             );
         }
-        let mut limits = limits;
-        limits.embed_queue_delay_us = delay;
-        for (key, v, max) in [
-            ("max_batch", limits.max_batch, 1024),
-            ("step_tokens", limits.step_tokens, 1 << 20),
-            ("kv_cache_tokens", limits.kv_cache_tokens, 1 << 24),
-        ] {
+        // `max`: `usize::MAX` where only the minimum matters.
+        let mut limit = |key: &str, (flag, v): (bool, Option<usize>), default: usize, min, max| {
+            let v = v.unwrap_or(default);
+            if v < min {
+                err(key, flag, format!("{v}: must be at least {min}"));
+            }
             if v > max {
-                let flag = match key {
-                    "max_batch" => pick!(max_batch).0,
-                    "step_tokens" => pick!(step_tokens).0,
-                    _ => pick!(kv_cache_tokens).0,
-                };
                 err(key, flag, format!("{v}: at most {max}"));
             }
-        }
+            v
+        };
+        let limits = Limits {
+            max_concurrent: limit(
+                "max_concurrent",
+                pick!(max_concurrent),
+                d.max_concurrent,
+                1,
+                usize::MAX,
+            ),
+            max_queue: limit("max_queue", pick!(max_queue), d.max_queue, 0, usize::MAX),
+            max_request_bytes: limit(
+                "max_request_bytes",
+                pick!(max_request_bytes),
+                d.max_request_bytes,
+                1,
+                usize::MAX,
+            ),
+            max_embed_batch: limit(
+                "max_embed_batch",
+                pick!(max_embed_batch),
+                d.max_embed_batch,
+                1,
+                usize::MAX,
+            ),
+            max_batch: limit("max_batch", pick!(max_batch), d.max_batch, 1, 1024),
+            step_tokens: limit("step_tokens", pick!(step_tokens), d.step_tokens, 1, 1 << 20),
+            kv_cache_tokens: limit(
+                "kv_cache_tokens",
+                pick!(kv_cache_tokens),
+                d.kv_cache_tokens,
+                1,
+                1 << 24,
+            ),
+            embed_queue_delay_us: delay,
+        };
         if let (flag, Some(t)) = pick!(admin_token) {
             if let Err(why) = check_admin_token(&t) {
                 err("admin_token", flag, why);
