@@ -33,14 +33,8 @@ TOKEN=bench-token
 GGUF=models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 export RAYON_NUM_THREADS=$THREADS
 
-scripts/fetch-models.sh
-if [[ -z "${BIN:-}" ]]; then
-    cargo build --release --quiet
-    BIN=target/release/swapd
-fi
-bin=$BIN
-mkdir -p "$OUT"
 source scripts/bench-lib.sh
+models_and_binary
 peer_venv
 scratch
 max=16

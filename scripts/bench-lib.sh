@@ -86,3 +86,15 @@ peer_venv() {
         echo "$stamp" >"$venv/built"
     fi
 }
+
+# models_and_binary: fetches and verifies the models, sets $bin to $BIN or (unset) a fresh
+# release build, and makes $OUT.
+models_and_binary() {
+    scripts/fetch-models.sh
+    if [[ -z "${BIN:-}" ]]; then
+        cargo build --release --quiet
+        BIN=target/release/swapd
+    fi
+    bin=$BIN
+    mkdir -p "$OUT"
+}

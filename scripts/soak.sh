@@ -29,15 +29,8 @@ FD_MARGIN=${FD_MARGIN:-8}
 RSS_MARGIN_PCT=${RSS_MARGIN_PCT:-25}
 TOKEN=soak-token
 
-scripts/fetch-models.sh
-if [[ -z "${BIN:-}" ]]; then
-    cargo build --release --quiet
-    BIN=target/release/swapd
-fi
-bin=$BIN
-mkdir -p "$OUT"
-
 source scripts/bench-lib.sh
+models_and_binary
 scratch
 
 two_versions "$work/models" smollm2-135m-instruct
