@@ -15,12 +15,14 @@ use super::ModelError;
 /// Reads the safetensors file at `path` onto `device` as candle does, after checking its
 /// header ([`super::safetensors::check_safetensors_header`]): a broken file is an error naming
 /// what is wrong, never a panic.
-pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, String> {
+/// Reads `path` into host memory (the format's errors; moving the tensors to a device is a
+/// separate step with errors of its own, see [`Embedder::load`]).
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, String> {
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     super::safetensors::check_safetensors_header(&mut std::io::BufReader::new(&mut file), len)?;
     catch_unwind(AssertUnwindSafe(|| {
-        candle_core::safetensors::load(path, device)
+        candle_core::safetensors::load(path, &Device::Cpu)
     }))
     .map_err(|p| {
         format!(
@@ -112,8 +114,19 @@ impl Embedder {
             .map_err(|e| fmt("config.json", "BERT config", e.to_string()))?;
         check_bert_config(&config).map_err(|e| fmt("config.json", "BERT config", e))?;
         super::compute::pace();
-        let tensors = read_safetensors(&dir.join("model.safetensors"), device)
-            .map_err(|e| fmt("model.safetensors", "safetensors", e))?;
+        let st_path = dir.join("model.safetensors");
+        let mut tensors =
+            read_safetensors(&st_path).map_err(|e| fmt("model.safetensors", "safetensors", e))?;
+        if !device.is_cpu() {
+            super::compute::pace();
+            for t in tensors.values_mut() {
+                *t = t.to_device(device).map_err(|e| ModelError::Device {
+                    model: name.to_string(),
+                    device: super::device_label(device),
+                    reason: e.to_string().lines().next().unwrap_or_default().to_string(),
+                })?;
+            }
+        }
         let weight_bytes = tensors
             .values()
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
@@ -127,7 +140,7 @@ impl Embedder {
                     crate::panic::message(p.as_ref())
                 )))
             })
-            .map_err(|e| fmt("model.safetensors", "BERT weights", e.to_string()))?;
+            .map_err(|e| super::LoadFault::error(e, name, &st_path, device, "BERT weights"))?;
         super::compute::pace();
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
             ModelError::Tokenizer {

@@ -225,8 +225,10 @@ impl Llm {
         let file_ctx = params.context_length.unwrap_or(MAX_SEQ_LEN);
         let context_length = context_length.min(file_ctx).min(MAX_SEQ_LEN);
         super::compute::pace();
+        // Reading and uploading happen tensor by tensor: a failure is sorted by its cause,
+        // so an out-of-memory or a driver error does not send the operator to the file.
         let weights = ModelWeights::from_gguf(ct, &mut file, device)
-            .map_err(|e| format_err(name, path, e))?;
+            .map_err(|e| super::LoadFault::error(e, name, path, device, "GGUF"))?;
         Ok(Self {
             weights: Arc::new(weights),
             tokenizer,

@@ -82,6 +82,13 @@ pub enum ModelError {
     ChatTemplate { model: String, reason: String },
     #[error("model `{model}`: inference failed: {reason}")]
     Inference { model: String, reason: String },
+    /// The file was fine; the device refused (out of memory, a driver or kernel error).
+    #[error("model `{model}`: loading onto {device} failed: {reason} (a device error, not a problem with the file)")]
+    Device {
+        model: String,
+        device: String,
+        reason: String,
+    },
     #[error("model `{model}`: pre-flight check `{check}` failed: {detail}")]
     Preflight {
         model: String,
@@ -97,8 +104,75 @@ impl ModelError {
             ModelError::NonFinite { .. } => "finite_weights",
             ModelError::Tokenizer { .. } => "tokenizer",
             ModelError::ChatTemplate { .. } => "chat_template",
+            ModelError::Device { .. } => "device",
             _ => "format",
         }
+    }
+}
+
+/// What an error from candle while reading weights onto a device says about its cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadFault {
+    /// The device (an allocation, a copy, a kernel): not the file.
+    Device,
+    /// Reading the file (the operating system).
+    Io,
+    /// What the file holds.
+    Format,
+}
+
+impl LoadFault {
+    /// Sorts a candle error by cause, looking through the context and backtrace candle wraps
+    /// errors in.
+    pub fn of(e: &candle_core::Error) -> Self {
+        use candle_core::Error as E;
+        match e {
+            E::Cuda(_) | E::Metal(_) | E::NotCompiledWithCudaSupport => Self::Device,
+            E::Io(_) => Self::Io,
+            E::Context { inner, .. } | E::WithBacktrace { inner, .. } => Self::of(inner),
+            E::WithPath { inner, .. } => Self::of(inner),
+            _ => Self::Format,
+        }
+    }
+
+    /// The error for a candle failure while loading `path` onto `device`; `format` names the
+    /// file's format for the [`ModelError::Format`] case.
+    pub fn error(
+        e: candle_core::Error,
+        model: &str,
+        path: &std::path::Path,
+        device: &candle_core::Device,
+        format: &'static str,
+    ) -> ModelError {
+        // candle appends a backtrace on later lines when RUST_BACKTRACE is set.
+        let reason = e.to_string().lines().next().unwrap_or_default().to_string();
+        match Self::of(&e) {
+            Self::Device => ModelError::Device {
+                model: model.to_string(),
+                device: device_label(device),
+                reason,
+            },
+            Self::Io => ModelError::Io {
+                model: model.to_string(),
+                path: path.to_path_buf(),
+                reason,
+            },
+            Self::Format => ModelError::Format {
+                model: model.to_string(),
+                path: path.to_path_buf(),
+                format,
+                reason,
+            },
+        }
+    }
+}
+
+/// `cpu`, `cuda:N` or `metal:N`.
+pub fn device_label(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 
@@ -165,6 +239,54 @@ pub struct ModelVersion {
     cancelled: AtomicBool,
     /// Its request counters, shared (without the weights) with the metrics.
     stats: std::sync::Arc<VersionStats>,
+    /// The device it loaded on, holding its pooled stream (a GPU) until the version drops.
+    on: crate::device::Device,
+    /// Fires when the version has dropped. It must stay the last field: fields drop in
+    /// declaration order, so by the time it fires the weights' destructors have run (on a
+    /// GPU: their frees are queued on the version's stream) and the stream went back.
+    dropped: DropSignal,
+}
+
+/// Set when the value holding it has dropped; see [`DropWatch`].
+#[derive(Debug)]
+pub struct DropSignal(tokio::sync::watch::Sender<bool>);
+
+impl Default for DropSignal {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(false).0)
+    }
+}
+
+impl DropSignal {
+    pub fn watch(&self) -> DropWatch {
+        DropWatch(self.0.subscribe())
+    }
+}
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// Waits for a [`DropSignal`], without keeping its holder alive.
+#[derive(Debug, Clone)]
+pub struct DropWatch(tokio::sync::watch::Receiver<bool>);
+
+impl DropWatch {
+    pub fn is_dropped(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// True once the holder has dropped, false if `limit` passed first.
+    pub async fn dropped_within(&mut self, limit: std::time::Duration) -> bool {
+        // `wait_for` also returns (with an error) when the sender is gone, which only
+        // happens after it sent `true`.
+        tokio::time::timeout(limit, self.0.wait_for(|d| *d))
+            .await
+            .is_ok()
+            || self.is_dropped()
+    }
 }
 
 /// A version's request counters. They live apart from the weights so that metrics can read
@@ -203,6 +325,16 @@ impl ModelVersion {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Fires once this version, its weights and its stream lease have all dropped.
+    pub fn drop_watch(&self) -> DropWatch {
+        self.dropped.watch()
+    }
+
+    /// The pooled stream it runs on (a GPU only).
+    pub fn stream_index(&self) -> Option<usize> {
+        self.on.stream_index()
     }
 
     /// Records the generation this version is activated as (before it is stored as active).
@@ -341,12 +473,9 @@ fn load_files(
 ) -> Result<ModelVersion, ModelError> {
     let version = verify::version_id(&digests);
     let ctx = spec.defaults.context_length;
-    // Each version loads, is checked and serves on a stream of its own (see
-    // `Device::for_new_version`); if one cannot be made, the shared one still works.
-    let device = &device.for_new_version().unwrap_or_else(|reason| {
-        tracing::warn!(model = %spec.name, %reason, "no stream of its own; loading on the device's stream");
-        device.clone()
-    });
+    // Each version loads, is checked and serves on a stream of the device's pool (see
+    // `Device::for_new_version`); the version holds it until it drops.
+    let device = &device.for_new_version();
     let (model, weight_bytes) = match spec.kind {
         ModelKind::Llm => {
             let llm = Llm::load(&spec.name, &digests[0].path, device.candle(), ctx)?;
@@ -377,6 +506,8 @@ fn load_files(
         model,
         cancelled: AtomicBool::new(false),
         stats: Default::default(),
+        on: device.clone(),
+        dropped: DropSignal::default(),
     })
 }
 
@@ -409,4 +540,79 @@ pub async fn load(
         "model loaded"
     );
     Ok(std::sync::Arc::new(version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Stands for the weights: its destructor takes a while (as queuing many frees does).
+    struct SlowDrop(Arc<AtomicBool>);
+    impl Drop for SlowDrop {
+        fn drop(&mut self) {
+            std::thread::sleep(Duration::from_millis(50));
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Laid out as `ModelVersion`: the weights first, the signal last.
+    struct Holder {
+        _weights: SlowDrop,
+        dropped: DropSignal,
+    }
+
+    #[test]
+    fn device_errors_are_not_reported_as_a_bad_file() {
+        let path = std::path::Path::new("/models/m.gguf");
+        let cpu = candle_core::Device::Cpu;
+        // What candle's CUDA backend returns for a failed allocation, wrapped as candle wraps.
+        let oom = candle_core::Error::Cuda(Box::new(std::io::Error::other(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+        )))
+        .context("loading blk.3.ffn_up.weight");
+        assert_eq!(LoadFault::of(&oom), LoadFault::Device);
+        let e = LoadFault::error(oom, "m", path, &cpu, "GGUF");
+        assert!(matches!(e, ModelError::Device { .. }), "{e}");
+        assert_eq!(e.check_name(), "device");
+        assert!(e.to_string().contains("not a problem with the file"), "{e}");
+        assert!(!e.to_string().contains("not a valid"), "{e}");
+        // A read error is the operating system's, named with the path.
+        let eio =
+            candle_core::Error::Io(std::io::Error::other("Input/output error")).with_path(path);
+        let e = LoadFault::error(eio, "m", path, &cpu, "GGUF");
+        assert!(matches!(e, ModelError::Io { .. }), "{e}");
+        // What the file holds stays a format error.
+        let shape = candle_core::Error::Msg("unexpected shape [3, 4]".into()).bt();
+        assert_eq!(LoadFault::of(&shape), LoadFault::Format);
+        let e = LoadFault::error(shape, "m", path, &cpu, "GGUF");
+        assert_eq!(e.check_name(), "format");
+        assert!(e.to_string().contains("not a valid GGUF file"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_drop_signal_fires_after_the_fields_before_it_dropped() {
+        let weights_gone = Arc::new(AtomicBool::new(false));
+        let holder = Arc::new(Holder {
+            _weights: SlowDrop(weights_gone.clone()),
+            dropped: DropSignal::default(),
+        });
+        let mut watch = holder.dropped.watch();
+        assert!(!watch.dropped_within(Duration::from_millis(20)).await);
+        // The last holder drops on another thread, as a request's does.
+        let last = holder.clone();
+        drop(holder);
+        let t = std::thread::spawn(move || drop(last));
+        assert!(watch.dropped_within(Duration::from_secs(10)).await);
+        assert!(
+            weights_gone.load(Ordering::SeqCst),
+            "signalled before the weights' destructor finished"
+        );
+        t.join().unwrap();
+        assert!(watch.is_dropped());
+        // A watch taken by a second waiter sees it too.
+        assert!(watch.clone().dropped_within(Duration::ZERO).await);
+    }
 }

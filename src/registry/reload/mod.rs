@@ -503,19 +503,20 @@ impl Reloader {
         }
         let device = self.device.clone();
         let used_before = device.memory().used_bytes();
-        let weak = Arc::downgrade(&old);
+        // Not the strong count: it reaches 0 before the last holder's destructor has run
+        // (and queued the frees); the version's drop signal fires after its weights dropped.
+        let mut dropped = old.drop_watch();
         drop(old);
         drop(older);
-        let waited = Instant::now();
-        while weak.strong_count() > 0 && waited.elapsed() < FREE_WAIT && left == 0 {
-            tokio::time::sleep(DRAIN_POLL).await;
+        if left == 0 {
+            dropped.dropped_within(FREE_WAIT).await;
         }
         // On a GPU the trim synchronizes the device: off the async threads.
         let (released, free_total) =
             tokio::task::spawn_blocking(move || memory::reclaimed(device.memory(), used_before))
                 .await
                 .unwrap_or((0, None));
-        let freed = weak.upgrade().is_none();
+        let freed = dropped.is_dropped();
         run.outcome.previous_freed = freed;
         let on = match free_total {
             Some((free, total)) => format!("{}: {free} of {total} bytes free", self.device.label()),

@@ -1,9 +1,16 @@
 //! The compute device: `auto`, `cpu` or `cuda[:N]`, with a CPU fallback for `auto` that says
 //! why in one log line.
+pub mod pool;
+
 use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::memory::{DeviceMemory, HostMemory};
+
+/// Streams a CUDA device opens at startup for model versions to load and run on (see
+/// [`pool`]): enough for the active, standby and loading versions of a few models, each on
+/// its own; beyond that versions share, so VRAM for candle's per-stream buffers stays bounded.
+pub const VERSION_STREAMS: usize = 8;
 
 /// What the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,6 +44,11 @@ pub struct Device {
     inner: candle_core::Device,
     label: String,
     memory: Arc<dyn DeviceMemory>,
+    /// The streams versions load on (a GPU only).
+    streams: Option<Arc<pool::Pool<candle_core::Device>>>,
+    /// On a version's device: its use of a pooled stream, given back when the last clone
+    /// (the version's) drops.
+    lease: Option<Arc<pool::Lease>>,
 }
 
 impl Device {
@@ -45,6 +57,8 @@ impl Device {
             inner: candle_core::Device::Cpu,
             label: "cpu".into(),
             memory: Arc::new(HostMemory),
+            streams: None,
+            lease: None,
         }
     }
 
@@ -54,25 +68,37 @@ impl Device {
     }
 
     /// The device a new model version loads and runs on. On a GPU it is the same device
-    /// and memory pool with a stream of its own, so the copies and the pre-flight of a
-    /// version being loaded do not queue behind (or in front of) the serving version's
-    /// kernels; on the CPU it is the CPU.
-    pub fn for_new_version(&self) -> Result<Device, String> {
-        match &self.inner {
-            candle_core::Device::Cpu => Ok(self.clone()),
-            #[cfg(feature = "cuda")]
-            candle_core::Device::Cuda(d) => {
-                let ordinal = d.cuda_stream().context().ordinal();
-                let inner = candle_core::Device::new_cuda_with_stream(ordinal)
-                    .map_err(|e| e.to_string())?;
-                Ok(Device {
+    /// and memory pool with a stream of the pool made at startup, the least used one, so the
+    /// copies and the pre-flight of a version being loaded do not queue behind (or in front
+    /// of) the serving version's kernels; the stream goes back to the pool when the version
+    /// (the last holder of the returned device) drops. On the CPU it is the CPU.
+    pub fn for_new_version(&self) -> Device {
+        match &self.streams {
+            None => self.clone(),
+            Some(streams) => {
+                let (inner, lease) = streams.acquire();
+                if lease.users() > 1 {
+                    tracing::info!(
+                        device = %self.label,
+                        stream = lease.index(),
+                        users = lease.users(),
+                        "every version stream is in use: this version shares one"
+                    );
+                }
+                Device {
                     inner,
                     label: self.label.clone(),
                     memory: self.memory.clone(),
-                })
+                    streams: None,
+                    lease: Some(Arc::new(lease)),
+                }
             }
-            other => Err(format!("unsupported device {other:?}")),
         }
+    }
+
+    /// On a version's device: which pooled stream it runs on.
+    pub fn stream_index(&self) -> Option<usize> {
+        self.lease.as_ref().map(|l| l.index())
     }
 
     /// The candle device tensors are created on.
@@ -123,24 +149,34 @@ pub fn choose(
     }
 }
 
-/// Opens CUDA device `index`. cudarc reports a missing device or a failing driver as an
-/// error; a panic escaping from it (its dynamic-loading mode panics on a missing symbol, and
-/// candle may change modes) is caught too, so either way `auto` falls back with a reason.
+/// Opens CUDA device `index` with an explicit stream of its own (never candle's per-thread
+/// default streams, which would leave work launched from different threads unordered), and
+/// the [`VERSION_STREAMS`] streams versions use. cudarc reports a missing device or a failing
+/// driver as an error; a panic escaping from it (its dynamic-loading mode panics on a missing
+/// symbol, and candle may change modes) is caught too, so either way `auto` falls back with a
+/// reason.
 #[cfg(feature = "cuda")]
 fn open_cuda(index: usize) -> Result<Device, String> {
     let opened = std::panic::catch_unwind(|| {
         // candle appends a backtrace on later lines when RUST_BACKTRACE is set: the reason
         // goes in one log line, so its first line only.
-        let inner = candle_core::Device::new_cuda(index)
-            .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())?;
+        let first_line =
+            |e: candle_core::Error| e.to_string().lines().next().unwrap_or_default().to_string();
+        let inner = candle_core::Device::new_cuda_with_stream(index).map_err(first_line)?;
         let memory = match &inner {
             candle_core::Device::Cuda(d) => crate::memory::cuda::CudaMemory::new(d),
             _ => return Err("candle returned a non-CUDA device".to_string()),
         };
+        let streams = (0..VERSION_STREAMS)
+            .map(|_| candle_core::Device::new_cuda_with_stream(index))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("opening the version streams: {}", first_line(e)))?;
         Ok(Device {
             inner,
             label: format!("cuda:{index}"),
             memory: Arc::new(memory),
+            streams: Some(Arc::new(pool::Pool::new(streams))),
+            lease: None,
         })
     });
     opened.unwrap_or_else(|panic| {
@@ -191,6 +227,8 @@ mod tests {
                 inner: candle_core::Device::Cpu,
                 label: format!("cuda:{i}"),
                 memory: Arc::new(HostMemory),
+                streams: None,
+                lease: None,
             })
         };
         let (d, why) = choose(DeviceRequest::Auto, true, gpu).unwrap();
@@ -199,5 +237,33 @@ mod tests {
             choose(DeviceRequest::Cpu, true, gpu).unwrap().0.label(),
             "cpu"
         );
+    }
+
+    #[test]
+    fn versions_take_pooled_streams_and_give_them_back_when_they_drop() {
+        let gpu = Device {
+            inner: candle_core::Device::Cpu,
+            label: "cuda:0".into(),
+            memory: Arc::new(HostMemory),
+            streams: Some(Arc::new(pool::Pool::new(vec![candle_core::Device::Cpu; 2]))),
+            lease: None,
+        };
+        let streams = gpu.streams.clone().unwrap();
+        let a = gpu.for_new_version();
+        let b = gpu.for_new_version();
+        assert_eq!((a.stream_index(), b.stream_index()), (Some(0), Some(1)));
+        // A third version shares the least used stream rather than making another.
+        let c = gpu.for_new_version();
+        assert_eq!(c.stream_index(), Some(0));
+        assert_eq!(streams.users(), vec![2, 1]);
+        // Clones (the version's tensors' holders) keep the lease; the last one gives it back.
+        let a2 = a.clone();
+        drop(a);
+        assert_eq!(streams.users(), vec![2, 1]);
+        drop((a2, c));
+        assert_eq!(streams.users(), vec![0, 1]);
+        assert_eq!(gpu.for_new_version().stream_index(), Some(0));
+        // The CPU has no streams: a version's device is the CPU itself.
+        assert_eq!(Device::cpu().for_new_version().stream_index(), None);
     }
 }
