@@ -61,7 +61,7 @@ impl Replica {
         let opts = swapd::model::synth::TinyLlm {
             seed: 2,
             poison_nan: poison,
-            overflow: false,
+            ..Default::default()
         };
         swapd::model::synth::write_tiny_llama_gguf(&path, &opts).unwrap();
         sha(&path)

@@ -316,6 +316,7 @@ pub fn tiny_version(
         seed,
         poison_nan: poison == "-nan",
         overflow: poison == "-inf",
+        ..Default::default()
     };
     let path = dir.join("tiny-llm").join(&name);
     swapd::model::synth::write_tiny_llama_gguf(&path, &opts).unwrap();

@@ -1,7 +1,11 @@
 //! Tiny deterministic random-weight models for tests and benchmarks: a llama GGUF with a
 //! byte-level BPE tokenizer and the SmolLM2 chat template, and a small BERT directory. The
 //! same seed gives the same bytes; different seeds give different outputs.
+mod bert;
+
 use std::path::Path;
+
+pub use bert::{write_tiny_bert, TinyBert};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -10,11 +14,6 @@ use rand::{Rng, SeedableRng};
 /// SmolLM2's chat template, so chat rendering is exercised with tiny models too.
 pub const SMOLLM2_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-const DIM: usize = 64;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const LAYERS: usize = 2;
-const FF: usize = 128;
 const MERGES: [(&str, &str); 12] = [
     ("Ġ", "t"),
     ("h", "e"),
@@ -38,6 +37,46 @@ pub struct TinyLlm {
     pub poison_nan: bool,
     /// Scale the output projection near f32::MAX: finite weights, infinite logits.
     pub overflow: bool,
+    pub shape: LlmShape,
+}
+
+/// The llama's sizes. The default is tiny (2 layers of 64); [`LlmShape::smollm2`] is
+/// SmolLM2-135M's (30 layers of 576), for measuring speed without shipping its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LlmShape {
+    pub dim: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub layers: usize,
+    pub ff: usize,
+    /// The projections' and the embedding's format (the output head stays F32).
+    pub quant: GgmlDType,
+}
+
+impl Default for LlmShape {
+    fn default() -> Self {
+        Self {
+            dim: 64,
+            heads: 4,
+            kv_heads: 2,
+            layers: 2,
+            ff: 128,
+            quant: GgmlDType::Q8_0,
+        }
+    }
+}
+
+impl LlmShape {
+    pub fn smollm2() -> Self {
+        Self {
+            dim: 576,
+            heads: 9,
+            kv_heads: 3,
+            layers: 30,
+            ff: 1536,
+            quant: GgmlDType::Q8_0,
+        }
+    }
 }
 
 fn random(
@@ -51,9 +90,18 @@ fn random(
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
-/// Writes a 2-layer llama GGUF (dim 64, 4 heads, 2 KV heads, context 512) to `path`.
+/// Writes a llama GGUF of `opts.shape` (by default 2 layers, dim 64, 4 heads, 2 KV heads),
+/// context 512, to `path`.
 pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> {
     use gguf_file::Value as V;
+    let LlmShape {
+        dim,
+        heads,
+        kv_heads,
+        layers,
+        ff,
+        quant,
+    } = opts.shape;
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         .map(String::from)
@@ -64,46 +112,46 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
     let types: Vec<V> = (0..vocab)
         .map(|i| V::I32(if i < 3 { 3 } else { 1 }))
         .collect();
-    let head_dim = DIM / HEADS;
-    let kv_dim = head_dim * KV_HEADS;
+    let head_dim = dim / heads;
+    let kv_dim = head_dim * kv_heads;
 
-    let q8 = |t: Tensor| QTensor::quantize(&t, GgmlDType::Q8_0);
+    let q8 = |t: Tensor| QTensor::quantize(&t, quant);
     let f32t = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32);
     let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu);
     // The output projection stays F32: quantizing to Q8_0 would silently turn a NaN into 0.
-    let mut output = random(&mut rng, (vocab, DIM), 1.0)?;
+    let mut output = random(&mut rng, (vocab, dim), 1.0)?;
     if opts.overflow {
         output = (output * 3e38)?;
     }
     if opts.poison_nan {
         let mut v = output.flatten_all()?.to_vec1::<f32>()?;
         v[0] = f32::NAN;
-        output = Tensor::from_vec(v, (vocab, DIM), &Device::Cpu)?;
+        output = Tensor::from_vec(v, (vocab, dim), &Device::Cpu)?;
     }
     let mut tensors: Vec<(String, QTensor)> = vec![
         (
             "token_embd.weight".into(),
-            q8(random(&mut rng, (vocab, DIM), 1.0)?)?,
+            q8(random(&mut rng, (vocab, dim), 1.0)?)?,
         ),
         ("output.weight".into(), f32t(output)?),
-        ("output_norm.weight".into(), f32t(ones(DIM)?)?),
+        ("output_norm.weight".into(), f32t(ones(dim)?)?),
     ];
     let s = |fan_in: usize| 2.0 / (fan_in as f32).sqrt();
-    for l in 0..LAYERS {
+    for l in 0..layers {
         let p = |n: &str| format!("blk.{l}.{n}.weight");
         for (name, shape, fan_in) in [
-            ("attn_q", (DIM, DIM), DIM),
-            ("attn_k", (kv_dim, DIM), DIM),
-            ("attn_v", (kv_dim, DIM), DIM),
-            ("attn_output", (DIM, DIM), DIM),
-            ("ffn_gate", (FF, DIM), DIM),
-            ("ffn_up", (FF, DIM), DIM),
-            ("ffn_down", (DIM, FF), FF),
+            ("attn_q", (dim, dim), dim),
+            ("attn_k", (kv_dim, dim), dim),
+            ("attn_v", (kv_dim, dim), dim),
+            ("attn_output", (dim, dim), dim),
+            ("ffn_gate", (ff, dim), dim),
+            ("ffn_up", (ff, dim), dim),
+            ("ffn_down", (dim, ff), ff),
         ] {
             tensors.push((p(name), q8(random(&mut rng, shape, s(fan_in))?)?));
         }
-        tensors.push((p("attn_norm"), f32t(ones(DIM)?)?));
-        tensors.push((p("ffn_norm"), f32t(ones(DIM)?)?));
+        tensors.push((p("attn_norm"), f32t(ones(dim)?)?));
+        tensors.push((p("ffn_norm"), f32t(ones(dim)?)?));
     }
 
     let metadata: Vec<(&str, V)> = vec![
@@ -113,11 +161,11 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
             V::String(format!("tiny-llama-{}", opts.seed)),
         ),
         ("llama.context_length", V::U32(512)),
-        ("llama.embedding_length", V::U32(DIM as u32)),
-        ("llama.feed_forward_length", V::U32(FF as u32)),
-        ("llama.block_count", V::U32(LAYERS as u32)),
-        ("llama.attention.head_count", V::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", V::U32(KV_HEADS as u32)),
+        ("llama.embedding_length", V::U32(dim as u32)),
+        ("llama.feed_forward_length", V::U32(ff as u32)),
+        ("llama.block_count", V::U32(layers as u32)),
+        ("llama.attention.head_count", V::U32(heads as u32)),
+        ("llama.attention.head_count_kv", V::U32(kv_heads as u32)),
         ("llama.rope.dimension_count", V::U32(head_dim as u32)),
         ("llama.rope.freq_base", V::F32(10000.0)),
         ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
@@ -151,123 +199,6 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
     gguf_file::write(&mut file, &md, &ts)?;
     std::io::Write::flush(&mut file)?;
-    Ok(())
-}
-
-/// Options of the tiny BERT.
-#[derive(Debug, Clone)]
-pub struct TinyBert {
-    pub seed: u64,
-    pub hidden_size: usize,
-}
-
-impl Default for TinyBert {
-    fn default() -> Self {
-        Self {
-            seed: 0,
-            hidden_size: 32,
-        }
-    }
-}
-
-fn bert_vocab() -> Vec<String> {
-    let mut v: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        .map(String::from)
-        .to_vec();
-    let alnum = ('a'..='z').chain('0'..='9');
-    v.extend(alnum.clone().map(String::from));
-    v.extend(".,!?'-:;".chars().map(String::from));
-    v.extend(alnum.map(|c| format!("##{c}")));
-    v.extend(
-        [
-            "hello", "world", "the", "a", "is", "test", "swapd", "model", "quick", "brown", "fox",
-        ]
-        .map(String::from),
-    );
-    v
-}
-
-/// Writes `config.json`, `model.safetensors` and `tokenizer.json` of a 2-layer BERT into
-/// `dir`. Like all-MiniLM-L6-v2's, the tokenizer pads and truncates everything to 128.
-pub fn write_tiny_bert(dir: &Path, opts: &TinyBert) -> anyhow::Result<()> {
-    use candle_transformers::models::bert::{BertModel, Config};
-    std::fs::create_dir_all(dir)?;
-    let vocab = bert_vocab();
-    let config = serde_json::json!({
-        "architectures": ["BertModel"], "model_type": "bert",
-        "vocab_size": vocab.len(), "hidden_size": opts.hidden_size,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": opts.hidden_size * 2,
-        "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-        "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.02,
-        "layer_norm_eps": 1e-12, "pad_token_id": 0, "position_embedding_type": "absolute",
-    });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
-
-    // Let BertModel::load create every tensor it needs, then refill them from the seed so
-    // the file is deterministic.
-    let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let cfg: Config = serde_json::from_value(config)?;
-    BertModel::load(vb, &cfg)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("varmap lock"))?;
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        if name.contains("LayerNorm") {
-            continue;
-        }
-        let var = &data[name];
-        let n = var.elem_count();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect();
-        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu)?)?;
-    }
-    drop(data);
-    varmap.save(dir.join("model.safetensors"))?;
-
-    let special = |id: usize, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let vocab_map: serde_json::Map<String, serde_json::Value> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), serde_json::json!(i)))
-        .collect();
-    let added: Vec<serde_json::Value> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| special(i, t))
-        .collect();
-    let tok = serde_json::json!({
-        "version": "1.0",
-        "truncation": {"direction": "Right", "max_length": 128, "strategy": "LongestFirst", "stride": 0},
-        "padding": {"strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": null,
-            "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
-        "added_tokens": added,
-        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
-            "strip_accents": null, "lowercase": true},
-        "pre_tokenizer": {"type": "BertPreTokenizer"},
-        "post_processor": {"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                       {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
-                     {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
-            "special_tokens": {
-                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
-        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
-            "max_input_chars_per_word": 100, "vocab": vocab_map},
-    });
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tok)?)?;
     Ok(())
 }
 
