@@ -35,6 +35,12 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0.15)]
         scale: f32,
     },
+    /// Write random-weight models (several LLM versions, a BERT) and a manifest serving
+    /// them: what scripts/gpu-device.sh serves on a lent GPU, where no model file travels.
+    Synth(super::device_check::SynthArgs),
+    /// Logits of one GGUF on --device against the CPU's, along greedy paths, and batched
+    /// against alone on the device; prints JSON, exits 1 past the tolerance.
+    Parity(super::device_check::ParityArgs),
     /// Prefill and decode tokens/s of one stream (a running server, or swapd's or candle's
     /// model code in this process); prints JSON. See scripts/bench-peers.sh.
     Decode(super::peers::DecodeBench),
@@ -185,6 +191,12 @@ pub async fn run(cmd: BenchCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Reload(b) => reload_bench(b).await,
+        BenchCommand::Synth(a) => super::device_check::synth(a),
+        BenchCommand::Parity(a) => {
+            tokio::task::spawn_blocking(move || super::device_check::parity(a))
+                .await
+                .context("the parity check panicked")?
+        }
         BenchCommand::Chaos(b) => super::chaos::run(b).await,
         BenchCommand::Decode(b) => {
             let report = super::peers::decode_bench(b).await?;

@@ -3,6 +3,7 @@ pub mod admin;
 pub mod bench;
 pub mod chaos;
 pub mod client;
+pub mod device_check;
 pub mod fleet;
 pub mod peers;
 
