@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-and-link check of `--features cuda` on a machine with no GPU and no CUDA toolkit.
 #
-# nvcc, the CUDA headers and the CUDA libraries come from NVIDIA's PyPI wheels (the CUDA 13.4
+# nvcc, the CUDA headers and the CUDA libraries come from NVIDIA's PyPI wheels (the CUDA 13.0
 # set, pinned below) installed in a scratch virtualenv; they are assembled into a CUDA_HOME
 # layout under the scratch directory. The one library the wheels do not ship is libcuda (it
 # belongs to the driver): a stub exporting the driver API's symbols, generated from the
@@ -27,16 +27,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The CUDA 13.4 wheel set (the versions the cuda-toolkit==13.4.3 metapackage pins).
+# The CUDA 13.0 wheel set (the versions the cuda-toolkit==13.0.3.0 metapackage pins). Not a
+# newer one: candle's kernels are PTX that the driver compiles when a kernel first loads, and
+# a driver cannot compile PTX from a toolkit newer than itself (CUDA_ERROR_UNSUPPORTED_PTX_VERSION).
+# The lent GPU machines run driver 580 (CUDA 13.0); scripts/gpu-device.sh checks this first.
 WHEELS=(
-    nvidia-cuda-nvcc==13.4.92
-    nvidia-nvvm==13.4.92
-    nvidia-cuda-crt==13.4.92
-    nvidia-cuda-runtime==13.4.92
-    nvidia-cuda-cccl==13.3.4.3.1
-    nvidia-cuda-nvrtc==13.4.92
-    nvidia-curand==10.4.4.72
-    nvidia-cublas==13.8.0.4
+    nvidia-cuda-nvcc==13.0.88
+    nvidia-nvvm==13.0.88
+    nvidia-cuda-crt==13.0.88
+    nvidia-cuda-runtime==13.0.96
+    nvidia-cuda-cccl==13.0.85
+    nvidia-cuda-nvrtc==13.0.88
+    nvidia-curand==10.4.0.35
+    nvidia-cublas==13.1.1.3
 )
 
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"

@@ -19,8 +19,16 @@
 #   CLIENTS           streaming clients of the benchmark (default 8)
 #   RELOAD_EVERY      seconds between reloads in the benchmark (default 3)
 #   OUT               where the results go (default target/gpu-check); OUT/summary.md at the end
+#
+# On a lent GPU machine (no Rust toolchain, no network) this is the bundle's device run:
+# with no `cargo` on the PATH, or BUNDLE_RUN set, it runs scripts/gpu-device.sh on the bundle
+# that scripts/gpu-bundle.sh made (carried as target/gpu-bundle). The rest of this script is
+# for a GPU machine that can build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ -n "${BUNDLE_RUN:-}" ]] || ! command -v cargo >/dev/null; then
+    exec scripts/gpu-device.sh
+fi
 DEVICE=${DEVICE:-cuda}
 TESTS=${TESTS:-}
 DURATION=${DURATION:-60}
