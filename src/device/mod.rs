@@ -167,10 +167,30 @@ fn open_cuda(index: usize) -> Result<Device, String> {
             candle_core::Device::Cuda(d) => crate::memory::cuda::CudaMemory::new(d),
             _ => return Err("candle returned a non-CUDA device".to_string()),
         };
+        let tracking = event_tracking(std::env::var("SWAPD_CUDA_EVENT_TRACKING").ok())?;
         let streams = (0..VERSION_STREAMS)
             .map(|_| candle_core::Device::new_cuda_with_stream(index))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("opening the version streams: {}", first_line(e)))?;
+        if !tracking {
+            #[allow(unsafe_code)]
+            for s in &streams {
+                if let candle_core::Device::Cuda(d) = s {
+                    // SAFETY: called before any slice exists on this stream's context (the
+                    // flag applies to slices created after it), and a version's tensors
+                    // (weights, KV caches, activations) are created and used on that
+                    // version's stream only, never read from another stream; so the events
+                    // cudarc records for cross-stream ordering have nothing to order.
+                    unsafe { d.disable_event_tracking() };
+                }
+            }
+        }
+        tracing::info!(
+            device = index,
+            version_streams = VERSION_STREAMS,
+            event_tracking = tracking,
+            "CUDA device opened"
+        );
         Ok(Device {
             inner,
             label: format!("cuda:{index}"),
@@ -187,6 +207,21 @@ fn open_cuda(index: usize) -> Result<Device, String> {
             .unwrap_or_else(|| "unknown panic".into());
         Err(format!("the CUDA driver panicked: {msg}"))
     })
+}
+
+/// `SWAPD_CUDA_EVENT_TRACKING`: `on` (the default, cudarc's) records an event on every
+/// argument of every kernel so slices used from several streams are ordered; `off` skips that
+/// on the version streams, whose tensors never cross streams. A knob for measuring the cost
+/// on a GPU (scripts/gpu-device.sh runs both), not a tuning default.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn event_tracking(value: Option<String>) -> Result<bool, String> {
+    match value.as_deref().map(str::trim) {
+        None | Some("") | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(format!(
+            "SWAPD_CUDA_EVENT_TRACKING={other:?}: expected on or off"
+        )),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -237,6 +272,15 @@ mod tests {
             choose(DeviceRequest::Cpu, true, gpu).unwrap().0.label(),
             "cpu"
         );
+    }
+
+    #[test]
+    fn event_tracking_is_on_unless_turned_off_and_other_values_are_refused() {
+        assert_eq!(event_tracking(None), Ok(true));
+        assert_eq!(event_tracking(Some("on".into())), Ok(true));
+        assert_eq!(event_tracking(Some(" off ".into())), Ok(false));
+        let e = event_tracking(Some("no".into())).unwrap_err();
+        assert!(e.contains("expected on or off"), "{e}");
     }
 
     #[test]
