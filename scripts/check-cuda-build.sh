@@ -86,8 +86,12 @@ export PATH="$CUDA_HOME/bin:$PATH"
 # lib64/stubs, which cudarc's build script puts on the link path and nothing puts on a
 # run-time path; its soname is the driver's, libcuda.so.1. Every function fails with
 # CUDA_ERROR_NO_DEVICE, which the run-time check below uses as "a driver, but no GPU".
-if ! ls "$CUDA_HOME"/lib64/libcuda.so "$CUDA_HOME"/lib/libcuda.so \
-    "$CUDA_HOME"/lib64/stubs/libcuda.so "$CUDA_HOME"/lib/stubs/libcuda.so >/dev/null 2>&1; then
+have_libcuda=""
+for f in "$CUDA_HOME"/lib64/libcuda.so "$CUDA_HOME"/lib/libcuda.so \
+    "$CUDA_HOME"/lib64/stubs/libcuda.so "$CUDA_HOME"/lib/stubs/libcuda.so; do
+    [[ -e "$f" ]] && have_libcuda="$f" # any one of them (ls on all four failed when one was missing)
+done
+if [[ -z "$have_libcuda" ]]; then
     if [[ "$CUDA_HOME" != "$dir/cuda-home" ]]; then
         echo "CUDA_HOME=$CUDA_HOME has no libcuda.so (not even in lib64/stubs); install the toolkit's driver stubs" >&2
         exit 1

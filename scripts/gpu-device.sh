@@ -297,12 +297,28 @@ for n in $STREAMS; do
         fail "$n streams: $(tail -2 "$work/streams-$n.err")"
     fi
 done
-python3 - "$work" "$STREAMS" >"$OUT/streams.json" <<'PY' || true
-import json, sys
-print(json.dumps({n: json.load(open(f"{sys.argv[1]}/streams-{n}.json"))["steady"] for n in sys.argv[2].split()}, indent=1))
-PY
 python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())" \
     "$metrics_url" >"$OUT/metrics.txt" 2>/dev/null || true
+# The same 8 streams with cudarc's per-argument event tracking off on the version streams
+# (SWAPD_CUDA_EVENT_TRACKING=off): what those ~1000 events per decode token cost.
+kill -TERM "${pids[0]}" 2>/dev/null
+wait "${pids[0]}" 2>/dev/null
+untracked_url="http://127.0.0.1:$((PORT + 20))"
+if SWAPD_CUDA_EVENT_TRACKING=off serve untracked "$DEVICE" $((PORT + 20)) &&
+    timeout $((DURATION + 60)) "$bin" bench reload --server "$untracked_url" --model llm --clients 8 \
+        --reload-every 0 --max-tokens 64 --duration "$DURATION" --label untracked-8 \
+        --out "$work/untracked-8" >/dev/null 2>"$work/untracked-8.err"; then
+    tps=$(json "$work/untracked-8.json" '"%.1f" % r["steady"]["aggregate_tokens_per_s"]')
+    say "| 8, event tracking off | $tps | $(python3 -c "print('%.2fx' % ($tps / max($one, 1e-9)))") | $(json "$work/untracked-8.json" '"%.0f | %.1f / %.1f" % (r["steady"]["ttft_ms_p50"], r["steady"]["itl_ms_p50"], r["steady"]["itl_ms_p99"])') |"
+else
+    fail "8 streams with event tracking off: $(tail -2 "$work/untracked-8.err" 2>/dev/null)"
+fi
+python3 - "$work" "$STREAMS" >"$OUT/streams.json" <<'PY' || true
+import json, sys
+r = {n: json.load(open(f"{sys.argv[1]}/streams-{n}.json"))["steady"] for n in sys.argv[2].split()}
+r["8-untracked"] = json.load(open(f"{sys.argv[1]}/untracked-8.json"))["steady"]
+print(json.dumps(r, indent=1))
+PY
 say ""
 say "done in $((SECONDS - started)) s: $([[ $status == 0 ]] && echo "every check passed" || echo "SOME CHECKS FAILED")"
 exit $status
