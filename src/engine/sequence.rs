@@ -93,7 +93,6 @@ pub(crate) enum Flow {
 }
 
 pub(crate) struct Sequence {
-    pub(crate) lease: Lease,
     _ticket: Ticket,
     tx: mpsc::Sender<Result<GenEvent>>,
     pub(crate) span: tracing::Span,
@@ -124,6 +123,10 @@ pub(crate) struct Sequence {
     finish: Option<Finish>,
     /// KV tokens reserved for it in its scheduler's budget.
     pub(crate) reserved: usize,
+    /// The version it runs on. Last: fields drop in order, so its KV cache (device memory on
+    /// a GPU) is gone before this, perhaps the version's last holder, lets the version go and
+    /// the free phase measure what came back.
+    pub(crate) lease: Lease,
 }
 
 /// Deltas the channel holds before a sequence is parked; one more place is kept for the

@@ -12,11 +12,10 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::ModelError;
 
-/// Reads the safetensors file at `path` onto `device` as candle does, after checking its
+/// Reads the safetensors file at `path` into host memory as candle does, after checking its
 /// header ([`super::safetensors::check_safetensors_header`]): a broken file is an error naming
-/// what is wrong, never a panic.
-/// Reads `path` into host memory (the format's errors; moving the tensors to a device is a
-/// separate step with errors of its own, see [`Embedder::load`]).
+/// what is wrong, never a panic. Moving the tensors to a device is a separate step with
+/// errors of its own (see [`Embedder::load`]).
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, String> {
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
