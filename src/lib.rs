@@ -3,9 +3,10 @@
 //! The library holds everything; `main.rs` only parses the command line and hands off.
 //! Data flow: `service` (proto ⇄ domain) → `registry` (which version is active) → `engine`
 //! (admission, blocking inference threads) → `model` (candle models, tokenizers, sampling).
+//! `metrics` is the sink everything records into; `scrape` reads the state gauges from above.
 //! `unsafe` is denied everywhere but `memory`, which calls the C allocator (and, with the
-//! `cuda` feature, the driver's memory-pool trim), and `quant`, whose SIMD kernels read packed
-//! weights through raw pointers.
+//! `cuda` feature, the driver's memory-pool trim), `quant`, whose SIMD kernels read packed
+//! weights through raw pointers, and one block of `device` (cudarc's event tracking).
 #![deny(unsafe_code)]
 
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod model;
 pub mod panic;
 pub mod quant;
 pub mod registry;
+pub mod scrape;
 pub mod server;
 pub mod service;
 pub mod triggers;

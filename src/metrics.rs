@@ -2,10 +2,9 @@
 //!
 //! Counters and histograms are recorded where things happen (the engine, the services, the
 //! reload); gauges that describe state (active versions, in-flight requests per version,
-//! memory per version, queue depth) are read from the registry and the engine at each scrape,
-//! so they can never drift from what the server really holds.
-use std::net::SocketAddr;
-use std::sync::Arc;
+//! memory per version, queue depth) are read from the registry and the engine at each scrape
+//! ([`crate::scrape`] gathers them into a [`Snapshot`]), so they can never drift from what the
+//! server really holds. This module is the sink: it knows none of the parts that feed it.
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -14,11 +13,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as PromRegistry;
-
-use crate::device::Device;
-use crate::engine::Engine;
-use crate::registry::reload::{Phase, ReloadOutcome};
-use crate::registry::Registry;
 
 /// Label pairs; a `Vec` keeps the families generic and the call sites readable.
 pub type Labels = Vec<(&'static str, String)>;
@@ -285,7 +279,7 @@ impl Metrics {
     }
 
     /// A reload or rollback ended: one count, one phase sample per phase it went through.
-    pub fn reload_done(&self, model: &str, action: &str, o: &ReloadOutcome) {
+    pub fn reload_done(&self, model: &str, action: &str, o: &ReloadSample<'_>) {
         let result = if o.committed { "committed" } else { "failed" };
         self.reloads
             .get_or_create(&vec![
@@ -294,19 +288,19 @@ impl Metrics {
                 ("result", result.to_string()),
             ])
             .inc();
-        for (phase, d) in &o.timings {
+        for (phase, d) in &o.phases {
             self.reload_phase
                 .get_or_create(&vec![
                     ("model", model.to_string()),
-                    ("phase", phase_name(*phase).to_string()),
+                    ("phase", phase.to_string()),
                 ])
                 .observe(d.as_secs_f64());
         }
-        if let Some(check) = &o.failed_check {
+        if let Some(check) = o.failed_check {
             self.preflight_failures
                 .get_or_create(&vec![
                     ("model", model.to_string()),
-                    ("check", check.clone()),
+                    ("check", check.to_string()),
                 ])
                 .inc();
         }
@@ -317,45 +311,44 @@ impl Metrics {
         }
     }
 
-    /// Reads the state gauges and renders every metric in the OpenMetrics text format.
-    pub fn render(&self, registry: &Registry, engine: &Engine, device: &Device) -> String {
+    /// Sets the state gauges from `state` and renders every metric in the OpenMetrics text
+    /// format.
+    pub fn render(&self, state: &Snapshot) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.active_info.clear();
         self.in_flight.clear();
         self.model_memory.clear();
         self.reloading.clear();
-        for slot in registry.slots() {
-            let model = slot.spec.name.clone();
-            if let Some(v) = slot.active() {
-                self.active_info
-                    .get_or_create(&vec![
-                        ("model", model.clone()),
-                        ("version", v.version.clone()),
-                        ("generation", v.generation().to_string()),
-                        ("sha256", v.weights_sha256().to_string()),
-                        ("device", v.device.clone()),
-                    ])
-                    .set(1);
-            }
-            for (t, role) in slot.live_versions() {
-                let labels = vec![
-                    ("model", model.clone()),
-                    ("version", t.name.clone()),
-                    ("role", role.as_str().to_string()),
-                ];
-                self.in_flight
-                    .get_or_create(&labels)
-                    .set(t.stats.in_flight() as i64);
-                let mut mem = labels;
-                mem.push(("device", t.device.clone()));
-                self.model_memory
-                    .get_or_create(&mem)
-                    .set(t.weight_bytes as i64);
-            }
-            let reloading = slot.state().reloading.is_some();
+        for v in &state.active {
+            self.active_info
+                .get_or_create(&vec![
+                    ("model", v.model.clone()),
+                    ("version", v.version.clone()),
+                    ("generation", v.generation.to_string()),
+                    ("sha256", v.sha256.clone()),
+                    ("device", v.device.clone()),
+                ])
+                .set(1);
+        }
+        for v in &state.versions {
+            let labels = vec![
+                ("model", v.model.clone()),
+                ("version", v.version.clone()),
+                ("role", v.role.to_string()),
+            ];
+            self.in_flight
+                .get_or_create(&labels)
+                .set(v.in_flight as i64);
+            let mut mem = labels;
+            mem.push(("device", v.device.clone()));
+            self.model_memory
+                .get_or_create(&mem)
+                .set(v.weight_bytes as i64);
+        }
+        for (model, reloading) in &state.reloading {
             self.reloading
-                .get_or_create(&vec![("model", model)])
-                .set(reloading as i64);
+                .get_or_create(&vec![("model", model.clone())])
+                .set(*reloading as i64);
         }
         for g in [
             &self.batch_sequences,
@@ -365,31 +358,89 @@ impl Metrics {
         ] {
             g.clear();
         }
-        for (model, version, b) in engine.batches() {
-            use std::sync::atomic::Ordering::Relaxed;
-            let l = vec![("model", model), ("version", version)];
-            let set = |g: &Family<Labels, Gauge>, v: &std::sync::atomic::AtomicUsize| {
-                g.get_or_create(&l).set(v.load(Relaxed) as i64);
-            };
-            set(&self.batch_sequences, &b.sequences);
-            set(&self.batch_parked, &b.parked);
-            set(&self.batch_waiting, &b.waiting);
-            set(&self.kv_tokens, &b.kv_tokens);
+        for b in &state.batches {
+            let l = vec![("model", b.model.clone()), ("version", b.version.clone())];
+            self.batch_sequences
+                .get_or_create(&l)
+                .set(b.sequences as i64);
+            self.batch_parked.get_or_create(&l).set(b.parked as i64);
+            self.batch_waiting.get_or_create(&l).set(b.waiting as i64);
+            self.kv_tokens.get_or_create(&l).set(b.kv_tokens as i64);
         }
-        let (running, queued) = engine.load();
-        self.running.set(running as i64);
-        self.queued.set(queued as i64);
+        self.running.set(state.running as i64);
+        self.queued.set(state.queued as i64);
         self.resident.set(crate::memory::rss_bytes() as i64);
-        if let Some((free, total)) = device.memory().free_total() {
-            let l = vec![("device", device.label())];
-            self.device_free.get_or_create(&l).set(free as i64);
-            self.device_total.get_or_create(&l).set(total as i64);
+        if let Some(d) = &state.device {
+            let l = vec![("device", d.label.clone())];
+            self.device_free.get_or_create(&l).set(d.free as i64);
+            self.device_total.get_or_create(&l).set(d.total as i64);
         }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+/// What a finished reload or rollback tells the metrics.
+#[derive(Debug, Default)]
+pub struct ReloadSample<'a> {
+    pub committed: bool,
+    /// Each phase it went through, by name, and how long it took.
+    pub phases: Vec<(&'static str, Duration)>,
+    pub failed_check: Option<&'a str>,
+    pub bytes_released: i64,
+}
+
+/// The server's state at one scrape: what the gauges show.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub active: Vec<ActiveVersion>,
+    /// Every version still alive (active, standby, draining), with its role.
+    pub versions: Vec<LiveVersion>,
+    /// Per model: whether a reload is running.
+    pub reloading: Vec<(String, bool)>,
+    pub batches: Vec<BatchGauges>,
+    pub running: usize,
+    pub queued: usize,
+    pub device: Option<DeviceGauges>,
+}
+
+#[derive(Debug)]
+pub struct ActiveVersion {
+    pub model: String,
+    pub version: String,
+    pub generation: u64,
+    pub sha256: String,
+    pub device: String,
+}
+
+#[derive(Debug)]
+pub struct LiveVersion {
+    pub model: String,
+    pub version: String,
+    pub role: &'static str,
+    pub in_flight: u64,
+    pub device: String,
+    pub weight_bytes: u64,
+}
+
+/// One version's batch.
+#[derive(Debug)]
+pub struct BatchGauges {
+    pub model: String,
+    pub version: String,
+    pub sequences: usize,
+    pub parked: usize,
+    pub waiting: usize,
+    pub kv_tokens: usize,
+}
+
+#[derive(Debug)]
+pub struct DeviceGauges {
+    pub label: String,
+    pub free: u64,
+    pub total: u64,
 }
 
 /// gRPC's upper-case code names, as dashboards expect them.
@@ -414,63 +465,6 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
     }
-}
-
-pub fn phase_name(p: Phase) -> &'static str {
-    match p {
-        Phase::Resolve => "resolve",
-        Phase::Verify => "verify",
-        Phase::Admit => "admit",
-        Phase::Load => "load",
-        Phase::Preflight => "preflight",
-        Phase::Swap => "swap",
-        Phase::Drain => "drain",
-        Phase::Free => "free",
-    }
-}
-
-/// What the `/metrics` endpoint reads.
-#[derive(Clone)]
-pub struct Endpoint {
-    pub metrics: Arc<Metrics>,
-    pub registry: Arc<Registry>,
-    pub engine: Engine,
-    pub device: Device,
-}
-
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    endpoint: Endpoint,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::http::header::CONTENT_TYPE;
-    use axum::routing::get;
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let e = endpoint.clone();
-            async move {
-                let body = tokio::task::spawn_blocking(move || {
-                    e.metrics.render(&e.registry, &e.engine, &e.device)
-                })
-                .await
-                .unwrap_or_default();
-                (
-                    [(
-                        CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    body,
-                )
-            }
-        }),
-    );
-    tracing::info!(addr = ?addr, "metrics endpoint listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 /// One plain HTTP/1.0 GET of `http://HOST/PATH` (a scrape needs no more): the status line
@@ -545,19 +539,33 @@ mod tests {
         let m = Metrics::new();
         m.request("m", "Generate", tonic::Code::Ok);
         m.token("m", Some(Duration::from_millis(10)));
-        let o = ReloadOutcome {
+        let o = ReloadSample {
             committed: true,
-            timings: vec![
-                (Phase::Resolve, Duration::from_millis(1)),
-                (Phase::Swap, Duration::ZERO),
+            phases: vec![
+                ("resolve", Duration::from_millis(1)),
+                ("swap", Duration::ZERO),
             ],
             bytes_released: 1000,
             ..Default::default()
         };
         m.reload_done("m", "reload", &o);
-        let r = Registry::default();
-        let e = Engine::new(Default::default(), Arc::new(Metrics::new()));
-        let text = m.render(&r, &e, &Device::cpu());
+        let state = Snapshot {
+            batches: vec![BatchGauges {
+                model: "m".into(),
+                version: "v".into(),
+                sequences: 3,
+                parked: 1,
+                waiting: 2,
+                kv_tokens: 99,
+            }],
+            device: Some(DeviceGauges {
+                label: "cpu".into(),
+                free: 10,
+                total: 20,
+            }),
+            ..Default::default()
+        };
+        let text = m.render(&state);
         let s = parse(&text);
         let one = |name: &str| s.iter().find(|x| x.name == name).map(|x| x.value);
         assert_eq!(one("swapd_requests_total"), Some(1.0));
@@ -568,7 +576,9 @@ mod tests {
             one("swapd_device_memory_free_bytes").unwrap(),
             one("swapd_device_memory_total_bytes").unwrap(),
         );
-        assert!(0.0 < free && free <= total, "{free} of {total}");
+        assert_eq!((free, total), (10.0, 20.0));
+        assert_eq!(one("swapd_kv_cache_tokens"), Some(99.0));
+        assert_eq!(one("swapd_batch_parked_sequences"), Some(1.0));
         assert_eq!(one("swapd_inter_token_seconds_count"), Some(1.0));
         let phases: Vec<_> = s
             .iter()

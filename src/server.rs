@@ -154,8 +154,8 @@ impl Server {
     }
 
     /// What `/metrics` reads.
-    pub fn metrics_endpoint(&self) -> crate::metrics::Endpoint {
-        crate::metrics::Endpoint {
+    pub fn metrics_endpoint(&self) -> crate::scrape::Endpoint {
+        crate::scrape::Endpoint {
             metrics: self.metrics.clone(),
             registry: self.registry.clone(),
             engine: self.engine.clone(),

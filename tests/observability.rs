@@ -139,7 +139,7 @@ async fn metrics_follow_a_real_model_reload() {
     );
     // One sample per phase, for each of the eight phases.
     let phases_after = phase_counts(&after);
-    for phase in swapd::registry::reload::Phase::ALL.map(swapd::metrics::phase_name) {
+    for phase in swapd::registry::reload::Phase::ALL.map(swapd::registry::reload::phase_name) {
         let was = phases_before.get(phase).copied().unwrap_or(0.0);
         assert_eq!(
             phases_after.get(phase).copied(),

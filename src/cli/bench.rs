@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use super::admin::{control_client, phase_name};
 use super::client::{channel, Conn};
+use super::stats::percentile;
 use crate::proto::{self, inference_client::InferenceClient, reload_event::Event};
 
 #[derive(Debug, clap::Subcommand)]
@@ -463,15 +464,6 @@ async fn scrape_rss(url: &str) -> Result<u64> {
     Ok(v.value as u64)
 }
 
-pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    v[i.min(v.len() - 1)]
-}
-
 fn analyze(
     b: &ReloadBench,
     records: Vec<RequestRecord>,
@@ -570,7 +562,7 @@ fn analyze(
         }
     }
     let itl_by_phase = crate::registry::reload::Phase::ALL
-        .map(crate::metrics::phase_name)
+        .map(crate::registry::reload::phase_name)
         .into_iter()
         .filter_map(|name| {
             let mut v = by_phase.remove(name)?;
@@ -694,7 +686,7 @@ pub fn markdown(r: &Report) -> String {
         }
     }
     if !r.reload_details.is_empty() {
-        let names = crate::registry::reload::Phase::ALL.map(crate::metrics::phase_name);
+        let names = crate::registry::reload::Phase::ALL.map(crate::registry::reload::phase_name);
         let _ = writeln!(
             s,
             "\n| reload | {} | total |\n|---|{}---|",

@@ -6,6 +6,7 @@ pub mod client;
 pub mod device_check;
 pub mod fleet;
 pub mod peers;
+mod stats;
 
 use std::process::ExitCode;
 
@@ -195,7 +196,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         };
         // Scrapes keep working through the drain; the endpoint ends with the process.
-        tokio::spawn(crate::metrics::serve(
+        tokio::spawn(crate::scrape::serve(
             l,
             server.metrics_endpoint(),
             std::future::pending(),

@@ -248,7 +248,7 @@ pub async fn decode_bench(b: DecodeBench) -> Result<DecodeReport> {
         });
     }
     let med = |f: fn(&Round) -> f64| {
-        super::bench::percentile(&mut rounds.iter().map(f).collect::<Vec<_>>(), 50.0)
+        super::stats::percentile(&mut rounds.iter().map(f).collect::<Vec<_>>(), 50.0)
     };
     let median = Round {
         prefill_tok_s: med(|r| r.prefill_tok_s),

@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::act::{Acts, TokenPtrs};
-use super::pack::Tile;
+use super::Tile;
 use super::{check_group, Format, BLOCK};
 
 const R: usize = 8;

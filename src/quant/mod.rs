@@ -56,6 +56,9 @@ pub const TILE_T: usize = 4;
 /// Largest `R` of any kernel.
 pub(crate) const MAX_R: usize = 16;
 
+/// One kernel call's results: `TILE_T` tokens × up to `MAX_R` rows.
+pub(crate) type Tile = [[f32; MAX_R]; TILE_T];
+
 /// A GGUF block format with a native kernel here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Format {

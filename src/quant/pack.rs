@@ -19,10 +19,7 @@
 use half::f16;
 
 use super::act::Acts;
-use super::{Format, Isa, BLOCK, MAX_R, TILE_T};
-
-/// One kernel call's results: `TILE_T` tokens × up to `MAX_R` rows.
-pub(crate) type Tile = [[f32; MAX_R]; TILE_T];
+use super::{Format, Isa, Tile, BLOCK, MAX_R, TILE_T};
 
 /// A weight matrix (`n` rows of `k` values) repacked for one instruction set's kernels.
 pub struct PackedMatrix {

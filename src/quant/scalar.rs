@@ -3,7 +3,7 @@
 use half::f16;
 
 use super::act::Acts;
-use super::pack::Tile;
+use super::Tile;
 use super::{Format, BLOCK};
 
 const R: usize = 8;

@@ -76,7 +76,7 @@ impl TestServer {
         let health = server.health.clone();
         let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics_addr = metrics_listener.local_addr().unwrap();
-        tokio::spawn(swapd::metrics::serve(
+        tokio::spawn(swapd::scrape::serve(
             metrics_listener,
             server.metrics_endpoint(),
             std::future::pending(),

@@ -27,7 +27,6 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::manifest::ModelSpec;
 use crate::memory;
-use crate::metrics::phase_name;
 use crate::model::preflight;
 use crate::model::{self, FileDigest, ModelError, ModelVersion, Resolver};
 

@@ -8,8 +8,7 @@ use tokio::sync::mpsc;
 
 use super::super::persist::{AuditRecord, StateStore};
 use super::super::Slot;
-use super::{unix_ms, Phase, PhaseEvent, PhaseState, ReloadEvent, ReloadOutcome};
-use crate::metrics::phase_name;
+use super::{phase_name, unix_ms, Phase, PhaseEvent, PhaseState, ReloadEvent, ReloadOutcome};
 
 /// Sends events to whoever listens and records the phase on the slot.
 pub(super) struct Run {
@@ -133,8 +132,19 @@ impl Run {
             *entry = (entry.0 + 1, Instant::now());
         }
         drop(st);
+        let o = &self.outcome;
+        let sample = crate::metrics::ReloadSample {
+            committed: o.committed,
+            phases: o
+                .timings
+                .iter()
+                .map(|(p, d)| (phase_name(*p), *d))
+                .collect(),
+            failed_check: o.failed_check.as_deref(),
+            bytes_released: o.bytes_released,
+        };
         self.metrics
-            .reload_done(&self.slot.spec.name, self.action, &self.outcome);
+            .reload_done(&self.slot.spec.name, self.action, &sample);
         if let Some(store) = &self.store {
             if let Err(e) = store.audit(&self.record("end")) {
                 tracing::error!(error = %e, dir = %store.dir().display(), "cannot append to the audit log");

@@ -21,6 +21,20 @@ pub enum Phase {
     Free,
 }
 
+/// A phase's name in metrics, logs and fault-injection points.
+pub fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Resolve => "resolve",
+        Phase::Verify => "verify",
+        Phase::Admit => "admit",
+        Phase::Load => "load",
+        Phase::Preflight => "preflight",
+        Phase::Swap => "swap",
+        Phase::Drain => "drain",
+        Phase::Free => "free",
+    }
+}
+
 impl Phase {
     /// Every phase, in order.
     pub const ALL: [Phase; 8] = [
