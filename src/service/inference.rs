@@ -7,7 +7,7 @@ use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, version_ref};
-use super::{deadline, status};
+use super::{before_deadline, deadline, status};
 use crate::engine::{self, Engine, GenEvent};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -161,7 +161,7 @@ impl Inference for InferenceService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let started = Instant::now();
         let model = self.label(&req.get_ref().model);
-        match self.generate_inner(req).await {
+        match before_deadline(deadline(&req), self.generate_inner(req)).await {
             Ok(stream) => Ok(Response::new(Box::pin(Recorded {
                 inner: stream,
                 metrics: self.engine.metrics.clone(),
@@ -183,7 +183,7 @@ impl Inference for InferenceService {
     ) -> Result<Response<proto::EmbedResponse>, Status> {
         let started = Instant::now();
         let model = req.get_ref().model.clone();
-        let r = self.embed_inner(req).await;
+        let r = before_deadline(deadline(&req), self.embed_inner(req)).await;
         self.done(&model, "Embed", started, &r);
         r
     }
@@ -194,7 +194,7 @@ impl Inference for InferenceService {
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
         let started = Instant::now();
         let model = req.get_ref().model.clone();
-        let r = self.tokenize_inner(req).await;
+        let r = before_deadline(deadline(&req), self.tokenize_inner(req)).await;
         self.done(&model, "Tokenize", started, &r);
         r
     }

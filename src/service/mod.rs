@@ -55,6 +55,31 @@ pub fn model_label<'a>(registry: &crate::registry::Registry, model: &'a str) -> 
     }
 }
 
+/// How much before the caller's deadline the part of a call before its response is cut.
+const BEFORE_TONIC: Duration = Duration::from_millis(2);
+
+/// Runs the part of a call before its response starts within the caller's deadline, a
+/// little before tonic's own timer. tonic ends a call whose response has not started by the
+/// `grpc-timeout` with CANCELLED ("Timeout expired"); a passed deadline is
+/// DEADLINE_EXCEEDED, and time spent waiting before the first byte never counts against a
+/// version (`Error::DeadlineWaiting`).
+pub async fn before_deadline<T>(
+    deadline: Option<Instant>,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    let Some(d) = deadline else {
+        return call.await;
+    };
+    let cut = d.checked_sub(BEFORE_TONIC).unwrap_or(d);
+    tokio::time::timeout_at(cut.into(), call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(status(Error::DeadlineWaiting(
+                "the deadline passed before the response started".into(),
+            )))
+        })
+}
+
 /// The caller's deadline from the `grpc-timeout` header, if it sent one.
 pub fn deadline<T>(req: &tonic::Request<T>) -> Option<Instant> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -82,6 +107,24 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_cut_by_its_deadline_is_deadline_exceeded_before_tonic_cancels_it() {
+        let start = Instant::now();
+        let never = std::future::pending::<Result<(), tonic::Status>>();
+        let r = before_deadline(Some(start + Duration::from_millis(30)), never).await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+        // Cut before the deadline itself, where tonic's timer would answer CANCELLED.
+        assert!(start.elapsed() < Duration::from_millis(30) + Duration::from_millis(25));
+        let done = before_deadline(Some(start), async { Ok::<_, tonic::Status>(7) }).await;
+        assert_eq!(done.unwrap(), 7, "a call that is ready is not cut");
+        assert_eq!(
+            before_deadline(None, async { Ok::<_, tonic::Status>(1) })
+                .await
+                .unwrap(),
+            1
+        );
+    }
 
     #[test]
     fn grpc_timeouts() {
