@@ -21,7 +21,7 @@ pub fn snapshot(registry: &Registry, engine: &Engine, device: &Device) -> Snapsh
                 version: v.version.clone(),
                 generation: v.generation(),
                 sha256: v.weights_sha256().to_string(),
-                device: v.device.clone(),
+                device: v.device(),
             });
         }
         for (t, role) in slot.live_versions() {

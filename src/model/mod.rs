@@ -85,8 +85,6 @@ pub struct ModelVersion {
     /// The source as configured (a path or an `hf://` URI).
     pub source: String,
     pub files: Vec<FileDigest>,
-    /// `cpu` or `cuda:N`.
-    pub device: String,
     pub loaded_at: SystemTime,
     /// Bytes of weights held on the device.
     pub weight_bytes: u64,
@@ -145,6 +143,11 @@ impl ModelVersion {
     /// Fires once this version, its weights and its stream lease have all dropped.
     pub fn drop_watch(&self) -> DropWatch {
         self.dropped.watch()
+    }
+
+    /// `cpu` or `cuda:N`: where it loaded.
+    pub fn device(&self) -> String {
+        self.on.label()
     }
 
     /// The pooled stream it runs on (a GPU only).
@@ -223,7 +226,7 @@ impl std::fmt::Debug for ModelVersion {
             .field("name", &self.name)
             .field("version", &self.version)
             .field("generation", &self.generation())
-            .field("device", &self.device)
+            .field("device", &self.device())
             .finish_non_exhaustive()
     }
 }
@@ -314,7 +317,6 @@ fn load_files(
         generation: AtomicU64::new(generation),
         source: spec.source.clone(),
         files: digests,
-        device: device.label(),
         loaded_at: SystemTime::now(),
         weight_bytes,
         defaults: spec.defaults.clone(),
@@ -349,7 +351,7 @@ pub async fn load(
     tracing::info!(
         model = %version.name,
         version = %version.version,
-        device = %version.device,
+        device = %version.device(),
         weight_bytes = version.weight_bytes,
         secs = started.elapsed().as_secs_f64(),
         "model loaded"

@@ -121,7 +121,7 @@ impl Slot {
             version: Arc::downgrade(v),
             name: v.version.clone(),
             generation: v.generation(),
-            device: v.device.clone(),
+            device: v.device(),
             weight_bytes: v.weight_bytes,
             stats: v.stats().clone(),
         };

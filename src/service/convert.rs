@@ -164,7 +164,7 @@ pub fn model_info(v: &ModelVersion) -> proto::ModelInfo {
         name: v.name.clone(),
         kind: kind as i32,
         version: Some(version_ref(v)),
-        device: v.device.clone(),
+        device: v.device(),
         context_length: v.context_length() as u32,
         weight_bytes: v.weight_bytes,
         source: v.source.clone(),
