@@ -1,6 +1,8 @@
 //! swapd's quantized matmul (`QLinear`) against candle's `QMatMul` at SmolLM2-135M's real
 //! shapes: hidden 576, intermediate 1536, 9 query / 3 key-value heads of 64, vocabulary
-//! 49152 (the tied Q8_0 output head); decode (m = 1) and prefill (m = 64, 273) rows.
+//! 49152 (the tied Q8_0 output head); decode (m = 1) and prefill (m = 64, 273) rows; and
+//! Gemma 3 270M's Q4_K_M formats at its shapes (Q5_0 gate/up 2048×640, Q4_K attn_output
+//! 640×1024, Q6_K ffn_down 640×2048).
 //! Both sides take an f32 tensor and return one (activation quantization included).
 //! Throughput is in FLOP (2·m·n·k per product): criterion's "elem/s" reads as FLOP/s.
 //!
@@ -17,7 +19,7 @@ fn weights(n: usize, k: usize, dtype: GgmlDType) -> QTensor {
 
 fn bench(c: &mut Criterion) {
     // (name, n, k, dtype, token counts)
-    let shapes: [(&str, usize, usize, GgmlDType, &[usize]); 5] = [
+    let shapes: [(&str, usize, usize, GgmlDType, &[usize]); 8] = [
         ("attn_q/o 576x576", 576, 576, GgmlDType::Q4_1, &[1, 64, 273]),
         ("attn_k/v 192x576", 192, 576, GgmlDType::Q4_1, &[1, 64, 273]),
         (
@@ -35,6 +37,27 @@ fn bench(c: &mut Criterion) {
             &[1, 64, 273],
         ),
         ("output 49152x576 q8_0", 49152, 576, GgmlDType::Q8_0, &[1]),
+        (
+            "gemma3 ffn_gate 2048x640 q5_0",
+            2048,
+            640,
+            GgmlDType::Q5_0,
+            &[1, 64],
+        ),
+        (
+            "gemma3 attn_output 640x1024 q4_k",
+            640,
+            1024,
+            GgmlDType::Q4K,
+            &[1, 64],
+        ),
+        (
+            "gemma3 ffn_down 640x2048 q6_k",
+            640,
+            2048,
+            GgmlDType::Q6K,
+            &[1, 64],
+        ),
     ];
     let isas: Vec<Isa> = Isa::supported()
         .into_iter()

@@ -34,6 +34,7 @@ fn random_weights(rng: &mut StdRng, format: Format, n: usize, k: usize) -> Vec<u
             }
             Format::Q4_0 => raw.extend((0..16).map(|_| rng.random::<u8>())),
             Format::Q8_0 => raw.extend((0..32).map(|_| rng.random::<u8>())),
+            Format::Q4K | Format::Q6K => unreachable!("see random_k_weights"),
         }
     }
     raw
@@ -78,6 +79,7 @@ fn dequant_f64(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f64> {
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f64 + m));
             }
             Format::Q8_0 => out.extend(blk[2..34].iter().map(|&q| d * q as i8 as f64)),
+            Format::Q4K | Format::Q6K => unreachable!("see dequant_k_f64"),
         }
     }
     out
@@ -409,11 +411,11 @@ fn qlinear_forward_shapes_fallback_and_forward_many() {
             assert_eq!(single, want, "{isa:?} forward");
         }
     }
-    // K-quants go to candle's QMatMul, unchanged.
+    // Formats without a kernel here (Q5_K) go to candle's QMatMul, unchanged.
     let w = Tensor::from_slice(&random_acts(&mut rng, 8, 256), (8, 256), &Device::Cpu).unwrap();
-    let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q5K).unwrap();
     let x = Tensor::from_slice(&random_acts(&mut rng, 2, 256), (2, 256), &Device::Cpu).unwrap();
-    let l = QLinear::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+    let l = QLinear::from_qtensor(QTensor::quantize(&w, GgmlDType::Q5K).unwrap()).unwrap();
     assert!(!l.is_native());
     let want = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
     let got = l.forward(&x).unwrap();
@@ -456,4 +458,202 @@ fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
             }
         }
     }
+}
+
+/// Random GGUF bytes of a K-quant `n × k` matrix: random scales, mins and quants over their
+/// whole range.
+fn random_k_weights(rng: &mut StdRng, format: Format, n: usize, k: usize) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for _ in 0..n * k / 256 {
+        let d = f16::from_f32(rng.random_range(0.00005f32..0.004));
+        match format {
+            Format::Q4K => {
+                raw.extend_from_slice(&d.to_le_bytes());
+                let dmin = f16::from_f32(rng.random_range(0.0f32..0.004));
+                raw.extend_from_slice(&dmin.to_le_bytes());
+                raw.extend((0..12 + 128).map(|_| rng.random::<u8>()));
+            }
+            Format::Q6K => {
+                raw.extend((0..128 + 64 + 16).map(|_| rng.random::<u8>()));
+                raw.extend_from_slice(&d.to_le_bytes());
+            }
+            _ => unreachable!(),
+        }
+    }
+    raw
+}
+
+/// K-quant values as f64, written from ggml's reference `dequantize_row_q4_K` / `_q6_K`
+/// (independently of the crate's own dequantizer).
+fn dequant_k_f64(format: Format, raw: &[u8]) -> Vec<f64> {
+    let f = |b: &[u8], o: usize| f16::from_le_bytes([b[o], b[o + 1]]).to_f64();
+    let mut y = Vec::new();
+    match format {
+        Format::Q4K => {
+            for b in raw.chunks_exact(144) {
+                let (d, dmin, s, q) = (f(b, 0), f(b, 2), &b[4..16], &b[16..144]);
+                let scale_min = |j: usize| -> (f64, f64) {
+                    if j < 4 {
+                        ((s[j] & 63) as f64, (s[j + 4] & 63) as f64)
+                    } else {
+                        (
+                            ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4)) as f64,
+                            ((s[j + 4] >> 4) | ((s[j] >> 6) << 4)) as f64,
+                        )
+                    }
+                };
+                for j in 0..4 {
+                    let (sc1, m1) = scale_min(2 * j);
+                    let (sc2, m2) = scale_min(2 * j + 1);
+                    let qs = &q[32 * j..32 * j + 32];
+                    y.extend(qs.iter().map(|&v| d * sc1 * (v & 0xF) as f64 - dmin * m1));
+                    y.extend(qs.iter().map(|&v| d * sc2 * (v >> 4) as f64 - dmin * m2));
+                }
+            }
+        }
+        Format::Q6K => {
+            for b in raw.chunks_exact(210) {
+                let d = f(b, 208);
+                let mut out = [0f64; 256];
+                for n in 0..2 {
+                    let (ql, qh, sc) = (&b[64 * n..], &b[128 + 32 * n..], &b[192 + 8 * n..]);
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let s = |i: usize| sc[i] as i8 as f64;
+                        out[128 * n + l] = d * s(is) * q1 as f64;
+                        out[128 * n + l + 32] = d * s(is + 2) * q2 as f64;
+                        out[128 * n + l + 64] = d * s(is + 4) * q3 as f64;
+                        out[128 * n + l + 96] = d * s(is + 6) * q4 as f64;
+                    }
+                }
+                y.extend_from_slice(&out);
+            }
+        }
+        _ => unreachable!(),
+    }
+    y
+}
+
+#[test]
+fn k_quant_kernels_match_float64_references_candle_and_each_other_bit_for_bit() {
+    let isas = Isa::supported();
+    let mut rng = StdRng::seed_from_u64(0x4b);
+    for format in [Format::Q4K, Format::Q6K] {
+        for case_no in 0..30 {
+            let k = 256 * [1, 2, 3, 4, 5, 8][rng.random_range(0..6)];
+            let n = [1, 3, 7, 8, 9, 15, 17, 33, 70][rng.random_range(0..9)];
+            let m = [1, 2, 3, 4, 5, 7, 9][rng.random_range(0..7)];
+            let label = format!("{format:?} n={n} k={k} m={m} (case {case_no})");
+            let raw = random_k_weights(&mut rng, format, n, k);
+            let x = random_acts(&mut rng, m, k);
+            let w64 = dequant_k_f64(format, &raw);
+            // The crate's dequantizer agrees with ggml's reference exactly.
+            let deq = dequantize(format, &raw, n, k);
+            for (i, (&a, &b)) in deq.iter().zip(&w64).enumerate() {
+                assert!((a as f64 - b).abs() <= b.abs() * 1e-6, "{label}: value {i}");
+            }
+            let mut first: Option<Vec<f32>> = None;
+            for &isa in &isas {
+                let w = PackedMatrix::pack(format, &raw, n, k, isa).unwrap();
+                let acts = Acts::quantize(w.act_kind(), &x, m, k, isa);
+                let got = w.matmul_quantized(&acts);
+                // Against the quantized activations (exact in f64) and the original ones.
+                for t in 0..m {
+                    let (qs, d) = (acts.qs_row(t), acts.d_row(t));
+                    for r in 0..n {
+                        let (mut exact, mut mag, mut fl, mut bound) = (0f64, 0f64, 0f64, 0f64);
+                        for sb in 0..k / 256 {
+                            let mut s = 0f64;
+                            let mut wabs = 0f64;
+                            for i in 0..256 {
+                                let wi = w64[r * k + sb * 256 + i];
+                                s += wi * qs[sb * 256 + i] as i8 as f64;
+                                fl += wi * x[t * k + sb * 256 + i] as f64;
+                                wabs += wi.abs();
+                            }
+                            exact += s * d[sb] as f64;
+                            mag += (s * d[sb] as f64).abs() + wabs * 127.0 * d[sb].abs() as f64;
+                            // |d·q − x| ≤ |d|/2 (+ f32 rounding of x·iscale).
+                            bound += 0.5001 * d[sb].abs() as f64 * wabs;
+                        }
+                        let g = got[t * n + r] as f64;
+                        let tol = 16.0 * f32::EPSILON as f64 * mag + 1e-30;
+                        assert!(
+                            (g - exact).abs() <= tol,
+                            "{label} {isa:?}: [{t},{r}] {g} vs quantized-activation reference {exact} (tol {tol:e})"
+                        );
+                        assert!(
+                            (g - fl).abs() <= bound + tol,
+                            "{label} {isa:?}: [{t},{r}] {g} vs float64 reference {fl}"
+                        );
+                    }
+                }
+                // One token alone gives the bits it gets in the batch.
+                let one = Acts::quantize(w.act_kind(), &x[(m - 1) * k..], 1, k, isa);
+                assert_eq!(
+                    w.matmul_quantized(&one),
+                    got[(m - 1) * n..],
+                    "{label} {isa:?}"
+                );
+                match &first {
+                    None => first = Some(got),
+                    Some(s) => assert_eq!(&got, s, "{label}: {isa:?} differs from scalar"),
+                }
+            }
+            // candle's own kernels on the same bytes, within the activation bound.
+            let q = candle_qtensor(format, &raw, n, k);
+            let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+            let theirs = QMatMul::from_qtensor(q)
+                .unwrap()
+                .forward(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let ours = first.unwrap();
+            for (i, (&a, &b)) in ours.iter().zip(&theirs).enumerate() {
+                let (t, r) = (i / n, i % n);
+                let wabs: f64 = w64[r * k..(r + 1) * k].iter().map(|v| v.abs()).sum();
+                let amax = x[t * k..(t + 1) * k]
+                    .iter()
+                    .fold(0f32, |a, v| a.max(v.abs()));
+                let tol = 2.0 * 0.51 * (amax as f64 / 127.0) * wabs + 1e-6;
+                assert!(
+                    ((a - b) as f64).abs() <= tol,
+                    "{label}: [{t},{r}] ours {a} vs candle {b} (tol {tol:e})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn q5_0_widens_into_q8_0_with_the_same_values() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (n, k) = (9, 96);
+    let mut raw = Vec::new();
+    for _ in 0..n * k / 32 {
+        raw.extend_from_slice(&f16::from_f32(rng.random_range(0.001f32..0.05)).to_le_bytes());
+        raw.extend((0..20).map(|_| rng.random::<u8>()));
+    }
+    let wide = swapd::quant::widen_q5_0(&raw).unwrap();
+    let theirs = candle_qtensor_dtype(GgmlDType::Q5_0, &raw, n, k)
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(dequantize(Format::Q8_0, &wide, n, k), theirs);
+    assert!(swapd::quant::widen_q5_0(&raw[..21]).is_err());
+}
+
+fn candle_qtensor_dtype(dtype: GgmlDType, raw: &[u8], n: usize, k: usize) -> QTensor {
+    let storage = QStorage::from_data(Cow::Borrowed(raw), &Device::Cpu, dtype).unwrap();
+    QTensor::new(storage, (n, k)).unwrap()
 }

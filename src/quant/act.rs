@@ -17,6 +17,27 @@ pub enum ActKind {
     Q8_0,
     /// Q8_0 stored as `q + 128` (unsigned), for VNNI's unsigned × signed products.
     Q8_0Unsigned,
+    /// Q8_K, for the K-quants: 256-value blocks with an f32 scale (`d`, one per 256) and
+    /// the exact sum of every 16 quants (`s`, sixteen per 256); see `kquant`.
+    Q8K,
+}
+
+impl ActKind {
+    /// Values per scale.
+    pub fn block(self) -> usize {
+        match self {
+            ActKind::Q8K => super::kquant::QK_K,
+            _ => BLOCK,
+        }
+    }
+
+    /// Values per stored sum.
+    fn sum_block(self) -> usize {
+        match self {
+            ActKind::Q8K => 16,
+            _ => BLOCK,
+        }
+    }
 }
 
 /// Quantized activations: `m` rows of `k` values.
@@ -55,6 +76,24 @@ impl Acts {
 
     /// Quantizes `x` into this buffer, reusing its allocations.
     pub fn quantize_into(&mut self, x: &[f32], m: usize, k: usize, isa: Isa) {
+        if self.kind == ActKind::Q8K {
+            let qk = super::kquant::QK_K;
+            assert!(k.is_multiple_of(qk), "k = {k} is not a multiple of {qk}");
+            assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
+            self.m = m;
+            self.k = k;
+            self.qs.resize(m * k, 0);
+            self.d.resize(m * k / qk, 0.0);
+            self.s.resize(m * k / 16, 0.0);
+            let blocks = x
+                .chunks_exact(qk)
+                .zip(self.qs.chunks_exact_mut(qk))
+                .zip(self.d.iter_mut().zip(self.s.chunks_exact_mut(16)));
+            for ((xb, qb), (d, s)) in blocks {
+                *d = super::kquant::quantize_q8k(xb, qb, s);
+            }
+            return;
+        }
         assert!(
             k.is_multiple_of(BLOCK),
             "k = {k} is not a multiple of {BLOCK}"
@@ -116,13 +155,13 @@ impl Acts {
 
     /// The block scales of row `t`.
     pub fn d_row(&self, t: usize) -> &[f32] {
-        let nb = self.k / BLOCK;
+        let nb = self.k / self.kind.block();
         &self.d[t * nb..(t + 1) * nb]
     }
 
     /// The block sums of row `t`.
     pub fn s_row(&self, t: usize) -> &[f32] {
-        let nb = self.k / BLOCK;
+        let nb = self.k / self.kind.sum_block();
         &self.s[t * nb..(t + 1) * nb]
     }
 }
@@ -141,7 +180,7 @@ fn scales(amax: f32) -> (f32, f32) {
 fn finish(kind: ActKind, d: f32, sum: i32) -> (f32, f32) {
     let s = match kind {
         ActKind::Q8_1 => round_f16(d * sum as f32),
-        ActKind::Q8_0 | ActKind::Q8_0Unsigned => sum as f32,
+        ActKind::Q8_0 | ActKind::Q8_0Unsigned | ActKind::Q8K => sum as f32,
     };
     (round_f16(d), s)
 }

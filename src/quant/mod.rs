@@ -1,5 +1,10 @@
 //! Quantized matrix multiplication for the GGUF block formats the served models use (Q4_1,
-//! Q4_0, Q8_0) on the CPU, with explicit SIMD kernels.
+//! Q4_0, Q8_0, Q5_0 and the K-quants Q4_K and Q6_K) on the CPU, with explicit SIMD kernels.
+//!
+//! Q5_0 (`d·(q − 16)`, 5-bit `q`) is widened at load into Q8_0 blocks with the same scale:
+//! `q − 16` fits a signed byte, so the values, and llama.cpp's `q5_0·q8_0` integer sums,
+//! are exactly those of the Q8_0 kernel; the price is 34 bytes a block instead of 22. The
+//! K-quants keep their GGUF rows and run the kernels of [`kquant`].
 //!
 //! candle's own CPU path for Q4_1 runs a scalar dot product per (token, weight row). Here a
 //! weight matrix is repacked once at load time into groups of `R` interleaved rows (8 for the
@@ -29,6 +34,7 @@ mod act;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod kquant;
 mod linear;
 mod pack;
 mod scalar;
@@ -46,8 +52,45 @@ pub const BLOCK: usize = 32;
 /// (and is kept packed): a 2-D matrix in a supported format whose rows are whole blocks.
 pub fn packs(dtype: candle_core::quantized::GgmlDType, dims: &[usize], on_cpu: bool) -> bool {
     on_cpu
-        && Format::from_ggml(dtype).is_some()
-        && matches!(dims, &[_, k] if k.is_multiple_of(BLOCK))
+        && match (Format::packing(dtype), dims) {
+            (Some(f), &[_, k]) => k > 0 && k.is_multiple_of(f.values_per_block()),
+            _ => false,
+        }
+}
+
+/// Bytes a `dims` matrix of `dtype` takes once packed (`None` when it does not pack): the
+/// GGUF size, plus Q8_0's per-block sums and Q5_0's widening.
+pub fn packed_bytes(dtype: candle_core::quantized::GgmlDType, dims: &[usize]) -> Option<u64> {
+    let f = Format::packing(dtype)?;
+    let &[n, k] = dims else { return None };
+    let blocks = (n as u64) * (k / f.values_per_block()) as u64;
+    Some(match f {
+        Format::Q8_0 => blocks * 36,
+        _ => blocks * f.block_bytes() as u64,
+    })
+}
+
+/// Widens Q5_0 blocks (`d: f16, qh: u32, qs: [u8; 16]`, 22 bytes) into Q8_0 blocks (`d`,
+/// `q − 16` as 32 signed bytes) holding exactly the same values.
+pub fn widen_q5_0(raw: &[u8]) -> Result<Vec<u8>, String> {
+    if !raw.len().is_multiple_of(22) {
+        return Err(format!(
+            "{} bytes is not a whole number of Q5_0 blocks",
+            raw.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(raw.len() / 22 * 34);
+    for b in raw.chunks_exact(22) {
+        out.extend_from_slice(&b[0..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        for j in 0..32 {
+            let nib = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+            let q = nib | ((((qh >> j) & 1) as u8) << 4);
+            out.push((q as i8 - 16) as u8);
+        }
+    }
+    Ok(out)
 }
 
 /// Tokens one kernel call handles at most (the micro-tile is `R` rows × `TILE_T` tokens).
@@ -65,6 +108,10 @@ pub enum Format {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// 256-value super-blocks, 4.5 bits a value ([`kquant`]).
+    Q4K,
+    /// 256-value super-blocks, 6.5625 bits a value ([`kquant`]).
+    Q6K,
 }
 
 impl Format {
@@ -75,7 +122,31 @@ impl Format {
             G::Q4_0 => Some(Self::Q4_0),
             G::Q4_1 => Some(Self::Q4_1),
             G::Q8_0 => Some(Self::Q8_0),
+            G::Q4K => Some(Self::Q4K),
+            G::Q6K => Some(Self::Q6K),
             _ => None,
+        }
+    }
+
+    /// The format a GGUF dtype is packed into: its own, or Q8_0 for Q5_0 (widened).
+    pub fn packing(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        match dtype {
+            candle_core::quantized::GgmlDType::Q5_0 => Some(Self::Q8_0),
+            d => Self::from_ggml(d),
+        }
+    }
+
+    /// Whether this is a K-quant (256-value super-blocks, kernels in [`kquant`]).
+    pub fn is_k(self) -> bool {
+        matches!(self, Self::Q4K | Self::Q6K)
+    }
+
+    /// Values per GGUF block.
+    pub fn values_per_block(self) -> usize {
+        if self.is_k() {
+            kquant::QK_K
+        } else {
+            BLOCK
         }
     }
 
@@ -86,30 +157,34 @@ impl Format {
             Self::Q4_0 => G::Q4_0,
             Self::Q4_1 => G::Q4_1,
             Self::Q8_0 => G::Q8_0,
+            Self::Q4K => G::Q4K,
+            Self::Q6K => G::Q6K,
         }
     }
 
-    /// Bytes of one GGUF block (one row, 32 values).
+    /// Bytes of one GGUF block (one row: 32 values, or 256 for the K-quants).
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q6K => 210,
         }
     }
 
-    /// Bytes of one repacked block of `r` interleaved rows.
+    /// Bytes of one repacked block of `r` interleaved rows (K-quants: `r` GGUF blocks).
     pub(crate) fn packed_block_bytes(self, r: usize) -> usize {
         match self {
-            Self::Q4_0 => r * 18,
-            Self::Q4_1 => r * 20,
             Self::Q8_0 => r * 36,
+            f => r * f.block_bytes(),
         }
     }
 
     /// How activations are quantized for this weight format and instruction set.
     pub(crate) fn act_kind(self, isa: Isa) -> act::ActKind {
         match (self, isa) {
+            (Self::Q4K | Self::Q6K, _) => act::ActKind::Q8K,
             (Self::Q4_1, _) => act::ActKind::Q8_1,
             // The VNNI kernel multiplies unsigned activations with signed weights.
             (Self::Q8_0, Isa::Avx512) => act::ActKind::Q8_0Unsigned,

@@ -51,6 +51,9 @@ impl PackedMatrix {
         if !isa.is_supported() {
             return Err(format!("{isa:?} is not supported by this CPU"));
         }
+        if format.is_k() {
+            return Self::keep_rows(format, raw, n, k, isa);
+        }
         if k == 0 || !k.is_multiple_of(BLOCK) {
             return Err(format!("k = {k} is not a positive multiple of {BLOCK}"));
         }
@@ -89,6 +92,7 @@ impl PackedMatrix {
                                 dst[at..at + 2].copy_from_slice(&src[2..4]);
                             }
                         }
+                        Format::Q4K | Format::Q6K => unreachable!("kept as rows"),
                         Format::Q8_0 => {
                             let qs = &src[2..34];
                             for j in 0..8 {
@@ -111,6 +115,40 @@ impl PackedMatrix {
             k,
             data,
         })
+    }
+
+    /// A K-quant matrix: its GGUF rows as they are, run in groups of `R` rows.
+    fn keep_rows(format: Format, raw: &[u8], n: usize, k: usize, isa: Isa) -> Result<Self, String> {
+        let qk = format.values_per_block();
+        if k == 0 || !k.is_multiple_of(qk) {
+            return Err(format!("k = {k} is not a positive multiple of {qk}"));
+        }
+        let want = n * (k / qk) * format.block_bytes();
+        if raw.len() != want {
+            return Err(format!(
+                "{format:?} {n}×{k} needs {want} bytes, got {}",
+                raw.len()
+            ));
+        }
+        Ok(Self {
+            format,
+            isa,
+            n,
+            k,
+            data: raw.to_vec(),
+        })
+    }
+
+    /// The bytes of group `g` (its rows' packed blocks, or for K-quants its GGUF rows).
+    fn group_data(&self, g: usize) -> &[u8] {
+        let r = self.isa.rows();
+        if self.format.is_k() {
+            let rb = self.k / self.format.values_per_block() * self.format.block_bytes();
+            let end = ((g + 1) * r).min(self.n);
+            return &self.data[g * r * rb..end * rb];
+        }
+        let gb = self.k / BLOCK * self.format.packed_block_bytes(r);
+        &self.data[g * gb..(g + 1) * gb]
     }
 
     pub fn format(&self) -> Format {
@@ -143,12 +181,24 @@ impl PackedMatrix {
         assert!(row < self.n, "row {row} of {}", self.n);
         assert_eq!(out.len(), self.k, "row length");
         let r = self.isa.rows();
-        let nb = self.k / BLOCK;
+        if self.format.is_k() {
+            let bb = self.format.block_bytes();
+            let rb = self.k / super::kquant::QK_K * bb;
+            let src = &self.data[row * rb..(row + 1) * rb];
+            for (blk, dst) in src
+                .chunks_exact(bb)
+                .zip(out.chunks_exact_mut(super::kquant::QK_K))
+            {
+                super::kquant::dequantize_block(self.format, blk, dst);
+            }
+            return;
+        }
         let pb = self.format.packed_block_bytes(r);
         let (gi, ri) = (row / r, row % r);
-        let group = &self.data[gi * nb * pb..(gi + 1) * nb * pb];
+        let group = self.group_data(gi);
         for (src, dst) in group.chunks_exact(pb).zip(out.chunks_exact_mut(BLOCK)) {
             match self.format {
+                Format::Q4K | Format::Q6K => unreachable!("handled above"),
                 Format::Q4_0 | Format::Q4_1 => {
                     let d = rd_f16(src, 16 * r + 2 * ri).to_f32();
                     let m = if self.format == Format::Q4_1 {
@@ -210,9 +260,7 @@ impl PackedMatrix {
     /// access the elements of this group's rows while this runs.
     pub(crate) unsafe fn run_group(&self, g: usize, acts: &Acts, out: *mut f32, out_len: usize) {
         let r = self.isa.rows();
-        let nb = self.k / BLOCK;
-        let pb = self.format.packed_block_bytes(r);
-        let gdata = &self.data[g * nb * pb..(g + 1) * nb * pb];
+        let gdata = self.group_data(g);
         assert_eq!(acts.k(), self.k, "activations have the wrong width");
         assert_eq!(
             acts.kind(),
@@ -227,7 +275,13 @@ impl PackedMatrix {
         let mut t0 = 0;
         while t0 < m {
             let nt = TILE_T.min(m - t0);
-            self.kernel(gdata, acts, t0, nt, &mut tile);
+            if self.format.is_k() {
+                let nsb = self.k / super::kquant::QK_K;
+                let simd = self.isa != Isa::Scalar;
+                super::kquant::kernel(self.format, simd, gdata, rows, nsb, acts, t0, nt, &mut tile);
+            } else {
+                self.kernel(gdata, acts, t0, nt, &mut tile);
+            }
             for (t, vals) in tile.iter().enumerate().take(nt) {
                 let at = (t0 + t) * self.n + row0;
                 debug_assert!(at + rows <= out_len);
@@ -264,6 +318,14 @@ impl PackedMatrix {
 pub fn dequantize(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f32> {
     let bb = format.block_bytes();
     let mut out = Vec::with_capacity(n * k);
+    if format.is_k() {
+        let qk = super::kquant::QK_K;
+        out.resize(n * k, 0.0);
+        for (src, dst) in raw.chunks_exact(bb).zip(out.chunks_exact_mut(qk)) {
+            super::kquant::dequantize_block(format, src, dst);
+        }
+        return out;
+    }
     for src in raw.chunks_exact(bb).take(n * k / BLOCK) {
         let d = rd_f16(src, 0).to_f32();
         match format {
@@ -277,6 +339,7 @@ pub fn dequantize(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
             }
             Format::Q8_0 => out.extend(src[2..34].iter().map(|&q| d * q as i8 as f32)),
+            Format::Q4K | Format::Q6K => unreachable!("handled above"),
         }
     }
     out
