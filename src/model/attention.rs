@@ -53,11 +53,17 @@ impl Rope {
     }
 }
 
-/// One layer's keys and values of one sequence: token-major, `[token][kv_head][head_dim]`.
+/// One layer's keys and values of one sequence: token-major, `[token][kv_head][head_dim]`,
+/// from position `base` on. A sliding-window layer forgets what no later row can see: once
+/// a window's worth of positions has fallen out of sight, they are dropped in one move, so
+/// it holds at most two windows plus the rows of one step, and each token is moved at most
+/// once.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LayerKv {
     k: Vec<f32>,
     v: Vec<f32>,
+    base: usize,
+    window: Option<usize>,
 }
 
 fn round_f16(x: &mut [f32]) {
@@ -83,13 +89,34 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// How scores are scaled and how far back a row sees.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    /// Factor on `q·k` (`1/√d` for most models; Gemma 3 names its own).
+    pub scale: f64,
+    /// A sliding window: a row at position `p` sees positions `p − window + 1 ..= p`
+    /// (llama.cpp's standard SWA). `None`: every earlier position.
+    pub window: Option<usize>,
+}
+
+impl Span {
+    /// Full causal attention scaled by `1/√head_dim`.
+    pub fn causal(head_dim: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            window: None,
+        }
+    }
+}
+
 /// Attention of `n` new rows of one sequence whose cache holds `pos` tokens: `q` is
 /// `n × n_head·d`, `k` and `v` are `n × n_kv_head·d` (projections, before RoPE). The keys and
 /// values join `cache`; `out` (`n × n_head·d`) receives each row's attention over every
-/// token up to its own.
+/// token up to its own (within `span`'s window).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     h: Heads,
+    span: Span,
     rope: &Rope,
     q: &[f32],
     k: &[f32],
@@ -105,11 +132,22 @@ pub(crate) fn attend(
     assert_eq!(k.len(), n * kw, "keys");
     assert_eq!(v.len(), n * kw, "values");
     assert_eq!(out.len(), n * qw, "output");
+    if let Some(w) = cache.window {
+        // The first row of this step sees positions from `pos + 1 − w` on.
+        let seen_from = (pos + 1).saturating_sub(w);
+        if seen_from - cache.base >= w {
+            let dead = (seen_from - cache.base) * kw;
+            cache.k.drain(..dead);
+            cache.v.drain(..dead);
+            cache.base = seen_from;
+        }
+    }
     assert_eq!(
-        cache.k.len(),
-        pos * kw,
+        cache.base + cache.k.len() / kw.max(1),
+        pos,
         "the cache is not at position {pos}"
     );
+    let base = cache.base;
     let mut q = q.to_vec();
     for (i, row) in q.chunks_exact_mut(qw).enumerate() {
         for head in row.chunks_exact_mut(d) {
@@ -129,15 +167,18 @@ pub(crate) fn attend(
     round_f16(&mut cache.v[start..]);
 
     let n_rep = h.n_head / h.n_kv_head;
-    let scale = 1.0 / (d as f64).sqrt();
+    let scale = span.scale;
     let mut scores = vec![0f32; pos + n];
     for i in 0..n {
-        let visible = pos + i + 1;
+        let end = pos + i + 1;
+        let first = span.window.map_or(0, |w| end.saturating_sub(w));
+        let visible = end - first;
         for head in 0..h.n_head {
             let g = head / n_rep;
             let qh = &q[i * qw + head * d..i * qw + (head + 1) * d];
             let mut max = f32::NEG_INFINITY;
             for (j, s) in scores[..visible].iter_mut().enumerate() {
+                let j = first + j - base;
                 let kj = &cache.k[j * kw + g * d..j * kw + (g + 1) * d];
                 *s = (dot(qh, kj) as f64 * scale) as f32;
                 max = max.max(*s);
@@ -150,6 +191,7 @@ pub(crate) fn attend(
             let o = &mut out[i * qw + head * d..i * qw + (head + 1) * d];
             o.fill(0.0);
             for (j, &p) in scores[..visible].iter().enumerate() {
+                let j = first + j - base;
                 let p = p / sum;
                 let vj = &cache.v[j * kw + g * d..j * kw + (g + 1) * d];
                 for (o, &x) in o.iter_mut().zip(vj) {
@@ -161,12 +203,25 @@ pub(crate) fn attend(
 }
 
 impl LayerKv {
-    /// Room for `tokens` tokens of `kv_width` values each, reserved up front.
-    pub fn with_capacity(tokens: usize, kv_width: usize) -> Self {
+    /// Room for `tokens` tokens of `kv_width` values each, reserved up front; a sliding
+    /// window of `window` positions bounds what is kept (and reserved).
+    pub fn with_capacity(tokens: usize, kv_width: usize, window: Option<usize>) -> Self {
+        let tokens = match window {
+            Some(w) => tokens.min(2 * w + crate::model::llm::PREFILL_CHUNK),
+            None => tokens,
+        };
         Self {
             k: Vec::with_capacity(tokens * kv_width),
             v: Vec::with_capacity(tokens * kv_width),
+            base: 0,
+            window,
         }
+    }
+
+    /// Tokens held (at most two windows plus one step's rows for a sliding-window layer).
+    #[cfg(test)]
+    pub fn held(&self, kv_width: usize) -> usize {
+        self.k.len() / kv_width
     }
 }
 
@@ -205,7 +260,18 @@ mod tests {
             let k: Vec<f32> = (0..n * kw).map(|i| val(i * 3 + pos)).collect();
             let v: Vec<f32> = (0..n * kw).map(|i| val(i * 5 + 11 * pos)).collect();
             let mut out = vec![0f32; n * qw];
-            attend(h, &rope, &q, &k, &v, n, pos, &mut cache, &mut out);
+            attend(
+                h,
+                Span::causal(8),
+                &rope,
+                &q,
+                &k,
+                &v,
+                n,
+                pos,
+                &mut cache,
+                &mut out,
+            );
             // Reference: rotate and round the same way, then exact attention.
             let mut qr = q.clone();
             for (i, row) in qr.chunks_exact_mut(qw).enumerate() {
@@ -256,6 +322,56 @@ mod tests {
                 }
             }
             pos += n;
+        }
+    }
+
+    /// A sliding-window cache that drops what no row can see computes the same bits as one
+    /// that keeps everything, holds at most two windows plus a step, and a window of one sees
+    /// only the row itself.
+    #[test]
+    fn sliding_windows_drop_only_what_no_row_sees() {
+        let h = Heads {
+            n_head: 2,
+            n_kv_head: 1,
+            head_dim: 4,
+        };
+        let positions = 64;
+        let rope = Rope {
+            cos: (0..positions * 2).map(|i| (i as f32 * 0.3).cos()).collect(),
+            sin: (0..positions * 2).map(|i| (i as f32 * 0.3).sin()).collect(),
+            neox: true,
+        };
+        let val = |i: usize| ((i * 53 % 97) as f32 / 40.0) - 1.2;
+        for w in [1, 3, 5] {
+            let span = Span {
+                scale: 0.5,
+                window: Some(w),
+            };
+            let mut kept = LayerKv::with_capacity(8, 4, None);
+            let mut dropping = LayerKv::with_capacity(8, 4, Some(w));
+            let mut pos = 0;
+            for n in [1, 1, 4, 1, 1, 1, 7, 1, 1, 2, 1, 1, 1, 1, 1] {
+                let q: Vec<f32> = (0..n * 8).map(|i| val(i + 13 * pos)).collect();
+                let k: Vec<f32> = (0..n * 4).map(|i| val(i * 7 + 3 * pos)).collect();
+                let v: Vec<f32> = (0..n * 4).map(|i| val(i * 11 + 5 * pos + 1)).collect();
+                let (mut a, mut b) = (vec![0f32; n * 8], vec![0f32; n * 8]);
+                attend(h, span, &rope, &q, &k, &v, n, pos, &mut kept, &mut a);
+                attend(h, span, &rope, &q, &k, &v, n, pos, &mut dropping, &mut b);
+                assert_eq!(a, b, "window {w}, step at {pos}");
+                assert!(dropping.held(4) <= 2 * w + n, "window {w}: holds too much");
+                if w == 1 {
+                    // Each row sees only itself: its output is its own (rounded) value.
+                    for i in 0..n {
+                        let vi: Vec<f32> = v[i * 4..i * 4 + 4]
+                            .iter()
+                            .map(|&x| f16::from_f32(x).to_f32())
+                            .collect();
+                        assert_eq!(a[i * 8..i * 8 + 4], vi[..]);
+                        assert_eq!(a[i * 8 + 4..i * 8 + 8], vi[..]);
+                    }
+                }
+                pos += n;
+            }
         }
     }
 }

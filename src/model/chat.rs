@@ -18,6 +18,23 @@ pub struct ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// Gemma's turn format, for a Gemma GGUF that carries no template (the Gemma 3 270M file
+/// does not): llama.cpp's built-in `gemma` template. A system message has no turn of its
+/// own: it opens the next user turn, followed by a blank line; `assistant` is `model`;
+/// contents are trimmed. No `<bos>`: the tokenizer adds it.
+pub const GEMMA_TEMPLATE: &str = "{%- set ns = namespace(system='') -%}\
+{%- for message in messages -%}\
+{%- if message['role'] == 'system' -%}\
+{%- set ns.system = ns.system + (message['content'] | trim) -%}\
+{%- else -%}\
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\
+{{ '<start_of_turn>' + role + '\\n' }}\
+{%- if ns.system and role != 'model' -%}{{ ns.system + '\\n\\n' }}{%- set ns.system = '' -%}{%- endif -%}\
+{{ (message['content'] | trim) + '<end_of_turn>\\n' }}\
+{%- endif -%}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}";
+
 impl ChatTemplate {
     /// Compiles `source`; errors carry minijinja's line and reason.
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, String> {
@@ -77,6 +94,23 @@ mod tests {
             .render(&[msg("system", "Be brief."), msg("user", "Hi")])
             .unwrap();
         assert!(own.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"));
+    }
+
+    #[test]
+    fn gemma_folds_the_system_message_into_the_first_user_turn() {
+        let t = ChatTemplate::new(GEMMA_TEMPLATE.into(), "<bos>".into(), "<eos>".into()).unwrap();
+        let got = t
+            .render(&[
+                msg("system", " Be brief. "),
+                msg("user", "Hi\n"),
+                msg("assistant", "Hello!"),
+                msg("user", "Sea?"),
+            ])
+            .unwrap();
+        assert_eq!(
+            got,
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nSea?<end_of_turn>\n<start_of_turn>model\n"
+        );
     }
 
     #[test]

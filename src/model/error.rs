@@ -34,6 +34,13 @@ pub enum ModelError {
         source_uri: String,
         reason: String,
     },
+    /// A valid file swapd does not run (an architecture it does not know).
+    #[error("model `{model}`: {path}: {reason}")]
+    Unsupported {
+        model: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("model `{model}`: {path}: not a valid {format} file: {reason}")]
     Format {
         model: String,

@@ -33,11 +33,25 @@ impl KvCache {
     /// values per layer (it grows if a sequence goes past it), for weights on the CPU
     /// (`on_cpu`) or another device.
     pub fn new(n_layers: usize, capacity: usize, kv_width: usize, on_cpu: bool) -> Self {
+        Self::with_windows(&vec![None; n_layers], capacity, kv_width, on_cpu)
+    }
+
+    /// As [`KvCache::new`], with layer `i` attending within a sliding window of
+    /// `windows[i]` positions (when set): on the CPU such a layer keeps only what its window
+    /// can still see. Device caches keep every position.
+    pub fn with_windows(
+        windows: &[Option<usize>],
+        capacity: usize,
+        kv_width: usize,
+        on_cpu: bool,
+    ) -> Self {
+        let n_layers = windows.len();
         let capacity = capacity.max(1);
         let layers = if on_cpu {
             Layers::Cpu(
-                (0..n_layers)
-                    .map(|_| LayerKv::with_capacity(capacity, kv_width))
+                windows
+                    .iter()
+                    .map(|&w| LayerKv::with_capacity(capacity, kv_width, w))
                     .collect(),
             )
         } else {

@@ -1,13 +1,13 @@
-//! A causal language model from a GGUF file, run through swapd's copy of candle-transformers'
-//! quantized llama ([`super::qllama`]), whose matmuls use the SIMD kernels of [`crate::quant`].
+//! A causal language model from a GGUF file, run by its architecture's file in
+//! [`super::arch`] (llama, gemma3), whose matmuls use the SIMD kernels of [`crate::quant`].
 //! The weights are loaded once per version and shared read-only; every sequence keeps its
 //! own [`KvCache`], and [`Llm::step`] runs one forward pass over a batch of sequences.
 //! [`Session`] is the batch of one, for pre-flight checks and tools.
 use std::path::Path;
 use std::sync::Arc;
 
+use super::arch::{Weights as ModelWeights, MAX_SEQ_LEN};
 use super::kv::{KvCache, StepItem};
-use super::qllama::{ModelWeights, MAX_SEQ_LEN};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
@@ -49,7 +49,14 @@ fn tensor_bytes(ct: &Content, file_len: u64, on_cpu: bool) -> Result<u64, String
                 "tensor `{tname}` ends at byte {end} but the file has {file_len} bytes (truncated?)"
             ));
         }
-        total = total.saturating_add(bytes);
+        // Packed on the CPU, a matrix may take more than it does in the file (Q5_0 is
+        // widened to Q8_0 blocks, Q8_0 blocks gain their sums).
+        let loaded = if crate::quant::packs(info.ggml_dtype, info.shape.dims(), on_cpu) {
+            crate::quant::packed_bytes(info.ggml_dtype, info.shape.dims()).unwrap_or(bytes)
+        } else {
+            bytes
+        };
+        total = total.saturating_add(loaded);
         if tname == "token_embd.weight"
             && !crate::quant::packs(info.ggml_dtype, info.shape.dims(), on_cpu)
         {
@@ -82,8 +89,7 @@ pub fn weight_bytes_of(path: &Path, on_cpu: bool) -> Result<u64, String> {
 pub fn kv_bytes_per_token_of(path: &Path) -> Result<u64, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let (ct, _) = header::read_gguf(&mut std::io::BufReader::new(file))?;
-    let p = check_llama(&ct)?;
-    Ok((p.block_count * 2 * p.head_count_kv * p.head_dim * 4) as u64)
+    Ok(super::arch::check(&ct)?.kv_bytes_per_token())
 }
 
 /// Bytes a version of the GGUF at `path` may hold: its weights and a KV cache budget of
@@ -158,20 +164,12 @@ impl Llm {
         // `pace` marks where a background load may hand the CPU to serving (see
         // `compute::in_background`).
         super::compute::pace();
-        let arch = ct
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        if arch != "llama" {
-            return Err(format_err(
-                name,
-                path,
-                format!("architecture `{arch}` is not supported (only `llama`)"),
-            ));
-        }
-        let params = check_llama(&ct).map_err(|reason| format_err(name, path, reason))?;
+        super::arch::arch_of(&ct).map_err(|reason| ModelError::Unsupported {
+            model: name.to_string(),
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        let params = super::arch::check(&ct).map_err(|reason| format_err(name, path, reason))?;
         let weight_bytes = tensor_bytes(&ct, file_len, device.is_cpu())
             .map_err(|reason| format_err(name, path, reason))?;
         // Float tensors (the norms) are checked for NaN and infinity: a NaN there can vanish
@@ -204,14 +202,16 @@ impl Llm {
             model: name.to_string(),
             reason,
         })?;
-        let chat_template = match ct
+        let template = ct
             .metadata
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok())
-        {
+            .cloned()
+            .or_else(|| (params.arch == "gemma3").then(|| super::chat::GEMMA_TEMPLATE.to_string()));
+        let chat_template = match template {
             Some(src) => Some(
                 ChatTemplate::new(
-                    src.clone(),
+                    src,
                     tokenizer.bos_token.clone().unwrap_or_default(),
                     tokenizer.eos_token.clone().unwrap_or_default(),
                 )
@@ -478,6 +478,32 @@ mod tests {
     }
 
     /// Metadata that loads but cannot serve fails `format` at load, naming the problem.
+    #[test]
+    fn unsupported_architectures_and_tokenizers_name_themselves_and_the_supported_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = tiny_with(dir.path(), "arch.gguf", |m, _| {
+            set(m, "general.architecture", Value::String("mamba".into()))
+        });
+        let err = Llm::load("m", &p, &Device::Cpu, 512).err().unwrap();
+        assert!(matches!(err, ModelError::Unsupported { .. }), "{err}");
+        let err = err.to_string();
+        assert!(
+            err.contains("architecture `mamba` is not supported (supported: llama, gemma3)"),
+            "{err}"
+        );
+        assert!(!err.contains("not a valid GGUF"), "{err}");
+        let p = tiny_with(dir.path(), "tok.gguf", |m, _| {
+            set(m, "tokenizer.ggml.model", Value::String("rwkv".into()))
+        });
+        let err = Llm::load("m", &p, &Device::Cpu, 512).err().unwrap();
+        assert_eq!(err.check_name(), "tokenizer", "{err}");
+        let err = err.to_string();
+        assert!(
+            err.contains("tokenizer.ggml.model `rwkv` is not supported (supported: gpt2, llama)"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn unusable_metadata_fails_format_at_load() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
 //! Models: where their files come from, how they are verified and loaded, and the loaded
 //! version every request holds for its whole life.
+pub mod arch;
 pub(crate) mod attention;
 pub mod chat;
 pub mod compute;
@@ -12,10 +13,11 @@ pub mod llama_meta;
 pub mod llm;
 pub mod moe;
 pub mod preflight;
-pub mod qllama;
+pub use arch::llama as qllama;
 pub mod safetensors;
 pub mod sampling;
 pub mod source;
+pub mod spm;
 pub mod stream;
 pub mod synth;
 pub mod tokenizer;

@@ -1,5 +1,7 @@
 //! The tokenizer of a GGUF model, built from its metadata so that ids equal llama.cpp's, plus
-//! the raw bytes of every token for incremental, always-valid UTF-8 decoding.
+//! the raw bytes of every token for incremental, always-valid UTF-8 decoding. Byte-level BPE
+//! vocabularies (`tokenizer.ggml.model = gpt2`) run on the `tokenizers` crate with the
+//! pre-tokenizer `tokenizer.ggml.pre` names; SentencePiece ones (`llama`) on [`super::spm`].
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -8,16 +10,34 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
+use super::spm::{self, SpmVocab};
+
 /// GGUF token types (llama.cpp's `llama_token_type`) that never appear in generated text:
 /// unknown (2), control (3) and unused (5). User-defined tokens (4) are text.
 const HIDDEN_TOKEN_TYPES: [i64; 3] = [2, 3, 5];
 
 /// Token texts llama.cpp also treats as end of generation when the vocabulary has them.
-const END_OF_GENERATION_TEXTS: [&str; 4] = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"];
+const END_OF_GENERATION_TEXTS: [&str; 5] = [
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+];
 
-/// A byte-level BPE tokenizer read from GGUF metadata.
+/// The vocabulary models a GGUF may name in `tokenizer.ggml.model`.
+pub const SUPPORTED_MODELS: [&str; 2] = ["gpt2", "llama"];
+
+enum Model {
+    Bpe(Box<Tokenizer>),
+    Spm(Box<SpmVocab>),
+}
+
+/// A tokenizer read from GGUF metadata.
 pub struct GgufTokenizer {
-    pub inner: Tokenizer,
+    model: Model,
+    /// The BOS id when the GGUF asks for one before every prompt (`add_bos_token`).
+    add_bos: Option<u32>,
     /// Raw bytes each token stands for; empty for tokens hidden from output.
     token_bytes: Vec<Vec<u8>>,
     /// Ids that end generation (eos, eot and the usual chat terminators).
@@ -80,25 +100,24 @@ fn byte_decoder() -> std::collections::HashMap<char, u8> {
 impl GgufTokenizer {
     /// Builds the tokenizer from `ct`'s metadata. Errors name the missing or bad key.
     pub fn from_gguf(ct: &Content) -> Result<Self, String> {
-        let mut inner = Tokenizer::from_gguf(ct).map_err(|e| e.to_string())?;
-        super::compute::pace();
+        let kind = ct
+            .metadata
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_else(|| "gpt2".to_string());
+        if !SUPPORTED_MODELS.contains(&kind.as_str()) {
+            return Err(format!(
+                "tokenizer.ggml.model `{kind}` is not supported (supported: {})",
+                SUPPORTED_MODELS.join(", ")
+            ));
+        }
         let pre = ct
             .metadata
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_else(|| "default".to_string());
-        if pre == "smollm" {
-            // candle falls back to GPT-2's pre-tokenizer for names it does not know, which
-            // adds a prefix space ("The" → "ĠThe") and groups digits. SmolLM's own
-            // tokenizer.json splits every digit, then applies byte-level BPE with no prefix
-            // space; with that pipeline the ids equal llama.cpp's.
-            inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])));
-            inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
-        }
         let tokens = ct
             .metadata
             .get("tokenizer.ggml.tokens")
@@ -110,47 +129,113 @@ impl GgufTokenizer {
             .and_then(|v| v.to_vec().ok())
             .map(|v| v.iter().map(|t| int_of(t).unwrap_or(1)).collect())
             .unwrap_or_default();
-        let decoder = byte_decoder();
-        let mut token_bytes = Vec::with_capacity(tokens.len());
         let mut texts = Vec::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
-            if i % 8192 == 0 {
-                // A background load may hand the CPU to serving here.
-                super::compute::pace();
-            }
-            let text = t
-                .to_string()
-                .map_err(|_| format!("token {i} is not a string"))?;
-            let hidden = types
-                .get(i)
-                .is_some_and(|ty| HIDDEN_TOKEN_TYPES.contains(ty));
-            let bytes = if hidden {
-                Vec::new()
-            } else if text.chars().all(|c| decoder.contains_key(&c)) {
-                text.chars().map(|c| decoder[&c]).collect()
-            } else {
-                // Added tokens are stored as plain text, not byte-level characters.
-                text.as_bytes().to_vec()
-            };
-            token_bytes.push(bytes);
-            texts.push(text.as_str());
+            texts.push(
+                t.to_string()
+                    .map_err(|_| format!("token {i} is not a string"))?
+                    .clone(),
+            );
         }
+        super::compute::pace();
+        let hidden = |i: usize| {
+            types
+                .get(i)
+                .is_some_and(|ty| HIDDEN_TOKEN_TYPES.contains(ty))
+        };
+        let mut token_bytes = Vec::with_capacity(tokens.len());
+        let model = if kind == "llama" {
+            let scores: Vec<f32> = match ct.metadata.get("tokenizer.ggml.scores") {
+                Some(v) => v
+                    .to_vec()
+                    .map_err(|_| "tokenizer.ggml.scores is not an array")?
+                    .iter()
+                    .map(|s| {
+                        s.to_f32()
+                            .map_err(|_| "tokenizer.ggml.scores holds a non-f32")
+                    })
+                    .collect::<Result<_, _>>()?,
+                None => return Err("missing GGUF metadata key `tokenizer.ggml.scores`".into()),
+            };
+            let unk = meta_u32(ct, "tokenizer.ggml.unknown_token_id");
+            let space = ct
+                .metadata
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(true);
+            let vocab = SpmVocab::new(texts.clone(), scores, &types, unk, space)?;
+            for i in 0..texts.len() {
+                let ty = types.get(i).copied().unwrap_or(spm::TYPE_NORMAL);
+                let bytes = if hidden(i) {
+                    Vec::new()
+                } else {
+                    vocab.piece(i as u32, ty).unwrap_or_default()
+                };
+                token_bytes.push(bytes);
+            }
+            Model::Spm(Box::new(vocab))
+        } else {
+            let mut inner = Tokenizer::from_gguf(ct).map_err(|e| e.to_string())?;
+            super::compute::pace();
+            if pre == "smollm" {
+                // candle falls back to GPT-2's pre-tokenizer for names it does not know, which
+                // adds a prefix space ("The" → "ĠThe") and groups digits. SmolLM's own
+                // tokenizer.json splits every digit, then applies byte-level BPE with no prefix
+                // space; with that pipeline the ids equal llama.cpp's.
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    Digits::new(true).into(),
+                    ByteLevel::new(false, true, true).into(),
+                ])));
+                inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
+            }
+            let decoder = byte_decoder();
+            for (i, text) in texts.iter().enumerate() {
+                if i % 8192 == 0 {
+                    // A background load may hand the CPU to serving here.
+                    super::compute::pace();
+                }
+                let bytes = if hidden(i) {
+                    Vec::new()
+                } else if text.chars().all(|c| decoder.contains_key(&c)) {
+                    text.chars().map(|c| decoder[&c]).collect()
+                } else {
+                    // Added tokens are stored as plain text, not byte-level characters.
+                    text.as_bytes().to_vec()
+                };
+                token_bytes.push(bytes);
+            }
+            Model::Bpe(Box::new(inner))
+        };
         let bos = meta_u32(ct, "tokenizer.ggml.bos_token_id");
         let eos = meta_u32(ct, "tokenizer.ggml.eos_token_id");
+        // llama.cpp's default when the key is absent: SentencePiece vocabularies add BOS.
+        let add_bos = ct
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(kind == "llama");
+        let add_bos = match (add_bos, bos) {
+            (true, Some(b)) if (b as usize) < texts.len() => Some(b),
+            (true, _) => return Err("tokenizer.ggml.add_bos_token is set but tokenizer.ggml.bos_token_id is missing or outside the vocabulary".into()),
+            (false, _) => None,
+        };
         let mut end_of_generation: Vec<u32> = [eos, meta_u32(ct, "tokenizer.ggml.eot_token_id")]
             .into_iter()
             .flatten()
             .collect();
         for (i, t) in texts.iter().enumerate() {
-            if END_OF_GENERATION_TEXTS.contains(t) && !end_of_generation.contains(&(i as u32)) {
+            if END_OF_GENERATION_TEXTS.contains(&t.as_str())
+                && !end_of_generation.contains(&(i as u32))
+            {
                 end_of_generation.push(i as u32);
             }
         }
-        let name = |id: Option<u32>| id.and_then(|i| texts.get(i as usize).map(|s| s.to_string()));
+        let name = |id: Option<u32>| id.and_then(|i| texts.get(i as usize).cloned());
         Ok(Self {
             bos_token: name(bos),
             eos_token: name(eos),
-            inner,
+            model,
+            add_bos,
             token_bytes,
             end_of_generation,
             pre,
@@ -158,13 +243,23 @@ impl GgufTokenizer {
     }
 
     /// Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) are
-    /// recognized, as llama.cpp does with `special = true`; no BOS is added unless the
-    /// GGUF asks for it.
+    /// recognized, as llama.cpp does with `special = true`; a BOS is put first when the GGUF
+    /// asks for one and the text does not already start with it (a chat template that
+    /// writes `<bos>` itself does not get two).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.inner
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| e.to_string())
+        let mut ids = match &self.model {
+            Model::Bpe(t) => t
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| e.to_string())?,
+            Model::Spm(v) => v.encode(text),
+        };
+        if let Some(b) = self.add_bos {
+            if ids.first() != Some(&b) {
+                ids.insert(0, b);
+            }
+        }
+        Ok(ids)
     }
 
     /// The raw bytes token `id` contributes to the output (empty for control tokens).

@@ -16,16 +16,16 @@
 //!
 //! The GGML (pre-GGUF) loader is left out: swapd only reads GGUF.
 use candle_core::quantized::{gguf_file, QTensor};
-use candle_core::{CpuStorage, DType, Device, IndexOp, Layout, Module, Result, Shape, Tensor};
-use candle_nn::Embedding;
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::build_causal_mask;
 
 use std::sync::Arc;
 
-use super::attention::{self, Heads, Rope};
-use super::kv::{KvCache, StepItem};
-use super::moe::{Mlp, MlpOrMoe};
+use super::{masked_fill, precomput_freqs_cis, round_f16, TokEmbedding};
+use crate::model::attention::{self, Heads, Rope};
+use crate::model::kv::{KvCache, StepItem};
+use crate::model::moe::{Mlp, MlpOrMoe};
 use crate::quant::QLinear;
 
 pub use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
@@ -53,43 +53,6 @@ struct LayerWeights {
     neg_inf: Tensor,
     /// The RoPE tables as plain vectors, for the CPU attention (shared by every layer).
     rope_cpu: Option<Arc<Rope>>,
-}
-
-/// Rounds f32 values to the nearest f16 (kept as f32).
-struct RoundF16;
-
-impl candle_core::CustomOp1 for RoundF16 {
-    fn name(&self) -> &'static str {
-        "round-f16"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = storage else {
-            candle_core::bail!("round-f16: expected f32")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("round-f16: input is not contiguous")
-        };
-        let out = v[start..end]
-            .iter()
-            .map(|&x| half::f16::from_f32(x).to_f32())
-            .collect();
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
-fn round_f16(x: &Tensor) -> Result<Tensor> {
-    match (x.device(), x.dtype()) {
-        (Device::Cpu, DType::F32) => x.contiguous()?.apply_op1_no_bwd(&RoundF16),
-        (_, DType::F32) => x.to_dtype(DType::F16)?.to_dtype(DType::F32),
-        _ => Ok(x.clone()),
-    }
-}
-
-fn masked_fill(on_false: &Tensor, mask: &Tensor, on_true: &Tensor) -> Result<Tensor> {
-    let shape = mask.shape();
-    let m = mask.where_cond(&on_true.broadcast_as(shape.dims())?, on_false)?;
-    Ok(m)
 }
 
 impl LayerWeights {
@@ -145,6 +108,7 @@ impl LayerWeights {
             };
             attention::attend(
                 h,
+                attention::Span::causal(h.head_dim),
                 rope,
                 &q[off * qw..(off + n) * qw],
                 &k[off * kw..(off + n) * kw],
@@ -232,37 +196,6 @@ impl LayerWeights {
     }
 }
 
-/// The token embedding table. On the CPU, in a format the kernels pack, it stays packed
-/// and each lookup dequantizes its rows: the same values as candle's dense f32 copy, which
-/// for SmolLM2 (Q8_0, tied to the output head) would add 113 MB per version. Elsewhere it
-/// is candle's dense `Embedding`.
-#[derive(Debug, Clone)]
-enum TokEmbedding {
-    Dense(Embedding),
-    Packed(QLinear),
-}
-
-impl TokEmbedding {
-    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let table = match self {
-            Self::Dense(e) => return e.forward(ids),
-            Self::Packed(table) => table.packed().expect("a packed table"),
-        };
-        let hidden = table.k();
-        let mut shape = ids.dims().to_vec();
-        shape.push(hidden);
-        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-        let mut out = vec![0f32; ids.len() * hidden];
-        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
-            if id as usize >= table.n() {
-                candle_core::bail!("token id {id} is outside the vocabulary ({})", table.n());
-            }
-            table.row_into(id as usize, row);
-        }
-        Tensor::from_vec(out, shape, &Device::Cpu)
-    }
-}
-
 /// A llama-architecture GGUF model, ready to run.
 #[derive(Debug, Clone)]
 pub struct ModelWeights {
@@ -270,25 +203,6 @@ pub struct ModelWeights {
     layers: Vec<LayerWeights>,
     norm: RmsNorm,
     output: QLinear,
-}
-
-fn precomput_freqs_cis(
-    head_dim: usize,
-    freq_base: f32,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let theta: Vec<_> = (0..head_dim)
-        .step_by(2)
-        .map(|i| 1f32 / freq_base.powf(i as f32 / head_dim as f32))
-        .collect();
-    let theta = Tensor::new(theta.as_slice(), device)?;
-    let idx_theta = Tensor::arange(0, MAX_SEQ_LEN as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((MAX_SEQ_LEN, 1))?
-        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
-    let cos = idx_theta.cos()?;
-    let sin = idx_theta.sin()?;
-    Ok((cos, sin))
 }
 
 impl ModelWeights {
@@ -356,7 +270,7 @@ impl ModelWeights {
             crate::model::compute::pace();
             ct.tensor(reader, name, device)
         };
-        let (cos, sin) = precomput_freqs_cis(rope_dim, rope_freq_base, device)?;
+        let (cos, sin) = precomput_freqs_cis(rope_dim, rope_freq_base, 1.0, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
         let rope_cpu = match device {
             Device::Cpu => Some(Arc::new(Rope {
@@ -369,30 +283,8 @@ impl ModelWeights {
 
         let tok_embeddings_q = tensor("token_embd.weight")?;
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, rms_norm_eps)?;
-        let packed = crate::quant::packs(
-            tok_embeddings_q.dtype(),
-            tok_embeddings_q.shape().dims(),
-            device.is_cpu(),
-        );
-        let dense = |q: &QTensor| -> Result<TokEmbedding> {
-            crate::model::compute::pace();
-            let table = q.dequantize(device)?;
-            Ok(TokEmbedding::Dense(Embedding::new(table, embedding_length)))
-        };
-        // Tied embeddings (SmolLM2: Q8_0) serve as the output head when there is none; a
-        // packed table is then the output head's own matrix.
-        let (tok_embeddings, output) = match tensor("output.weight") {
-            Ok(output) if packed => (
-                TokEmbedding::Packed(linear(tok_embeddings_q)?),
-                linear(output)?,
-            ),
-            Ok(output) => (dense(&tok_embeddings_q)?, linear(output)?),
-            Err(_) if packed => {
-                let output = linear(tok_embeddings_q)?;
-                (TokEmbedding::Packed(output.clone()), output)
-            }
-            Err(_) => (dense(&tok_embeddings_q)?, linear(tok_embeddings_q)?),
-        };
+        let (tok_embeddings, output) =
+            super::embedding_and_head(tok_embeddings_q, tensor("output.weight").ok(), device)?;
         let mut layers = Vec::with_capacity(block_count);
         for layer_idx in 0..block_count {
             let prefix = format!("blk.{layer_idx}");

@@ -1,0 +1,236 @@
+//! The architectures swapd runs, one file each behind one model-step API ([`Weights`]), and
+//! the pieces they share: the token embedding (packed on the CPU), the f16 rounding of
+//! attention inputs, RoPE tables and masks. The CPU attention itself is
+//! [`crate::model::attention`].
+//!
+//! An architecture reads its own `{arch}.*` metadata keys and checks them, and its tensors'
+//! shapes, before any tensor loads ([`check`]): a file that would load but could not serve
+//! fails with the reason.
+pub mod gemma3;
+pub mod llama;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::QTensor;
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_nn::Embedding;
+
+use super::kv::{KvCache, StepItem};
+use crate::quant::QLinear;
+
+/// Positions the RoPE tables cover (candle's quantized llama precomputes as many).
+pub const MAX_SEQ_LEN: usize = candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
+
+/// `general.architecture` values swapd loads.
+pub const SUPPORTED: [&str; 2] = ["llama", "gemma3"];
+
+/// A GGUF's architecture, from `general.architecture`; an unsupported one names itself and
+/// the supported list.
+pub fn arch_of(ct: &Content) -> std::result::Result<String, String> {
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or("metadata key `general.architecture` is missing")?;
+    if !SUPPORTED.contains(&arch.as_str()) {
+        return Err(format!(
+            "architecture `{arch}` is not supported (supported: {})",
+            SUPPORTED.join(", ")
+        ));
+    }
+    Ok(arch)
+}
+
+/// What every architecture's check finds: enough to size a KV cache and a context.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchParams {
+    pub arch: String,
+    pub block_count: usize,
+    /// Key (and value) values per token per layer: KV heads × head size.
+    pub kv_width: usize,
+    /// `{arch}.context_length`, when the file has one.
+    pub context_length: Option<usize>,
+}
+
+impl ArchParams {
+    /// Bytes one token takes in a sequence's KV cache: keys and values, f32, every layer.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (self.block_count * 2 * self.kv_width * 4) as u64
+    }
+}
+
+/// Checks `ct`'s architecture, metadata and tensor shapes (see each architecture's check).
+pub fn check(ct: &Content) -> std::result::Result<ArchParams, String> {
+    let arch = arch_of(ct)?;
+    match arch.as_str() {
+        "gemma3" => gemma3::check(ct),
+        _ => crate::model::llama_meta::check_llama(ct).map(|p| ArchParams {
+            arch,
+            block_count: p.block_count,
+            kv_width: p.head_count_kv * p.head_dim,
+            context_length: p.context_length,
+        }),
+    }
+}
+
+/// A loaded model of any supported architecture.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    Llama(llama::ModelWeights),
+    Gemma3(gemma3::Gemma3),
+}
+
+impl Weights {
+    /// Loads the tensors of `ct` (already checked by [`check`]) onto `device`.
+    pub fn from_gguf<R: std::io::Seek + std::io::Read>(
+        ct: Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Self> {
+        let arch = arch_of(&ct).map_err(candle_core::Error::msg)?;
+        Ok(match arch.as_str() {
+            "gemma3" => Self::Gemma3(gemma3::Gemma3::from_gguf(ct, reader, device)?),
+            _ => Self::Llama(llama::ModelWeights::from_gguf(ct, reader, device)?),
+        })
+    }
+
+    /// One forward step over a batch of sequences (see [`llama::ModelWeights::step`]).
+    pub fn step(&self, items: &mut [StepItem<'_>]) -> Result<Vec<Option<Tensor>>> {
+        match self {
+            Self::Llama(w) => w.step(items),
+            Self::Gemma3(w) => w.step(items),
+        }
+    }
+
+    /// An empty KV cache for one sequence, with room for `tokens` tokens.
+    pub fn new_cache(&self, tokens: usize) -> KvCache {
+        match self {
+            Self::Llama(w) => w.new_cache(tokens),
+            Self::Gemma3(w) => w.new_cache(tokens),
+        }
+    }
+
+    /// Bytes of keys and values one token takes in a sequence's cache.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        match self {
+            Self::Llama(w) => w.kv_bytes_per_token(),
+            Self::Gemma3(w) => w.kv_bytes_per_token(),
+        }
+    }
+}
+
+/// Rounds f32 values to the nearest f16 (kept as f32).
+struct RoundF16;
+
+impl candle_core::CustomOp1 for RoundF16 {
+    fn name(&self) -> &'static str {
+        "round-f16"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = storage else {
+            candle_core::bail!("round-f16: expected f32")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("round-f16: input is not contiguous")
+        };
+        let out = v[start..end]
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// `x` rounded to f16 precision, as llama.cpp's f16 KV cache and K·Q product hold it.
+pub(crate) fn round_f16(x: &Tensor) -> Result<Tensor> {
+    match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32) => x.contiguous()?.apply_op1_no_bwd(&RoundF16),
+        (_, DType::F32) => x.to_dtype(DType::F16)?.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
+    }
+}
+
+pub(crate) fn masked_fill(on_false: &Tensor, mask: &Tensor, on_true: &Tensor) -> Result<Tensor> {
+    let shape = mask.shape();
+    mask.where_cond(&on_true.broadcast_as(shape.dims())?, on_false)
+}
+
+/// The token embedding table. On the CPU, in a format the kernels pack, it stays packed
+/// and each lookup dequantizes its rows: the same values as candle's dense f32 copy, which
+/// for SmolLM2 (Q8_0, tied to the output head) would add 113 MB per version. Elsewhere it
+/// is candle's dense `Embedding`.
+#[derive(Debug, Clone)]
+pub(crate) enum TokEmbedding {
+    Dense(Embedding),
+    Packed(QLinear),
+}
+
+impl TokEmbedding {
+    pub(crate) fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let table = match self {
+            Self::Dense(e) => return e.forward(ids),
+            Self::Packed(table) => table.packed().expect("a packed table"),
+        };
+        let hidden = table.k();
+        let mut shape = ids.dims().to_vec();
+        shape.push(hidden);
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut out = vec![0f32; ids.len() * hidden];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
+            if id as usize >= table.n() {
+                candle_core::bail!("token id {id} is outside the vocabulary ({})", table.n());
+            }
+            table.row_into(id as usize, row);
+        }
+        Tensor::from_vec(out, shape, &Device::Cpu)
+    }
+}
+
+/// The embedding table and the output head. Tied embeddings (SmolLM2, Gemma) serve as the
+/// head when the file has none; a packed table is then the head's own matrix.
+pub(crate) fn embedding_and_head(
+    table: QTensor,
+    output: Option<QTensor>,
+    device: &Device,
+) -> Result<(TokEmbedding, QLinear)> {
+    let packed = crate::quant::packs(table.dtype(), table.shape().dims(), device.is_cpu());
+    let dense = |q: &QTensor| -> Result<TokEmbedding> {
+        crate::model::compute::pace();
+        let hidden = q.shape().dims2()?.1;
+        let table = q.dequantize(device)?;
+        Ok(TokEmbedding::Dense(Embedding::new(table, hidden)))
+    };
+    Ok(match output {
+        Some(output) if packed => (
+            TokEmbedding::Packed(QLinear::from_qtensor(table)?),
+            QLinear::from_qtensor(output)?,
+        ),
+        Some(output) => (dense(&table)?, QLinear::from_qtensor(output)?),
+        None if packed => {
+            let output = QLinear::from_qtensor(table)?;
+            (TokEmbedding::Packed(output.clone()), output)
+        }
+        None => (dense(&table)?, QLinear::from_qtensor(table)?),
+    })
+}
+
+/// RoPE tables for `MAX_SEQ_LEN` positions: `(cos, sin)`, each `[positions, head_dim / 2]`,
+/// with angle `p · freq_scale / freq_base^(2i / head_dim)`.
+pub(crate) fn precomput_freqs_cis(
+    head_dim: usize,
+    freq_base: f32,
+    freq_scale: f32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let theta: Vec<_> = (0..head_dim)
+        .step_by(2)
+        .map(|i| freq_scale / freq_base.powf(i as f32 / head_dim as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let idx_theta = Tensor::arange(0, MAX_SEQ_LEN as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((MAX_SEQ_LEN, 1))?
+        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((idx_theta.cos()?, idx_theta.sin()?))
+}
