@@ -20,7 +20,7 @@
 use half::f16;
 
 use super::act::Acts;
-use super::{Format, Tile, TILE_T};
+use super::{Format, Isa, Tile, TILE_T};
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -120,7 +120,7 @@ pub(crate) fn quantize_q8k(x: &[f32], q: &mut [u8], bsums: &mut [f32]) -> f32 {
 /// The float work of one super-block, shared by every kernel: `acc + (dw·da)·isum −
 /// (dmin·da)·msum`, in that order.
 #[inline(always)]
-fn finish(acc: f32, dw: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
+pub(super) fn finish(acc: f32, dw: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
     let acc = acc + (dw * da) * isum as f32;
     acc - (dmin * da) * msum as f32
 }
@@ -129,7 +129,7 @@ fn finish(acc: f32, dw: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kernel(
     format: Format,
-    simd: bool,
+    isa: Isa,
     w: &[u8],
     rows: usize,
     nsb: usize,
@@ -144,19 +144,14 @@ pub(crate) fn kernel(
     assert_eq!(acts.k(), nsb * QK_K, "activations have the wrong width");
     for (r, row) in w.chunks_exact(rb).take(rows).enumerate() {
         let mut out = [0f32; TILE_T];
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is set only for matrices packed for AVX2 or AVX-512 (both
-            // include AVX2), which `pack` checked the CPU supports; the bounds were checked
-            // above.
-            unsafe { avx2_row(format, row, nsb, acts, t0, nt, &mut out) };
-        } else {
-            scalar_row(format, row, nsb, acts, t0, nt, &mut out);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = simd;
-            scalar_row(format, row, nsb, acts, t0, nt, &mut out);
+        match isa {
+            // SAFETY: `pack` refused to build a matrix for an instruction set the CPU lacks
+            // (AVX-512 here includes VNNI and AVX2); the bounds were checked above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => unsafe {
+                simd_row(format, isa, row, nsb, acts, t0, nt, &mut out)
+            },
+            _ => scalar_row(format, row, nsb, acts, t0, nt, &mut out),
         }
         for t in 0..nt {
             tile[t][r] = out[t];
@@ -221,11 +216,33 @@ fn scalar_row(
     }
 }
 
+/// Raw pointers to the quantized values, scales and 16-sums of `T` tokens' rows, taken once
+/// per kernel call (the bounds were checked by [`kernel`]).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) struct Toks<const T: usize> {
+    pub(super) qs: [*const i8; T],
+    pub(super) d: [*const f32; T],
+    pub(super) s: [*const f32; T],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const T: usize> Toks<T> {
+    fn new(acts: &Acts, t0: usize) -> Self {
+        Self {
+            qs: std::array::from_fn(|t| acts.qs_row(t0 + t).as_ptr().cast()),
+            d: std::array::from_fn(|t| acts.d_row(t0 + t).as_ptr()),
+            s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
+        }
+    }
+}
+
+/// # Safety
+/// The CPU supports `isa` (AVX2, or AVX-512 with VNNI); `kernel` checked the bounds.
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn avx2_row(
+unsafe fn simd_row(
     format: Format,
+    isa: Isa,
     row: &[u8],
     nsb: usize,
     acts: &Acts,
@@ -233,123 +250,27 @@ unsafe fn avx2_row(
     nt: usize,
     out: &mut [f32; TILE_T],
 ) {
-    match format {
-        Format::Q4K => q4k_avx2(row, nsb, acts, t0, nt, out),
-        Format::Q6K => q6k_avx2(row, nsb, acts, t0, nt, out),
-        _ => unreachable!("{format:?} is not a K-quant"),
-    }
-}
-
-/// Horizontal sum of eight i32 lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
-    use std::arch::x86_64::*;
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
-    _mm_cvtsi128_si32(s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q4k_avx2(row: &[u8], nsb: usize, acts: &Acts, t0: usize, nt: usize, out: &mut [f32; TILE_T]) {
-    use std::arch::x86_64::*;
-    let mask = _mm256_set1_epi8(0xF);
-    for sb in 0..nsb {
-        let blk = &row[sb * 144..(sb + 1) * 144];
-        let (sc, mn) = q4k_scales(&blk[4..16]);
-        let mut acc = [_mm256_setzero_si256(); TILE_T];
-        for j in 0..4 {
-            // SAFETY: `blk` holds 144 bytes, so bytes 16 + 32j .. +32 (j < 4) are inside.
-            let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * j).cast()) };
-            let lo = _mm256_and_si256(q, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
-            let (s_lo, s_hi) = (
-                _mm256_set1_epi16(sc[2 * j] as i16),
-                _mm256_set1_epi16(sc[2 * j + 1] as i16),
-            );
-            for (t, acc) in acc.iter_mut().enumerate().take(nt) {
-                let a = &acts.qs_row(t0 + t)[sb * QK_K + 64 * j..sb * QK_K + 64 * j + 64];
-                // SAFETY: `a` holds 64 bytes: two unaligned 32-byte loads.
-                let (a0, a1) = unsafe {
-                    (
-                        _mm256_loadu_si256(a.as_ptr().cast()),
-                        _mm256_loadu_si256(a.as_ptr().add(32).cast()),
-                    )
-                };
-                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), s_lo);
-                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), s_hi);
-                *acc = _mm256_add_epi32(*acc, _mm256_add_epi32(p0, p1));
+    use super::kquant_avx2::{q4k_avx2, q6k_avx2};
+    use super::kquant_vnni as v;
+    macro_rules! go {
+        ($($f:ident)::+) => {
+            match nt {
+                1 => $($f)::+::<1>(row, nsb, &Toks::new(acts, t0), out),
+                2 => $($f)::+::<2>(row, nsb, &Toks::new(acts, t0), out),
+                3 => $($f)::+::<3>(row, nsb, &Toks::new(acts, t0), out),
+                _ => $($f)::+::<4>(row, nsb, &Toks::new(acts, t0), out),
             }
-        }
-        let (dw, dmin) = (rd_f16(blk, 0), rd_f16(blk, 2));
-        for (t, o) in out.iter_mut().enumerate().take(nt) {
-            let bs = &acts.s_row(t0 + t)[sb * 16..(sb + 1) * 16];
-            let msum: i32 = (0..8)
-                .map(|j| mn[j] as i32 * (bs[2 * j] + bs[2 * j + 1]) as i32)
-                .sum();
-            *o = finish(*o, dw, dmin, acts.d_row(t0 + t)[sb], hsum_i32(acc[t]), msum);
-        }
+        };
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q6k_avx2(row: &[u8], nsb: usize, acts: &Acts, t0: usize, nt: usize, out: &mut [f32; TILE_T]) {
-    use std::arch::x86_64::*;
-    let (m4, m2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
-    for sb in 0..nsb {
-        let blk = &row[sb * 210..(sb + 1) * 210];
-        let sc = |j: usize| blk[192 + j] as i8 as i16;
-        let mut acc = [_mm256_setzero_si256(); TILE_T];
-        for n in 0..2 {
-            // SAFETY: `blk` holds 210 bytes: ql (128) at 0, qh (64) at 128; for n < 2 the
-            // loads at 64n, 64n + 32 and 128 + 32n read 32 bytes each inside them.
-            let (ql0, ql1, h) = unsafe {
-                let p = blk.as_ptr();
-                (
-                    _mm256_loadu_si256(p.add(64 * n).cast()),
-                    _mm256_loadu_si256(p.add(64 * n + 32).cast()),
-                    _mm256_loadu_si256(p.add(128 + 32 * n).cast()),
-                )
-            };
-            let hb = |s: i32| -> __m256i {
-                let v = match s {
-                    0 => h,
-                    2 => _mm256_srli_epi16::<2>(h),
-                    4 => _mm256_srli_epi16::<4>(h),
-                    _ => _mm256_srli_epi16::<6>(h),
-                };
-                _mm256_slli_epi16::<4>(_mm256_and_si256(v, m2))
-            };
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), hb(0)),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), hb(2)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), hb(4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), hb(6)),
-            ];
-            // Values 0..16 of group g take scale 8n + 2g, values 16..32 scale 8n + 2g + 1.
-            let s: [__m256i; 4] = std::array::from_fn(|g| {
-                let j = 8 * n + 2 * g;
-                _mm256_set_m128i(_mm_set1_epi16(sc(j + 1)), _mm_set1_epi16(sc(j)))
-            });
-            for (t, acc) in acc.iter_mut().enumerate().take(nt) {
-                let a = &acts.qs_row(t0 + t)[sb * QK_K + 128 * n..sb * QK_K + 128 * n + 128];
-                for g in 0..4 {
-                    // SAFETY: `a` holds 128 bytes; this loads 32 of them at 32g (g < 4).
-                    let av = unsafe { _mm256_loadu_si256(a.as_ptr().add(32 * g).cast()) };
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[g], av), s[g]);
-                    *acc = _mm256_add_epi32(*acc, p);
-                }
-            }
-        }
-        let dw = rd_f16(blk, 208);
-        for (t, o) in out.iter_mut().enumerate().take(nt) {
-            let bs = &acts.s_row(t0 + t)[sb * 16..(sb + 1) * 16];
-            let msum: i32 = (0..16).map(|j| 32 * sc(j) as i32 * bs[j] as i32).sum();
-            let da = acts.d_row(t0 + t)[sb];
-            *o = finish(*o, dw, dw, da, hsum_i32(acc[t]), msum);
+    // SAFETY (every arm): the caller guarantees the instruction set and the bounds each
+    // kernel relies on (`nsb` super-blocks in `row`, tokens `t0 .. t0 + nt` in `acts`).
+    unsafe {
+        match (format, isa) {
+            (Format::Q4K, Isa::Avx512) => go!(v::q4k),
+            (Format::Q6K, Isa::Avx512) => go!(v::q6k),
+            (Format::Q4K, _) => go!(q4k_avx2),
+            (Format::Q6K, _) => go!(q6k_avx2),
+            _ => unreachable!("{format:?} is not a K-quant"),
         }
     }
 }

@@ -277,8 +277,17 @@ impl PackedMatrix {
             let nt = TILE_T.min(m - t0);
             if self.format.is_k() {
                 let nsb = self.k / super::kquant::QK_K;
-                let simd = self.isa != Isa::Scalar;
-                super::kquant::kernel(self.format, simd, gdata, rows, nsb, acts, t0, nt, &mut tile);
+                super::kquant::kernel(
+                    self.format,
+                    self.isa,
+                    gdata,
+                    rows,
+                    nsb,
+                    acts,
+                    t0,
+                    nt,
+                    &mut tile,
+                );
             } else {
                 self.kernel(gdata, acts, t0, nt, &mut tile);
             }

@@ -1,0 +1,183 @@
+//! AVX-512 VNNI kernels of the K-quants: `vpdpbusd` multiplies 64 unsigned weight quants
+//! with 64 signed activation bytes a time (four per i32 lane); each lane's sum is scaled by
+//! its sub-block's scale and accumulated. The integer sums are exactly those of the scalar
+//! and AVX2 kernels in [`super::kquant`], and the float steps per super-block are the same,
+//! so all three agree bit for bit.
+#![cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::kquant::{finish, q4k_scales, Toks, QK_K};
+use super::TILE_T;
+
+/// The 16 sums of 16 quants of one token's super-block (exact integers kept as f32).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn sums(bs: &[f32]) -> __m512i {
+    assert!(bs.len() >= 16);
+    // SAFETY: 16 f32 are readable (asserted).
+    unsafe { _mm512_cvtps_epi32(_mm512_loadu_ps(bs.as_ptr())) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hsum(v: __m512i) -> i32 {
+    _mm512_reduce_add_epi32(v)
+}
+
+/// # Safety
+/// `row` holds `nsb` Q4_K super-blocks and every token of `toks` `nsb · 256` values (with
+/// `nsb · 16` sums and `nsb` scales); the CPU has AVX-512 F/BW/VL and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `t` indexes accumulators kept in registers
+pub(super) unsafe fn q4k<const T: usize>(
+    row: &[u8],
+    nsb: usize,
+    toks: &Toks<T>,
+    out: &mut [f32; TILE_T],
+) {
+    let mask = _mm256_set1_epi8(0xF);
+    for sb in 0..nsb {
+        let blk = row.as_ptr().wrapping_add(sb * 144);
+        // SAFETY: super-block `sb` (144 bytes) is inside `row`.
+        let (sc, mn) = q4k_scales(unsafe { std::slice::from_raw_parts(blk.add(4), 12) });
+        // Min j weighs the sums of 16-value groups 2j and 2j + 1.
+        let mins = _mm512_cvtepu8_epi32(_mm_setr_epi8(
+            mn[0] as i8,
+            mn[0] as i8,
+            mn[1] as i8,
+            mn[1] as i8,
+            mn[2] as i8,
+            mn[2] as i8,
+            mn[3] as i8,
+            mn[3] as i8,
+            mn[4] as i8,
+            mn[4] as i8,
+            mn[5] as i8,
+            mn[5] as i8,
+            mn[6] as i8,
+            mn[6] as i8,
+            mn[7] as i8,
+            mn[7] as i8,
+        ));
+        let mut acc = [_mm512_setzero_si512(); T];
+        for j in 0..4 {
+            // SAFETY: bytes 16 + 32j .. +32 (j < 4) of the super-block.
+            let q = unsafe { _mm256_loadu_si256(blk.add(16 + 32 * j).cast()) };
+            let lo = _mm256_and_si256(q, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            // Values 64j .. 64j + 64: sub-block 2j in the low half, 2j + 1 in the high.
+            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let s = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_set1_epi32(sc[2 * j] as i32)),
+                _mm256_set1_epi32(sc[2 * j + 1] as i32),
+            );
+            for t in 0..T {
+                // SAFETY: values sb·256 + 64j .. +64 of token t's row.
+                let a = unsafe { _mm512_loadu_si512(toks.qs[t].add(sb * QK_K + 64 * j).cast()) };
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+                acc[t] = _mm512_add_epi32(acc[t], _mm512_mullo_epi32(p, s));
+            }
+        }
+        // SAFETY: the two f16 scales open the super-block.
+        let (dw, dmin) = unsafe {
+            (
+                f16::from_bits(blk.cast::<u16>().read_unaligned()).to_f32(),
+                f16::from_bits(blk.add(2).cast::<u16>().read_unaligned()).to_f32(),
+            )
+        };
+        for t in 0..T {
+            // SAFETY: sums sb·16 .. +16 and scale sb of token t.
+            let (bs, da) = unsafe {
+                (
+                    std::slice::from_raw_parts(toks.s[t].add(sb * 16), 16),
+                    *toks.d[t].add(sb),
+                )
+            };
+            let msum = hsum(_mm512_mullo_epi32(sums(bs), mins));
+            out[t] = finish(out[t], dw, dmin, da, hsum(acc[t]), msum);
+        }
+    }
+}
+
+/// # Safety
+/// As [`q4k`], for Q6_K super-blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `t` indexes accumulators kept in registers
+pub(super) unsafe fn q6k<const T: usize>(
+    row: &[u8],
+    nsb: usize,
+    toks: &Toks<T>,
+    out: &mut [f32; TILE_T],
+) {
+    let (m4, m2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
+    // Lane i of a 64-value vector belongs to 16-value group i / 4.
+    let group = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for sb in 0..nsb {
+        let blk = row.as_ptr().wrapping_add(sb * 210);
+        // SAFETY: the 16 scales sit at 192 .. 208 of the super-block; widened to 16 i32.
+        let all = unsafe { _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(192).cast())) };
+        let mut acc = [_mm512_setzero_si512(); T];
+        for n in 0..2 {
+            // SAFETY: ql (128 bytes) at 0 and qh (64) at 128; for n < 2 these three loads
+            // read 32 bytes each inside them.
+            let (ql0, ql1, h) = unsafe {
+                (
+                    _mm256_loadu_si256(blk.add(64 * n).cast()),
+                    _mm256_loadu_si256(blk.add(64 * n + 32).cast()),
+                    _mm256_loadu_si256(blk.add(128 + 32 * n).cast()),
+                )
+            };
+            let hb = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m2));
+            let q1 = _mm256_or_si256(_mm256_and_si256(ql0, m4), hb(h));
+            let q2 = _mm256_or_si256(_mm256_and_si256(ql1, m4), hb(_mm256_srli_epi16::<2>(h)));
+            let q3 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                hb(_mm256_srli_epi16::<4>(h)),
+            );
+            let q4 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                hb(_mm256_srli_epi16::<6>(h)),
+            );
+            // Values 128n .. +64 are q1, q2 (scales 8n .. 8n+4); +64 .. +128 are q3, q4.
+            let w = [
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q1), q2),
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q3), q4),
+            ];
+            let s = [
+                _mm512_permutexvar_epi32(
+                    _mm512_add_epi32(group, _mm512_set1_epi32(8 * n as i32)),
+                    all,
+                ),
+                _mm512_permutexvar_epi32(
+                    _mm512_add_epi32(group, _mm512_set1_epi32(8 * n as i32 + 4)),
+                    all,
+                ),
+            ];
+            for t in 0..T {
+                for half in 0..2 {
+                    // SAFETY: values sb·256 + 128n + 64·half .. +64 of token t's row.
+                    let a = unsafe {
+                        _mm512_loadu_si512(toks.qs[t].add(sb * QK_K + 128 * n + 64 * half).cast())
+                    };
+                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[half], a);
+                    acc[t] = _mm512_add_epi32(acc[t], _mm512_mullo_epi32(p, s[half]));
+                }
+            }
+        }
+        // SAFETY: d closes the super-block at 208.
+        let dw = unsafe { f16::from_bits(blk.add(208).cast::<u16>().read_unaligned()).to_f32() };
+        for t in 0..T {
+            // SAFETY: sums sb·16 .. +16 and scale sb of token t.
+            let (bs, da) = unsafe {
+                (
+                    std::slice::from_raw_parts(toks.s[t].add(sb * 16), 16),
+                    *toks.d[t].add(sb),
+                )
+            };
+            let msum = 32 * hsum(_mm512_mullo_epi32(sums(bs), all));
+            out[t] = finish(out[t], dw, dw, da, hsum(acc[t]), msum);
+        }
+    }
+}
