@@ -23,6 +23,9 @@ pub struct SynthArgs {
     /// LLM versions to write (different seeds); the manifest serves v1.
     #[arg(long, default_value_t = 3)]
     pub versions: usize,
+    /// The LLMs' architecture: `llama`, `qwen2` (q/k/v biases) or `qwen3` (q/k norms).
+    #[arg(long, default_value = "llama")]
+    pub arch: String,
 }
 
 /// Writes the models and prints, as JSON, each LLM version's source and sha256 (what a
@@ -32,6 +35,12 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         "tiny" => LlmShape::default(),
         "smollm2" => LlmShape::smollm2(),
         other => bail!("--shape {other}: expected tiny or smollm2"),
+    };
+    let variant = match a.arch.as_str() {
+        "llama" => synth::Variant::Llama,
+        "qwen2" => synth::Variant::Qwen2,
+        "qwen3" => synth::Variant::Qwen3,
+        other => bail!("--arch {other}: expected llama, qwen2 or qwen3"),
     };
     if !(1..=16).contains(&a.versions) {
         bail!("--versions {}: between 1 and 16", a.versions);
@@ -50,6 +59,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         let opts = TinyLlm {
             seed: v as u64,
             shape,
+            variant,
             ..Default::default()
         };
         synth::write_tiny_llama_gguf(&path, &opts)
@@ -278,6 +288,7 @@ mod tests {
             out: out.clone(),
             shape: "tiny".into(),
             versions: 2,
+            arch: "llama".into(),
         })
         .unwrap();
         let manifest = std::fs::read_to_string(out.join("models.toml")).unwrap();

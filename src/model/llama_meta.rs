@@ -25,100 +25,114 @@ pub struct LlamaParams {
 /// that a file which would load but could not serve (context 0, heads that do not divide,
 /// a vocabulary that does not match the embedding table, ...) fails here with the reason.
 pub fn check_llama(ct: &Content) -> Result<LlamaParams, String> {
+    check_family(ct, "llama")
+}
+
+/// [`check_llama`] for the llama family's variants, which read the same keys under their
+/// own prefix (`qwen2.*`, `qwen3.*`) and may name their head size (`attention.key_length`).
+pub fn check_family(ct: &Content, p: &str) -> Result<LlamaParams, String> {
     use candle_core::quantized::gguf_file::Value;
-    let get = |k: &str| ct.metadata.get(k);
+    let get = |k: &str| ct.metadata.get(&format!("{p}.{k}"));
     // qllama reads these with `to_u32`/`to_f32`: any other type is an error there (or,
     // for the optional keys, silently the default), so it is one here.
     let opt_u32 = |k: &str| -> Result<Option<usize>, String> {
         match get(k) {
             None => Ok(None),
             Some(Value::U32(v)) => Ok(Some(*v as usize)),
-            Some(v) => Err(format!("{k} is {v:?}: expected a u32")),
+            Some(v) => Err(format!("{p}.{k} is {v:?}: expected a u32")),
         }
     };
     let u32_ = |k: &str| -> Result<usize, String> {
-        opt_u32(k)?.ok_or_else(|| format!("metadata key `{k}` is missing"))
+        opt_u32(k)?.ok_or_else(|| format!("metadata key `{p}.{k}` is missing"))
     };
     let opt_f32 = |k: &str| -> Result<Option<f32>, String> {
         match get(k) {
             None => Ok(None),
             Some(Value::F32(v)) => Ok(Some(*v)),
-            Some(v) => Err(format!("{k} is {v:?}: expected an f32")),
+            Some(v) => Err(format!("{p}.{k} is {v:?}: expected an f32")),
         }
     };
-    let dim = u32_("llama.embedding_length")?;
-    let blocks = u32_("llama.block_count")?;
-    let heads = u32_("llama.attention.head_count")?;
-    let kv_heads = u32_("llama.attention.head_count_kv")?;
-    let rope_dim = u32_("llama.rope.dimension_count")?;
-    let eps = opt_f32("llama.attention.layer_norm_rms_epsilon")?
-        .ok_or("metadata key `llama.attention.layer_norm_rms_epsilon` is missing")?;
-    let freq_base = opt_f32("llama.rope.freq_base")?.unwrap_or(10000.0);
-    let context = opt_u32("llama.context_length")?;
-    let ff_meta = opt_u32("llama.feed_forward_length")?;
-    let n_expert = opt_u32("llama.expert_count")?.unwrap_or(0);
-    let n_expert_used = opt_u32("llama.expert_used_count")?.unwrap_or(0);
+    let dim = u32_("embedding_length")?;
+    let blocks = u32_("block_count")?;
+    let heads = u32_("attention.head_count")?;
+    let kv_heads = u32_("attention.head_count_kv")?;
+    // llama.cpp's qwen converters may leave out the RoPE size (then the head size) and
+    // name the head size (`attention.key_length`) where it is not embedding / heads.
+    let rope_dim_meta = if p == "llama" {
+        Some(u32_("rope.dimension_count")?)
+    } else {
+        opt_u32("rope.dimension_count")?
+    };
+    let key_length = opt_u32("attention.key_length")?;
+    let eps = opt_f32("attention.layer_norm_rms_epsilon")?
+        .ok_or_else(|| format!("metadata key `{p}.attention.layer_norm_rms_epsilon` is missing"))?;
+    let freq_base = opt_f32("rope.freq_base")?.unwrap_or(10000.0);
+    let context = opt_u32("context_length")?;
+    let ff_meta = opt_u32("feed_forward_length")?;
+    let n_expert = opt_u32("expert_count")?.unwrap_or(0);
+    let n_expert_used = opt_u32("expert_used_count")?.unwrap_or(0);
     if dim == 0 {
-        return Err("llama.embedding_length is 0".into());
+        return Err(format!("{p}.embedding_length is 0"));
     }
     if blocks == 0 {
-        return Err("llama.block_count is 0: the model has no layers".into());
+        return Err(format!("{p}.block_count is 0: the model has no layers"));
     }
     if heads == 0 {
-        return Err("llama.attention.head_count is 0".into());
+        return Err(format!("{p}.attention.head_count is 0"));
     }
     if kv_heads == 0 {
-        return Err("llama.attention.head_count_kv is 0".into());
+        return Err(format!("{p}.attention.head_count_kv is 0"));
     }
-    if dim % heads != 0 {
+    if key_length.is_none() && dim % heads != 0 {
         return Err(format!(
-            "llama.embedding_length {dim} is not a multiple of llama.attention.head_count {heads}"
+            "{p}.embedding_length {dim} is not a multiple of {p}.attention.head_count {heads}"
         ));
     }
     if heads % kv_heads != 0 {
         return Err(format!(
-            "llama.attention.head_count {heads} is not a multiple of llama.attention.head_count_kv {kv_heads}"
+            "{p}.attention.head_count {heads} is not a multiple of {p}.attention.head_count_kv {kv_heads}"
         ));
     }
-    let head_dim = dim / heads;
-    if head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+    let head_dim = key_length.unwrap_or(dim / heads);
+    let rope_dim = rope_dim_meta.unwrap_or(head_dim);
+    if head_dim == 0 || head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
         return Err(format!(
-            "the head size {head_dim} (llama.embedding_length {dim} / llama.attention.head_count {heads}) must be even and at most {MAX_HEAD_DIM}"
+            "the head size {head_dim} ({p}.embedding_length {dim} / {p}.attention.head_count {heads}) must be even and at most {MAX_HEAD_DIM}"
         ));
     }
     if rope_dim != head_dim {
         return Err(format!(
-            "llama.rope.dimension_count {rope_dim} differs from the head size {head_dim} (llama.embedding_length {dim} / llama.attention.head_count {heads}): partial RoPE is not supported"
+            "{p}.rope.dimension_count {rope_dim} differs from the head size {head_dim} ({p}.embedding_length {dim} / {p}.attention.head_count {heads}): partial RoPE is not supported"
         ));
     }
     if !(freq_base.is_finite() && freq_base > 0.0) {
         return Err(format!(
-            "llama.rope.freq_base is {freq_base}: must be a finite number > 0"
+            "{p}.rope.freq_base is {freq_base}: must be a finite number > 0"
         ));
     }
     if !(eps.is_finite() && eps > 0.0) {
         return Err(format!(
-            "llama.attention.layer_norm_rms_epsilon is {eps}: must be a finite number > 0"
+            "{p}.attention.layer_norm_rms_epsilon is {eps}: must be a finite number > 0"
         ));
     }
     if let Some(c) = context {
         if c < 2 {
             return Err(format!(
-                "llama.context_length is {c}: the model could not take a prompt and generate (at least 2)"
+                "{p}.context_length is {c}: the model could not take a prompt and generate (at least 2)"
             ));
         }
     }
-    let vocab = match get("tokenizer.ggml.tokens") {
+    let vocab = match ct.metadata.get("tokenizer.ggml.tokens") {
         Some(Value::Array(t)) => Some(t.len()),
         _ => None,
     };
     if vocab == Some(0) {
         return Err("tokenizer.ggml.tokens is empty".into());
     }
-    if let (Some(v), Some(n)) = (vocab, opt_u32("llama.vocab_size")?) {
+    if let (Some(v), Some(n)) = (vocab, opt_u32("vocab_size")?) {
         if v != n {
             return Err(format!(
-                "llama.vocab_size {n} differs from the {v} tokens of tokenizer.ggml.tokens"
+                "{p}.vocab_size {n} differs from the {v} tokens of tokenizer.ggml.tokens"
             ));
         }
     }
@@ -138,7 +152,7 @@ pub fn check_llama(ct: &Content) -> Result<LlamaParams, String> {
         Some(s) if s.len() == 2 && s[1] == dim => s[0],
         Some(s) => {
             return Err(format!(
-                "tensor `token_embd.weight` has shape {s:?}, expected [vocabulary, {dim}] (llama.embedding_length {dim})"
+                "tensor `token_embd.weight` has shape {s:?}, expected [vocabulary, {dim}] ({p}.embedding_length {dim})"
             ))
         }
     };
@@ -154,31 +168,31 @@ pub fn check_llama(ct: &Content) -> Result<LlamaParams, String> {
             format!("the output head must match token_embd.weight's {vocab_rows} tokens × {dim}")
         })?;
     }
-    let dims = || format!("llama.embedding_length {dim}");
+    let dims = || format!("{p}.embedding_length {dim}");
     expect("output_norm.weight", &[dim], &dims)?;
     if n_expert > 1 && !(1..=n_expert).contains(&n_expert_used) {
         return Err(format!(
-            "llama.expert_used_count {n_expert_used} must be between 1 and llama.expert_count {n_expert}"
+            "{p}.expert_used_count {n_expert_used} must be between 1 and {p}.expert_count {n_expert}"
         ));
     }
     // Every block needs at least 9 tensors: a block count past that is refused before the
     // loader reserves room for that many layers.
     if blocks > ct.tensor_infos.len() / 9 {
         return Err(format!(
-            "llama.block_count {blocks} needs at least {} tensors but the file has {}",
+            "{p}.block_count {blocks} needs at least {} tensors but the file has {}",
             blocks.saturating_mul(9),
             ct.tensor_infos.len()
         ));
     }
     let kv_dim = head_dim * kv_heads;
     let heads_why =
-        || format!("llama.embedding_length {dim}, head_count {heads}, head_count_kv {kv_heads}");
+        || format!("{p}.embedding_length {dim}, head_count {heads}, head_count_kv {kv_heads}");
     for l in 0..blocks {
         let t = |n: &str| format!("blk.{l}.{n}.weight");
-        expect(&t("attn_q"), &[dim, dim], &heads_why)?;
+        expect(&t("attn_q"), &[heads * head_dim, dim], &heads_why)?;
         expect(&t("attn_k"), &[kv_dim, dim], &heads_why)?;
         expect(&t("attn_v"), &[kv_dim, dim], &heads_why)?;
-        expect(&t("attn_output"), &[dim, dim], &heads_why)?;
+        expect(&t("attn_output"), &[dim, heads * head_dim], &heads_why)?;
         expect(&t("attn_norm"), &[dim], &dims)?;
         expect(&t("ffn_norm"), &[dim], &dims)?;
         let ffn = |gate: &str, up: &str, down: &str| -> Result<(), String> {
@@ -195,7 +209,7 @@ pub fn check_llama(ct: &Content) -> Result<LlamaParams, String> {
             if let Some(m) = ff_meta {
                 if m != ff {
                     return Err(format!(
-                        "tensor `{gate}` has {ff} rows but llama.feed_forward_length is {m}"
+                        "tensor `{gate}` has {ff} rows but {p}.feed_forward_length is {m}"
                     ));
                 }
             }
@@ -207,7 +221,7 @@ pub fn check_llama(ct: &Content) -> Result<LlamaParams, String> {
             ffn(&t("ffn_gate"), &t("ffn_up"), &t("ffn_down"))?;
         } else {
             expect(&t("ffn_gate_inp"), &[n_expert, dim], &|| {
-                format!("llama.expert_count {n_expert}, {}", dims())
+                format!("{p}.expert_count {n_expert}, {}", dims())
             })?;
             for i in 0..n_expert {
                 let e = |n: &str| format!("blk.{l}.{n}.{i}.weight");

@@ -488,7 +488,9 @@ mod tests {
         assert!(matches!(err, ModelError::Unsupported { .. }), "{err}");
         let err = err.to_string();
         assert!(
-            err.contains("architecture `mamba` is not supported (supported: llama, gemma3)"),
+            err.contains(
+                "architecture `mamba` is not supported (supported: llama, gemma3, qwen2, qwen3)"
+            ),
             "{err}"
         );
         assert!(!err.contains("not a valid GGUF"), "{err}");

@@ -8,6 +8,8 @@ use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::Tokenizer;
 
 use super::spm::{self, SpmVocab};
@@ -24,6 +26,16 @@ const END_OF_GENERATION_TEXTS: [&str; 5] = [
     "<|end|>",
     "<end_of_turn>",
 ];
+
+/// llama.cpp's pre-tokenizer regex for a `tokenizer.ggml.pre` name (llama-vocab.cpp), for
+/// the names whose regex differs from GPT-2's.
+fn split_pattern(pre: &str) -> Option<&'static str> {
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    match pre {
+        "qwen2" => Some(QWEN2),
+        _ => None,
+    }
+}
 
 /// The vocabulary models a GGUF may name in `tokenizer.ggml.model`.
 pub const SUPPORTED_MODELS: [&str; 2] = ["gpt2", "llama"];
@@ -177,6 +189,21 @@ impl GgufTokenizer {
         } else {
             let mut inner = Tokenizer::from_gguf(ct).map_err(|e| e.to_string())?;
             super::compute::pace();
+            if let Some(pattern) = split_pattern(&pre) {
+                // llama.cpp's regex for this pre-tokenizer, then byte-level BPE with no
+                // prefix space (candle would fall back to GPT-2's regex).
+                let split = Split::new(
+                    SplitPattern::Regex(pattern.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| format!("tokenizer.ggml.pre `{pre}`: {e}"))?;
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])));
+                inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
+            }
             if pre == "smollm" {
                 // candle falls back to GPT-2's pre-tokenizer for names it does not know, which
                 // adds a prefix space ("The" → "ĠThe") and groups digits. SmolLM's own

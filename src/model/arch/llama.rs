@@ -46,6 +46,10 @@ struct LayerWeights {
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
+    /// Query, key and value biases (qwen2).
+    bias: Option<[Tensor; 3]>,
+    /// Per-head RMS norms of queries and keys, before RoPE (qwen3).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     /// RoPE convention: true = NEOX (pairs i with i+d/2), false = NORM (pairs 2i, 2i+1).
     rope_is_neox: bool,
     cos: Tensor,
@@ -56,6 +60,29 @@ struct LayerWeights {
 }
 
 impl LayerWeights {
+    /// Adds the projection biases and normalizes query and key heads, when the
+    /// architecture has them.
+    fn adjust_qkv(&self, q: Tensor, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = match &self.bias {
+            Some([bq, bk, bv]) => (
+                q.broadcast_add(bq)?,
+                k.broadcast_add(bk)?,
+                v.broadcast_add(bv)?,
+            ),
+            None => (q, k, v),
+        };
+        let Some((nq, nk)) = &self.qk_norm else {
+            return Ok((q, k, v));
+        };
+        let heads = |norm: &RmsNorm, x: &Tensor| -> Result<Tensor> {
+            let dims = x.dims().to_vec();
+            let rows = x.elem_count() / self.head_dim;
+            norm.forward(&x.reshape((rows, self.head_dim))?)?
+                .reshape(dims)
+        };
+        Ok((heads(nq, &q)?, heads(nk, &k)?, v))
+    }
+
     fn apply_rotary_emb(&self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
         let (_b_sz, _n_head, seq_len, _n_embd) = x.dims4()?;
         let cos = self.cos.narrow(0, index_pos, seq_len)?;
@@ -211,35 +238,33 @@ impl ModelWeights {
         reader: &mut R,
         device: &Device,
     ) -> Result<Self> {
-        let md_get = |s: &str| match ct.metadata.get(s) {
-            None => candle_core::bail!("cannot find {s} in metadata"),
-            Some(v) => Ok(v),
-        };
-
-        let n_expert = md_get("llama.expert_count")
-            .and_then(|v| v.to_u32())
-            .unwrap_or(0) as usize;
-        let n_expert_used = md_get("llama.expert_used_count")
-            .and_then(|v| v.to_u32())
-            .unwrap_or(0) as usize;
-        let head_count = md_get("llama.attention.head_count")?.to_u32()? as usize;
-        let head_count_kv = md_get("llama.attention.head_count_kv")?.to_u32()? as usize;
-        let block_count = md_get("llama.block_count")?.to_u32()? as usize;
-        let embedding_length = md_get("llama.embedding_length")?.to_u32()? as usize;
-        let rope_dim = md_get("llama.rope.dimension_count")?.to_u32()? as usize;
-        let rms_norm_eps = md_get("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
-
-        let rope_freq_base = md_get("llama.rope.freq_base")
-            .and_then(|m| m.to_f32())
-            .unwrap_or(10000f32);
-
-        // RoPE convention from the architecture, as llama.cpp's llama_model_rope_type().
         let arch = ct
             .metadata
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or_else(|| "llama".into());
+        let params =
+            crate::model::llama_meta::check_family(&ct, &arch).map_err(candle_core::Error::msg)?;
+        let md_get = |s: &str| match ct.metadata.get(&format!("{arch}.{s}")) {
+            None => candle_core::bail!("cannot find {arch}.{s} in metadata"),
+            Some(v) => Ok(v),
+        };
+        let n_expert = md_get("expert_count").and_then(|v| v.to_u32()).unwrap_or(0) as usize;
+        let n_expert_used = md_get("expert_used_count")
+            .and_then(|v| v.to_u32())
+            .unwrap_or(0) as usize;
+        let head_count = params.head_count;
+        let head_count_kv = params.head_count_kv;
+        let block_count = params.block_count;
+        let head_dim = params.head_dim;
+        let rope_dim = head_dim;
+        let rms_norm_eps = md_get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
+        let rope_freq_base = md_get("rope.freq_base")
+            .and_then(|m| m.to_f32())
+            .unwrap_or(10000f32);
+
+        // RoPE convention from the architecture, as llama.cpp's llama_model_rope_type().
         let rope_is_neox = matches!(
             arch.as_str(),
             "qwen"
@@ -320,6 +345,30 @@ impl ModelWeights {
                     experts,
                 }
             };
+            // qwen2's query/key/value biases and qwen3's per-head query/key norms.
+            let has = |n: &str| ct.tensor_infos.contains_key(&format!("{prefix}.{n}"));
+            let bias = if has("attn_q.bias") {
+                let mut b = |n: &str| -> Result<Tensor> {
+                    tensor(&format!("{prefix}.{n}.bias"))?.dequantize(device)
+                };
+                Some([b("attn_q")?, b("attn_k")?, b("attn_v")?])
+            } else {
+                None
+            };
+            let qk_norm = if has("attn_q_norm.weight") {
+                Some((
+                    RmsNorm::from_qtensor(
+                        tensor(&format!("{prefix}.attn_q_norm.weight"))?,
+                        rms_norm_eps,
+                    )?,
+                    RmsNorm::from_qtensor(
+                        tensor(&format!("{prefix}.attn_k_norm.weight"))?,
+                        rms_norm_eps,
+                    )?,
+                ))
+            } else {
+                None
+            };
             let attention_norm = tensor(&format!("{prefix}.attn_norm.weight"))?;
             let ffn_norm = tensor(&format!("{prefix}.ffn_norm.weight"))?;
             crate::model::compute::pace();
@@ -333,7 +382,9 @@ impl ModelWeights {
                 ffn_norm: RmsNorm::from_qtensor(ffn_norm, rms_norm_eps)?,
                 n_head: head_count,
                 n_kv_head: head_count_kv,
-                head_dim: embedding_length / head_count,
+                head_dim,
+                bias,
+                qk_norm,
                 rope_is_neox,
                 cos: cos.clone(),
                 sin: sin.clone(),
@@ -411,6 +462,7 @@ impl ModelWeights {
             )?
             .try_into()
             .expect("three projections");
+            let (q, k, v) = layer.adjust_qkv(q, k, v)?;
             let y = match &layer.rope_cpu {
                 Some(rope) => layer.attend_cpu(rope, &q, &k, &v, items, &lens, li)?,
                 None => {

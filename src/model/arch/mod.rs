@@ -21,7 +21,7 @@ use crate::quant::QLinear;
 pub const MAX_SEQ_LEN: usize = candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 
 /// `general.architecture` values swapd loads.
-pub const SUPPORTED: [&str; 2] = ["llama", "gemma3"];
+pub const SUPPORTED: [&str; 4] = ["llama", "gemma3", "qwen2", "qwen3"];
 
 /// A GGUF's architecture, from `general.architecture`; an unsupported one names itself and
 /// the supported list.
@@ -64,13 +64,51 @@ pub fn check(ct: &Content) -> std::result::Result<ArchParams, String> {
     let arch = arch_of(ct)?;
     match arch.as_str() {
         "gemma3" => gemma3::check(ct),
-        _ => crate::model::llama_meta::check_llama(ct).map(|p| ArchParams {
-            arch,
-            block_count: p.block_count,
-            kv_width: p.head_count_kv * p.head_dim,
-            context_length: p.context_length,
-        }),
+        _ => {
+            let p = crate::model::llama_meta::check_family(ct, &arch)?;
+            check_variant(ct, &arch, &p)?;
+            Ok(ArchParams {
+                arch,
+                block_count: p.block_count,
+                kv_width: p.head_count_kv * p.head_dim,
+                context_length: p.context_length,
+            })
+        }
     }
+}
+
+/// The tensors qwen2 (query/key/value biases) and qwen3 (per-head query/key norms) add to
+/// the llama layout, with their shapes.
+fn check_variant(
+    ct: &Content,
+    arch: &str,
+    p: &crate::model::llama_meta::LlamaParams,
+) -> std::result::Result<(), String> {
+    let (q, kv, d) = (
+        p.head_count * p.head_dim,
+        p.head_count_kv * p.head_dim,
+        p.head_dim,
+    );
+    let wanted: Vec<(&str, usize)> = match arch {
+        "qwen2" => vec![("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv)],
+        "qwen3" => vec![("attn_q_norm.weight", d), ("attn_k_norm.weight", d)],
+        _ => return Ok(()),
+    };
+    for l in 0..p.block_count {
+        for (n, len) in &wanted {
+            let name = format!("blk.{l}.{n}");
+            match ct.tensor_infos.get(&name).map(|i| i.shape.dims().to_vec()) {
+                None => return Err(format!("tensor `{name}` is missing ({arch})")),
+                Some(s) if s != [*len] => {
+                    return Err(format!(
+                        "tensor `{name}` has shape {s:?}, expected [{len}] ({arch})"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A loaded model of any supported architecture.
@@ -90,6 +128,7 @@ impl Weights {
         let arch = arch_of(&ct).map_err(candle_core::Error::msg)?;
         Ok(match arch.as_str() {
             "gemma3" => Self::Gemma3(gemma3::Gemma3::from_gguf(ct, reader, device)?),
+            // qwen2 and qwen3 are the llama layout with biases or q/k norms and NEOX RoPE.
             _ => Self::Llama(llama::ModelWeights::from_gguf(ct, reader, device)?),
         })
     }

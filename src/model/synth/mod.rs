@@ -38,6 +38,30 @@ pub struct TinyLlm {
     /// Scale the output projection near f32::MAX: finite weights, infinite logits.
     pub overflow: bool,
     pub shape: LlmShape,
+    /// Which member of the llama family: its metadata prefix and extra tensors.
+    pub variant: Variant,
+}
+
+/// The llama-layout architectures the tiny LLM can be written in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Variant {
+    #[default]
+    Llama,
+    /// `qwen2.*` keys, query/key/value biases, NEOX RoPE.
+    Qwen2,
+    /// `qwen3.*` keys, per-head query/key norms, a head size that is not dim / heads
+    /// (`attention.key_length`, as Qwen3's), NEOX RoPE.
+    Qwen3,
+}
+
+impl Variant {
+    pub fn arch(self) -> &'static str {
+        match self {
+            Variant::Llama => "llama",
+            Variant::Qwen2 => "qwen2",
+            Variant::Qwen3 => "qwen3",
+        }
+    }
 }
 
 /// The llama's sizes. The default is tiny (2 layers of 64); [`LlmShape::smollm2`] is
@@ -112,8 +136,13 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
     let types: Vec<V> = (0..vocab)
         .map(|i| V::I32(if i < 3 { 3 } else { 1 }))
         .collect();
-    let head_dim = dim / heads;
+    let variant = opts.variant;
+    let head_dim = match variant {
+        Variant::Qwen3 => 2 * dim / heads,
+        _ => dim / heads,
+    };
     let kv_dim = head_dim * kv_heads;
+    let q_dim = head_dim * heads;
 
     let q8 = |t: Tensor| QTensor::quantize(&t, quant);
     let f32t = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32);
@@ -140,10 +169,10 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
     for l in 0..layers {
         let p = |n: &str| format!("blk.{l}.{n}.weight");
         for (name, shape, fan_in) in [
-            ("attn_q", (dim, dim), dim),
+            ("attn_q", (q_dim, dim), dim),
             ("attn_k", (kv_dim, dim), dim),
             ("attn_v", (kv_dim, dim), dim),
-            ("attn_output", (dim, dim), dim),
+            ("attn_output", (dim, q_dim), q_dim),
             ("ffn_gate", (ff, dim), dim),
             ("ffn_up", (ff, dim), dim),
             ("ffn_down", (dim, ff), ff),
@@ -152,49 +181,86 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
         }
         tensors.push((p("attn_norm"), f32t(ones(dim)?)?));
         tensors.push((p("ffn_norm"), f32t(ones(dim)?)?));
+        let vec = |rng: &mut rand::rngs::StdRng, n: usize, c: f32, r: f32| {
+            random(rng, (1, n), r).and_then(|t| Ok(((t + c as f64)?).reshape(n)?))
+        };
+        match variant {
+            Variant::Qwen2 => {
+                for (n, len) in [("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)] {
+                    let b = vec(&mut rng, len, 0.0, 0.5)?;
+                    tensors.push((format!("blk.{l}.{n}.bias"), f32t(b)?));
+                }
+            }
+            Variant::Qwen3 => {
+                for n in ["attn_q_norm", "attn_k_norm"] {
+                    tensors.push((p(n), f32t(vec(&mut rng, head_dim, 1.0, 0.3)?)?));
+                }
+            }
+            Variant::Llama => {}
+        }
     }
 
-    let metadata: Vec<(&str, V)> = vec![
-        ("general.architecture", V::String("llama".into())),
+    let a = variant.arch();
+    let key = |k: &str| format!("{a}.{k}");
+    let mut metadata: Vec<(String, V)> = vec![
+        ("general.architecture".into(), V::String(a.into())),
         (
-            "general.name",
-            V::String(format!("tiny-llama-{}", opts.seed)),
+            "general.name".into(),
+            V::String(format!("tiny-{a}-{}", opts.seed)),
         ),
-        ("llama.context_length", V::U32(512)),
-        ("llama.embedding_length", V::U32(dim as u32)),
-        ("llama.feed_forward_length", V::U32(ff as u32)),
-        ("llama.block_count", V::U32(layers as u32)),
-        ("llama.attention.head_count", V::U32(heads as u32)),
-        ("llama.attention.head_count_kv", V::U32(kv_heads as u32)),
-        ("llama.rope.dimension_count", V::U32(head_dim as u32)),
-        ("llama.rope.freq_base", V::F32(10000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
-        ("tokenizer.ggml.model", V::String("gpt2".into())),
-        ("tokenizer.ggml.pre", V::String("smollm".into())),
-        (
-            "tokenizer.ggml.tokens",
-            V::Array(tokens.iter().map(|t| V::String(t.clone())).collect()),
-        ),
-        ("tokenizer.ggml.token_type", V::Array(types)),
-        (
-            "tokenizer.ggml.merges",
-            V::Array(
-                MERGES
-                    .iter()
-                    .map(|(a, b)| V::String(format!("{a} {b}")))
-                    .collect(),
-            ),
-        ),
-        ("tokenizer.ggml.bos_token_id", V::U32(1)),
-        ("tokenizer.ggml.eos_token_id", V::U32(2)),
-        ("tokenizer.ggml.padding_token_id", V::U32(0)),
-        ("tokenizer.ggml.add_bos_token", V::Bool(false)),
-        (
-            "tokenizer.chat_template",
-            V::String(SMOLLM2_CHAT_TEMPLATE.into()),
-        ),
+        (key("context_length"), V::U32(512)),
+        (key("embedding_length"), V::U32(dim as u32)),
+        (key("feed_forward_length"), V::U32(ff as u32)),
+        (key("block_count"), V::U32(layers as u32)),
+        (key("attention.head_count"), V::U32(heads as u32)),
+        (key("attention.head_count_kv"), V::U32(kv_heads as u32)),
+        (key("rope.dimension_count"), V::U32(head_dim as u32)),
+        (key("rope.freq_base"), V::F32(10000.0)),
+        (key("attention.layer_norm_rms_epsilon"), V::F32(1e-5)),
     ];
-    let md: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    if variant == Variant::Qwen3 {
+        metadata.push((key("attention.key_length"), V::U32(head_dim as u32)));
+        metadata.push((key("attention.value_length"), V::U32(head_dim as u32)));
+    }
+    let pre = if variant == Variant::Llama {
+        "smollm"
+    } else {
+        "qwen2"
+    };
+    let metadata: Vec<(String, V)> = metadata
+        .into_iter()
+        .chain(
+            vec![
+                ("tokenizer.ggml.model", V::String("gpt2".into())),
+                ("tokenizer.ggml.pre", V::String(pre.into())),
+                (
+                    "tokenizer.ggml.tokens",
+                    V::Array(tokens.iter().map(|t| V::String(t.clone())).collect()),
+                ),
+                ("tokenizer.ggml.token_type", V::Array(types)),
+                (
+                    "tokenizer.ggml.merges",
+                    V::Array(
+                        MERGES
+                            .iter()
+                            .map(|(a, b)| V::String(format!("{a} {b}")))
+                            .collect(),
+                    ),
+                ),
+                ("tokenizer.ggml.bos_token_id", V::U32(1)),
+                ("tokenizer.ggml.eos_token_id", V::U32(2)),
+                ("tokenizer.ggml.padding_token_id", V::U32(0)),
+                ("tokenizer.ggml.add_bos_token", V::Bool(false)),
+                (
+                    "tokenizer.chat_template",
+                    V::String(SMOLLM2_CHAT_TEMPLATE.into()),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+        )
+        .collect();
+    let md: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
     gguf_file::write(&mut file, &md, &ts)?;
