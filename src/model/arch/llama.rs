@@ -16,7 +16,7 @@
 //!
 //! The GGML (pre-GGUF) loader is left out: swapd only reads GGUF.
 use candle_core::quantized::{gguf_file, QTensor};
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::build_causal_mask;
 
@@ -93,61 +93,6 @@ impl LayerWeights {
         } else {
             candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
         }
-    }
-
-    /// Attention on the CPU of every item's new rows (`q`, `k`, `v`: `(1, rows, ·)`, the
-    /// items' rows in order), each over its own cache.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_cpu(
-        &self,
-        rope: &Rope,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        items: &mut [StepItem<'_>],
-        lens: &[usize],
-        layer: usize,
-    ) -> Result<Tensor> {
-        let h = Heads {
-            n_head: self.n_head,
-            n_kv_head: self.n_kv_head,
-            head_dim: self.head_dim,
-        };
-        let (qw, kw) = (h.n_head * h.head_dim, h.n_kv_head * h.head_dim);
-        let total: usize = lens.iter().sum();
-        if items
-            .iter()
-            .any(|i| i.cache.pos() + i.ids.len() > rope.positions(h.head_dim))
-        {
-            candle_core::bail!(
-                "a sequence is past the {} positions RoPE covers",
-                rope.positions(h.head_dim)
-            );
-        }
-        let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-        let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
-        let mut out = vec![0f32; total * qw];
-        let mut off = 0;
-        for (item, &n) in items.iter_mut().zip(lens) {
-            let pos = item.cache.pos();
-            let Some(cache) = item.cache.cpu_layer(layer) else {
-                candle_core::bail!("a CPU model was given a device KV cache");
-            };
-            attention::attend(
-                h,
-                attention::Span::causal(h.head_dim),
-                rope,
-                &q[off * qw..(off + n) * qw],
-                &k[off * kw..(off + n) * kw],
-                &v[off * kw..(off + n) * kw],
-                n,
-                pos,
-                cache,
-                &mut out[off * qw..(off + n) * qw],
-            );
-            off += n;
-        }
-        Tensor::from_vec(out, (1, total, qw), &Device::Cpu)
     }
 
     /// Attention of one sequence's `seq_len` new rows (their query, key and value
@@ -464,7 +409,15 @@ impl ModelWeights {
             .expect("three projections");
             let (q, k, v) = layer.adjust_qkv(q, k, v)?;
             let y = match &layer.rope_cpu {
-                Some(rope) => layer.attend_cpu(rope, &q, &k, &v, items, &lens, li)?,
+                Some(rope) => {
+                    let h = Heads {
+                        n_head: layer.n_head,
+                        n_kv_head: layer.n_kv_head,
+                        head_dim: layer.head_dim,
+                    };
+                    let span = attention::Span::causal(h.head_dim);
+                    super::attend_items(h, span, rope, &q, &k, &v, items, &lens, li)?
+                }
                 None => {
                     let mut ys = Vec::with_capacity(items.len());
                     let mut off = 0;
@@ -494,34 +447,7 @@ impl ModelWeights {
         for (item, &n) in items.iter_mut().zip(&lens) {
             item.cache.advance(n);
         }
-        // The last row of every item that wants logits, through the norm and the head.
-        let mut last = Vec::new();
-        let mut end = 0;
-        for (item, &n) in items.iter().zip(&lens) {
-            end += n;
-            if item.logits {
-                last.push(end as u32 - 1);
-            }
-        }
-        let mut out = vec![None; items.len()];
-        if last.is_empty() {
-            return Ok(out);
-        }
-        let rows = x
-            .squeeze(0)?
-            .index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
-        let logits = self
-            .output
-            .forward(&self.norm.forward(&rows)?)?
-            .to_dtype(DType::F32)?;
-        let mut r = 0;
-        for (slot, item) in out.iter_mut().zip(items.iter()) {
-            if item.logits {
-                *slot = Some(logits.i(r)?);
-                r += 1;
-            }
-        }
-        Ok(out)
+        super::head_logits(&x, items, &lens, &self.norm, &self.output)
     }
 
     /// The device the weights are on.

@@ -11,9 +11,11 @@ pub mod llama;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
-use candle_core::{CpuStorage, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, IndexOp, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Embedding;
+use candle_transformers::quantized_nn::RmsNorm;
 
+use super::attention::{self, Heads, Rope, Span};
 use super::kv::{KvCache, StepItem};
 use crate::quant::QLinear;
 
@@ -272,4 +274,92 @@ pub(crate) fn precomput_freqs_cis(
         .reshape((MAX_SEQ_LEN, 1))?
         .matmul(&theta.reshape((1, theta.elem_count()))?)?;
     Ok((idx_theta.cos()?, idx_theta.sin()?))
+}
+
+/// Attention on the CPU of every item's new rows (`q`, `k`, `v`: `(1, rows, ·)`, the items'
+/// rows in order), each over its own cache at `layer`, which they join.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_items(
+    h: Heads,
+    span: Span,
+    rope: &Rope,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    items: &mut [StepItem<'_>],
+    lens: &[usize],
+    layer: usize,
+) -> Result<Tensor> {
+    let (qw, kw) = (h.n_head * h.head_dim, h.n_kv_head * h.head_dim);
+    if items
+        .iter()
+        .any(|i| i.cache.pos() + i.ids.len() > rope.positions(h.head_dim))
+    {
+        candle_core::bail!(
+            "a sequence is past the {} positions RoPE covers",
+            rope.positions(h.head_dim)
+        );
+    }
+    let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+    let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+    let total: usize = lens.iter().sum();
+    let mut out = vec![0f32; total * qw];
+    let mut off = 0;
+    for (item, &n) in items.iter_mut().zip(lens) {
+        let pos = item.cache.pos();
+        let Some(cache) = item.cache.cpu_layer(layer) else {
+            candle_core::bail!("a CPU model was given a device KV cache");
+        };
+        attention::attend(
+            h,
+            span,
+            rope,
+            &q[off * qw..(off + n) * qw],
+            &k[off * kw..(off + n) * kw],
+            &v[off * kw..(off + n) * kw],
+            n,
+            pos,
+            cache,
+            &mut out[off * qw..(off + n) * qw],
+        );
+        off += n;
+    }
+    Tensor::from_vec(out, (1, total, qw), &Device::Cpu)
+}
+
+/// The next-token logits (`[vocab]`, f32) of every item that asks for them: the last of its
+/// rows of `x` (`(1, rows, dim)`), through the final norm and the output head.
+pub(crate) fn head_logits(
+    x: &Tensor,
+    items: &[StepItem<'_>],
+    lens: &[usize],
+    norm: &RmsNorm,
+    output: &QLinear,
+) -> Result<Vec<Option<Tensor>>> {
+    let mut last = Vec::new();
+    let mut end = 0;
+    for (item, &n) in items.iter().zip(lens) {
+        end += n;
+        if item.logits {
+            last.push(end as u32 - 1);
+        }
+    }
+    let mut out = vec![None; items.len()];
+    if last.is_empty() {
+        return Ok(out);
+    }
+    let rows = x
+        .squeeze(0)?
+        .index_select(&Tensor::new(last.as_slice(), x.device())?, 0)?;
+    let logits = output
+        .forward(&norm.forward(&rows)?)?
+        .to_dtype(DType::F32)?;
+    let mut r = 0;
+    for (slot, item) in out.iter_mut().zip(items) {
+        if item.logits {
+            *slot = Some(logits.i(r)?);
+            r += 1;
+        }
+    }
+    Ok(out)
 }

@@ -15,11 +15,11 @@
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::{masked_fill, precomput_freqs_cis, round_f16, TokEmbedding};
-use crate::model::attention::{self, Heads, Rope, Span};
+use crate::model::attention::{Heads, Rope, Span};
 use crate::model::kv::{KvCache, StepItem};
 use crate::quant::QLinear;
 
@@ -217,7 +217,7 @@ impl Gemma3 {
                 (self.span_global, &self.rope_global)
             };
             let y = match &rope.cpu {
-                Some(r) => self.attend_cpu(r, span, &q, &k, &v, items, &lens, li)?,
+                Some(r) => super::attend_items(self.heads, span, r, &q, &k, &v, items, &lens, li)?,
                 None => self.attend_device(rope, span, &q, &k, &v, items, &lens, li)?,
             };
             let y = layer.post_attn_norm.forward(&layer.o.forward(&y)?)?;
@@ -232,84 +232,7 @@ impl Gemma3 {
         for (item, &n) in items.iter_mut().zip(&lens) {
             item.cache.advance(n);
         }
-        let mut last = Vec::new();
-        let mut end = 0;
-        for (item, &n) in items.iter().zip(&lens) {
-            end += n;
-            if item.logits {
-                last.push(end as u32 - 1);
-            }
-        }
-        let mut out = vec![None; items.len()];
-        if last.is_empty() {
-            return Ok(out);
-        }
-        let rows = x
-            .squeeze(0)?
-            .index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
-        let logits = self
-            .output
-            .forward(&self.norm.forward(&rows)?)?
-            .to_dtype(DType::F32)?;
-        let mut r = 0;
-        for (slot, item) in out.iter_mut().zip(items.iter()) {
-            if item.logits {
-                *slot = Some(logits.i(r)?);
-                r += 1;
-            }
-        }
-        Ok(out)
-    }
-
-    /// Attention on the CPU of every item's new rows, each over its own cache.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_cpu(
-        &self,
-        rope: &Rope,
-        span: Span,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        items: &mut [StepItem<'_>],
-        lens: &[usize],
-        layer: usize,
-    ) -> Result<Tensor> {
-        let h = self.heads;
-        let (qw, kw) = (h.n_head * h.head_dim, h.n_kv_head * h.head_dim);
-        if items
-            .iter()
-            .any(|i| i.cache.pos() + i.ids.len() > rope.positions(h.head_dim))
-        {
-            candle_core::bail!(
-                "a sequence is past the {} positions RoPE covers",
-                rope.positions(h.head_dim)
-            );
-        }
-        let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-        let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
-        let total: usize = lens.iter().sum();
-        let mut out = vec![0f32; total * qw];
-        let mut off = 0;
-        for (item, &n) in items.iter_mut().zip(lens) {
-            let pos = item.cache.pos();
-            let Some(cache) = item.cache.cpu_layer(layer) else {
-                candle_core::bail!("a CPU model was given a device KV cache");
-            };
-            attention::attend(
-                h,
-                span,
-                rope,
-                &q[off * qw..(off + n) * qw],
-                &k[off * kw..(off + n) * kw],
-                &v[off * kw..(off + n) * kw],
-                n,
-                pos,
-                cache,
-                &mut out[off * qw..(off + n) * qw],
-            );
-            off += n;
-        }
-        Tensor::from_vec(out, (1, total, qw), &Device::Cpu)
+        super::head_logits(&x, items, &lens, &self.norm, &self.output)
     }
 
     /// Attention through candle's tensor operations (CUDA, Metal), per item.
