@@ -23,6 +23,7 @@ use crate::model::attention::{Heads, Rope, Span};
 use crate::model::kv::{KvCache, StepItem};
 use crate::quant::QLinear;
 
+mod gelu;
 mod meta;
 
 pub use meta::check;
@@ -226,7 +227,18 @@ impl Gemma3 {
             let [g, u]: [Tensor; 2] = QLinear::forward_many(&[&layer.gate, &layer.up], &h)?
                 .try_into()
                 .expect("two projections");
-            let m = layer.down.forward(&(g.gelu()? * u)?)?;
+            let act = if g.device().is_cpu() {
+                let (gv, uv) = (
+                    g.flatten_all()?.to_vec1::<f32>()?,
+                    u.flatten_all()?.to_vec1::<f32>()?,
+                );
+                let mut out = vec![0f32; gv.len()];
+                gelu::gelu_mul(&gv, &uv, &mut out);
+                Tensor::from_vec(out, g.shape(), &Device::Cpu)?
+            } else {
+                (g.gelu()? * u)?
+            };
+            let m = layer.down.forward(&act)?;
             x = (layer.post_ffn_norm.forward(&m)? + x1)?;
         }
         for (item, &n) in items.iter_mut().zip(&lens) {
