@@ -204,12 +204,8 @@ pub(crate) fn attend(
 
 impl LayerKv {
     /// Room for `tokens` tokens of `kv_width` values each, reserved up front; a sliding
-    /// window of `window` positions bounds what is kept (and reserved).
+    /// window of `window` positions bounds what is kept.
     pub fn with_capacity(tokens: usize, kv_width: usize, window: Option<usize>) -> Self {
-        let tokens = match window {
-            Some(w) => tokens.min(2 * w + crate::model::llm::PREFILL_CHUNK),
-            None => tokens,
-        };
         Self {
             k: Vec::with_capacity(tokens * kv_width),
             v: Vec::with_capacity(tokens * kv_width),

@@ -9,6 +9,12 @@ use candle_core::{Result, Tensor};
 
 use super::attention::LayerKv;
 
+/// Tokens of a prompt fed per forward pass: bounds the attention matrix of a long prompt,
+/// lets a cancelled request stop between chunks and lets a batch step take part of a
+/// prompt beside decoding sequences. A prompt is always cut at the same places (multiples of
+/// this from its start), alone or in a batch, so its logits do not depend on the batch.
+pub const PREFILL_CHUNK: usize = 128;
+
 /// The sequence axis of the `(1, kv_heads, tokens, head_dim)` cache tensors.
 const SEQ_DIM: usize = 2;
 
@@ -51,7 +57,11 @@ impl KvCache {
             Layers::Cpu(
                 windows
                     .iter()
-                    .map(|&w| LayerKv::with_capacity(capacity, kv_width, w))
+                    .map(|&w| {
+                        // A sliding-window layer holds at most two windows and a step.
+                        let reserve = w.map_or(capacity, |w| capacity.min(2 * w + PREFILL_CHUNK));
+                        LayerKv::with_capacity(reserve, kv_width, w)
+                    })
                     .collect(),
             )
         } else {

@@ -17,11 +17,7 @@ use super::header;
 use super::tokenizer::GgufTokenizer;
 use super::ModelError;
 
-/// Tokens of a prompt fed per forward pass: bounds the attention matrix of a long prompt,
-/// lets a cancelled request stop between chunks and lets a batch step take part of a
-/// prompt beside decoding sequences. A prompt is always cut at the same places (multiples of
-/// this from its start), alone or in a batch, so its logits do not depend on the batch.
-pub const PREFILL_CHUNK: usize = 128;
+pub use super::kv::PREFILL_CHUNK;
 
 /// Bytes a GGUF tensor takes as stored (quantized blocks).
 pub fn stored_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> u64 {

@@ -8,6 +8,9 @@ use half::f16;
 
 use super::{Isa, BLOCK};
 
+/// Values per K-quant super-block (and per Q8_K activation block).
+pub const QK_K: usize = 256;
+
 /// What is stored next to each block's scale, and how its bytes are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActKind {
@@ -26,7 +29,7 @@ impl ActKind {
     /// Values per scale.
     pub fn block(self) -> usize {
         match self {
-            ActKind::Q8K => super::kquant::QK_K,
+            ActKind::Q8K => QK_K,
             _ => BLOCK,
         }
     }
@@ -77,7 +80,7 @@ impl Acts {
     /// Quantizes `x` into this buffer, reusing its allocations.
     pub fn quantize_into(&mut self, x: &[f32], m: usize, k: usize, isa: Isa) {
         if self.kind == ActKind::Q8K {
-            let qk = super::kquant::QK_K;
+            let qk = QK_K;
             assert!(k.is_multiple_of(qk), "k = {k} is not a multiple of {qk}");
             assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
             self.m = m;
@@ -90,7 +93,7 @@ impl Acts {
                 .zip(self.qs.chunks_exact_mut(qk))
                 .zip(self.d.iter_mut().zip(self.s.chunks_exact_mut(16)));
             for ((xb, qb), (d, s)) in blocks {
-                *d = super::kquant::quantize_q8k(xb, qb, s);
+                *d = quantize_q8k(xb, qb, s);
             }
             return;
         }
@@ -268,5 +271,49 @@ impl<const T: usize> TokenPtrs<T> {
             d: std::array::from_fn(|t| acts.d_row(t0 + t).as_ptr()),
             s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
         }
+    }
+}
+
+/// Q8_K quantization of one 256-value block, as llama.cpp's `quantize_row_q8_K_ref`: the
+/// value of largest magnitude maps to −127, `q = round(x · iscale)` (ties to even), capped at
+/// 127; returns the scale (`1 / iscale`, f32) and writes the 16 sums of 16 quants.
+pub(crate) fn quantize_q8k(x: &[f32], q: &mut [u8], bsums: &mut [f32]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        bsums.fill(0.0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = ((iscale * v).round_ties_even() as i32).min(127) as i8 as u8;
+    }
+    for (s, c) in bsums.iter_mut().zip(q.chunks_exact(16)) {
+        *s = c.iter().map(|&b| b as i8 as i32).sum::<i32>() as f32;
+    }
+    1.0 / iscale
+}
+
+#[cfg(test)]
+mod q8k_tests {
+    use super::*;
+
+    #[test]
+    fn q8k_maps_the_largest_magnitude_to_minus_127_and_sums_sixteens() {
+        let mut x = vec![0.5f32; QK_K];
+        x[7] = -2.0;
+        let (mut q, mut bs) = (vec![0u8; QK_K], vec![0f32; 16]);
+        let d = quantize_q8k(&x, &mut q, &mut bs);
+        assert_eq!(q[7] as i8, -127, "the largest magnitude maps to -127");
+        assert_eq!(q[0] as i8, 32);
+        assert!((d - 2.0 / 127.0).abs() < 1e-9);
+        assert_eq!(bs[0], (32 * 15 - 127) as f32);
+        assert_eq!(bs[1], (32 * 16) as f32);
     }
 }

@@ -35,10 +35,6 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod kquant;
-#[cfg(target_arch = "x86_64")]
-mod kquant_avx2;
-#[cfg(target_arch = "x86_64")]
-mod kquant_vnni;
 mod linear;
 mod pack;
 mod scalar;

@@ -1,11 +1,12 @@
 //! AVX2 kernels of the K-quants: `maddubs` of unsigned weight quants with signed activation
 //! bytes, `madd` by the sub-block scales; the integer sums are those of the scalar kernel in
-//! [`super::kquant`], and the float steps per super-block the same, so they agree bit for bit.
+//! [`super`], and the float steps per super-block the same, so they agree bit for bit.
 #![cfg(target_arch = "x86_64")]
 use half::f16;
 
-use super::kquant::{finish, q4k_scales, Toks, QK_K};
-use super::TILE_T;
+use super::blocks::{finish, q4k_scales, Toks};
+use super::QK_K;
+use crate::quant::TILE_T;
 
 /// Horizontal sum of eight i32 lanes.
 #[inline]

@@ -1,15 +1,16 @@
 //! AVX-512 VNNI kernels of the K-quants: `vpdpbusd` multiplies 64 unsigned weight quants
 //! with 64 signed activation bytes a time (four per i32 lane); each lane's sum is scaled by
 //! its sub-block's scale and accumulated. The integer sums are exactly those of the scalar
-//! and AVX2 kernels in [`super::kquant`], and the float steps per super-block are the same,
+//! and AVX2 kernels in [`super`], and the float steps per super-block are the same,
 //! so all three agree bit for bit.
 #![cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::kquant::{finish, q4k_scales, Toks, QK_K};
-use super::TILE_T;
+use super::blocks::{finish, q4k_scales, Toks};
+use super::QK_K;
+use crate::quant::TILE_T;
 
 /// The 16 sums of 16 quants of one token's super-block (exact integers kept as f32).
 #[inline]

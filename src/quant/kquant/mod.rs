@@ -19,30 +19,21 @@
 //! kernels agree bit for bit, and a row's result does not depend on the other rows or tokens.
 use half::f16;
 
+mod avx2;
+mod blocks;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
 use super::act::Acts;
 use super::{Format, Isa, Tile, TILE_T};
+#[cfg(target_arch = "x86_64")]
+use blocks::Toks;
+use blocks::{finish, q4k_scales};
 
-/// Values per super-block.
-pub const QK_K: usize = 256;
+pub use super::act::QK_K;
 
 fn rd_f16(b: &[u8], off: usize) -> f32 {
     f16::from_le_bytes([b[off], b[off + 1]]).to_f32()
-}
-
-/// Q4_K's eight (scale, min) pairs, as llama.cpp's `get_scale_min_k4`.
-pub(crate) fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let mut sc = [0u8; 8];
-    let mut mn = [0u8; 8];
-    for j in 0..8 {
-        if j < 4 {
-            sc[j] = s[j] & 63;
-            mn[j] = s[j + 4] & 63;
-        } else {
-            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-            mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        }
-    }
-    (sc, mn)
 }
 
 /// The 256 quants of a Q6_K super-block (`0..64`, before the −32).
@@ -89,40 +80,6 @@ pub(crate) fn dequantize_block(format: Format, blk: &[u8], out: &mut [f32]) {
         }
         _ => unreachable!("{format:?} is not a K-quant"),
     }
-}
-
-/// Q8_K quantization of one 256-value block, as llama.cpp's `quantize_row_q8_K_ref`: the
-/// value of largest magnitude maps to −127, `q = round(x · iscale)` (ties to even), capped at
-/// 127; returns the scale (`1 / iscale`, f32) and writes the 16 sums of 16 quants.
-pub(crate) fn quantize_q8k(x: &[f32], q: &mut [u8], bsums: &mut [f32]) -> f32 {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax == 0.0 {
-        q.fill(0);
-        bsums.fill(0.0);
-        return 0.0;
-    }
-    let iscale = -127.0 / max;
-    for (q, &v) in q.iter_mut().zip(x) {
-        *q = ((iscale * v).round_ties_even() as i32).min(127) as i8 as u8;
-    }
-    for (s, c) in bsums.iter_mut().zip(q.chunks_exact(16)) {
-        *s = c.iter().map(|&b| b as i8 as i32).sum::<i32>() as f32;
-    }
-    1.0 / iscale
-}
-
-/// The float work of one super-block, shared by every kernel: `acc + (dw·da)·isum −
-/// (dmin·da)·msum`, in that order.
-#[inline(always)]
-pub(super) fn finish(acc: f32, dw: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
-    let acc = acc + (dw * da) * isum as f32;
-    acc - (dmin * da) * msum as f32
 }
 
 /// `rows` rows (`w`: row-major, `nsb` super-blocks each) against tokens `t0 .. t0 + nt`.
@@ -216,26 +173,6 @@ fn scalar_row(
     }
 }
 
-/// Raw pointers to the quantized values, scales and 16-sums of `T` tokens' rows, taken once
-/// per kernel call (the bounds were checked by [`kernel`]).
-#[cfg(target_arch = "x86_64")]
-pub(super) struct Toks<const T: usize> {
-    pub(super) qs: [*const i8; T],
-    pub(super) d: [*const f32; T],
-    pub(super) s: [*const f32; T],
-}
-
-#[cfg(target_arch = "x86_64")]
-impl<const T: usize> Toks<T> {
-    fn new(acts: &Acts, t0: usize) -> Self {
-        Self {
-            qs: std::array::from_fn(|t| acts.qs_row(t0 + t).as_ptr().cast()),
-            d: std::array::from_fn(|t| acts.d_row(t0 + t).as_ptr()),
-            s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
-        }
-    }
-}
-
 /// # Safety
 /// The CPU supports `isa` (AVX2, or AVX-512 with VNNI); `kernel` checked the bounds.
 #[cfg(target_arch = "x86_64")]
@@ -250,8 +187,8 @@ unsafe fn simd_row(
     nt: usize,
     out: &mut [f32; TILE_T],
 ) {
-    use super::kquant_avx2::{q4k_avx2, q6k_avx2};
-    use super::kquant_vnni as v;
+    use avx2::{q4k_avx2, q6k_avx2};
+    use vnni as v;
     macro_rules! go {
         ($($f:ident)::+) => {
             match nt {
@@ -272,23 +209,5 @@ unsafe fn simd_row(
             (Format::Q6K, _) => go!(q6k_avx2),
             _ => unreachable!("{format:?} is not a K-quant"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn q8k_maps_the_largest_magnitude_to_minus_127_and_sums_sixteens() {
-        let mut x = vec![0.5f32; QK_K];
-        x[7] = -2.0;
-        let (mut q, mut bs) = (vec![0u8; QK_K], vec![0f32; 16]);
-        let d = quantize_q8k(&x, &mut q, &mut bs);
-        assert_eq!(q[7] as i8, -127, "the largest magnitude maps to -127");
-        assert_eq!(q[0] as i8, 32);
-        assert!((d - 2.0 / 127.0).abs() < 1e-9);
-        assert_eq!(bs[0], (32 * 15 - 127) as f32);
-        assert_eq!(bs[1], (32 * 16) as f32);
     }
 }

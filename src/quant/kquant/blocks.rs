@@ -1,0 +1,48 @@
+//! What every K-quant kernel shares: Q4_K's scale decoding, the float steps of a
+//! super-block, and the token pointers the SIMD kernels read through.
+#[cfg(target_arch = "x86_64")]
+use super::super::act::Acts;
+
+/// Q4_K's eight (scale, min) pairs, as llama.cpp's `get_scale_min_k4`.
+pub(crate) fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut sc = [0u8; 8];
+    let mut mn = [0u8; 8];
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = s[j] & 63;
+            mn[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    (sc, mn)
+}
+
+/// The float work of one super-block, shared by every kernel: `acc + (dw·da)·isum −
+/// (dmin·da)·msum`, in that order.
+#[inline(always)]
+pub(crate) fn finish(acc: f32, dw: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
+    let acc = acc + (dw * da) * isum as f32;
+    acc - (dmin * da) * msum as f32
+}
+
+/// Raw pointers to the quantized values, scales and 16-sums of `T` tokens' rows, taken once
+/// per kernel call (the bounds were checked by [`kernel`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Toks<const T: usize> {
+    pub(crate) qs: [*const i8; T],
+    pub(crate) d: [*const f32; T],
+    pub(crate) s: [*const f32; T],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const T: usize> Toks<T> {
+    pub(crate) fn new(acts: &Acts, t0: usize) -> Self {
+        Self {
+            qs: std::array::from_fn(|t| acts.qs_row(t0 + t).as_ptr().cast()),
+            d: std::array::from_fn(|t| acts.d_row(t0 + t).as_ptr()),
+            s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
+        }
+    }
+}
