@@ -66,13 +66,8 @@ pub(super) unsafe fn q4k_avx2<const T: usize>(
             )
         };
         for t in 0..T {
-            // SAFETY: sums sb·16 .. +16 and scale sb of token t.
-            let (bs, da) = unsafe {
-                (
-                    std::slice::from_raw_parts(toks.s[t].add(sb * 16), 16),
-                    *toks.d[t].add(sb),
-                )
-            };
+            // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
+            let (bs, da) = unsafe { toks.block(t, sb) };
             let msum: i32 = (0..8)
                 .map(|j| mn[j] as i32 * (bs[2 * j] + bs[2 * j + 1]) as i32)
                 .sum();
@@ -143,13 +138,8 @@ pub(super) unsafe fn q6k_avx2<const T: usize>(
         // SAFETY: d closes the super-block at 208.
         let dw = unsafe { f16::from_bits(blk.add(208).cast::<u16>().read_unaligned()).to_f32() };
         for t in 0..T {
-            // SAFETY: sums sb·16 .. +16 and scale sb of token t.
-            let (bs, da) = unsafe {
-                (
-                    std::slice::from_raw_parts(toks.s[t].add(sb * 16), 16),
-                    *toks.d[t].add(sb),
-                )
-            };
+            // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
+            let (bs, da) = unsafe { toks.block(t, sb) };
             let msum: i32 = (0..16).map(|j| 32 * scales[j] as i32 * bs[j] as i32).sum();
             out[t] = finish(out[t], dw, dw, da, hsum_i32(acc[t]), msum);
         }

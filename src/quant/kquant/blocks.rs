@@ -45,4 +45,20 @@ impl<const T: usize> Toks<T> {
             s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
         }
     }
+
+    /// Token `t`'s sixteen 16-value sums and its scale for super-block `sb`.
+    ///
+    /// # Safety
+    /// `t < T`, and super-block `sb` exists in the activations this was made from.
+    #[inline(always)]
+    pub(crate) unsafe fn block(&self, t: usize, sb: usize) -> (&[f32], f32) {
+        // SAFETY: the caller guarantees super-block `sb` of token `t` exists: 16 sums at
+        // `sb · 16` and one scale at `sb`.
+        unsafe {
+            (
+                std::slice::from_raw_parts(self.s[t].add(sb * 16), 16),
+                *self.d[t].add(sb),
+            )
+        }
+    }
 }

@@ -89,13 +89,8 @@ pub(super) unsafe fn q4k<const T: usize>(
             )
         };
         for t in 0..T {
-            // SAFETY: sums sb·16 .. +16 and scale sb of token t.
-            let (bs, da) = unsafe {
-                (
-                    std::slice::from_raw_parts(toks.s[t].add(sb * 16), 16),
-                    *toks.d[t].add(sb),
-                )
-            };
+            // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
+            let (bs, da) = unsafe { toks.block(t, sb) };
             let msum = hsum(_mm512_mullo_epi32(sums(bs), mins));
             out[t] = finish(out[t], dw, dmin, da, hsum(acc[t]), msum);
         }
@@ -170,13 +165,8 @@ pub(super) unsafe fn q6k<const T: usize>(
         // SAFETY: d closes the super-block at 208.
         let dw = unsafe { f16::from_bits(blk.add(208).cast::<u16>().read_unaligned()).to_f32() };
         for t in 0..T {
-            // SAFETY: sums sb·16 .. +16 and scale sb of token t.
-            let (bs, da) = unsafe {
-                (
-                    std::slice::from_raw_parts(toks.s[t].add(sb * 16), 16),
-                    *toks.d[t].add(sb),
-                )
-            };
+            // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
+            let (bs, da) = unsafe { toks.block(t, sb) };
             let msum = 32 * hsum(_mm512_mullo_epi32(sums(bs), all));
             out[t] = finish(out[t], dw, dw, da, hsum(acc[t]), msum);
         }
