@@ -1,5 +1,5 @@
 //! A causal language model from a GGUF file, run by its architecture's file in
-//! [`super::arch`] (llama, gemma3), whose matmuls use the SIMD kernels of [`crate::quant`].
+//! [`super::arch`] (llama, qwen2, qwen3, gemma3), whose matmuls use the SIMD kernels of [`crate::quant`].
 //! The weights are loaded once per version and shared read-only; every sequence keeps its
 //! own [`KvCache`], and [`Llm::step`] runs one forward pass over a batch of sequences.
 //! [`Session`] is the batch of one, for pre-flight checks and tools.
@@ -47,15 +47,14 @@ fn tensor_bytes(ct: &Content, file_len: u64, on_cpu: bool) -> Result<u64, String
         }
         // Packed on the CPU, a matrix may take more than it does in the file (Q5_0 is
         // widened to Q8_0 blocks, Q8_0 blocks gain their sums).
-        let loaded = if crate::quant::packs(info.ggml_dtype, info.shape.dims(), on_cpu) {
+        let packed = crate::quant::packs(info.ggml_dtype, info.shape.dims(), on_cpu);
+        let loaded = if packed {
             crate::quant::packed_bytes(info.ggml_dtype, info.shape.dims()).unwrap_or(bytes)
         } else {
             bytes
         };
         total = total.saturating_add(loaded);
-        if tname == "token_embd.weight"
-            && !crate::quant::packs(info.ggml_dtype, info.shape.dims(), on_cpu)
-        {
+        if tname == "token_embd.weight" && !packed {
             // Unless the table stays packed, the loader adds a dequantized f32 copy of it
             // for lookups.
             let elems = info
@@ -473,7 +472,8 @@ mod tests {
         }
     }
 
-    /// Metadata that loads but cannot serve fails `format` at load, naming the problem.
+    /// An architecture or tokenizer swapd does not run is refused by name, with the list it
+    /// does run; "not a valid GGUF" stays for invalid files.
     #[test]
     fn unsupported_architectures_and_tokenizers_name_themselves_and_the_supported_list() {
         let dir = tempfile::tempdir().unwrap();
@@ -502,6 +502,7 @@ mod tests {
         );
     }
 
+    /// Metadata that loads but cannot serve fails `format` at load, naming the problem.
     #[test]
     fn unusable_metadata_fails_format_at_load() {
         let dir = tempfile::tempdir().unwrap();
