@@ -1,11 +1,19 @@
-//! qwen2 and qwen3 (the llama layout with query/key/value biases, or per-head query/key norms
-//! and a head size that is not dim / heads; NEOX RoPE) on tiny random-weight GGUFs that swapd
-//! writes deterministically, against llama.cpp's logits and greedy ids for the same files
-//! (`tests/fixtures/synth-llamacpp-reference.json`, made by `scripts/peers/synth_fixtures.py`)
-//! and against candle-transformers' `quantized_qwen2` / `quantized_qwen3`.
+//! The llama family on tiny random-weight GGUFs that swapd writes deterministically: qwen2
+//! (query/key/value biases), qwen3 (per-head query/key norms, a head size that is not
+//! dim / heads), phi3 (fused projections, a SentencePiece vocabulary) and llama 3 (RoPE
+//! frequency factors, the `llama-bpe` pre-tokenizer), all with NEOX or NORM RoPE as
+//! llama.cpp has it. Checked against llama.cpp's logits, greedy ids, text ids and rendered
+//! chats for the same files (`tests/fixtures/synth-llamacpp-reference.json`, made by
+//! `scripts/peers/synth_fixtures.py`) and against candle-transformers' `quantized_qwen2`,
+//! `quantized_qwen3`, `quantized_phi3` and `quantized_llama`.
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
+use swapd::model::chat::ChatMessage;
 use swapd::model::synth::{write_tiny_llama_gguf, TinyLlm, Variant};
+use swapd::model::Llm;
 
 /// Below this top-1 minus top-2 margin a greedy step is a near-tie.
 const NEAR_TIE: f32 = 0.2;
@@ -14,6 +22,7 @@ const NEAR_TIE: f32 = 0.2;
 struct Fixture {
     cases: Vec<Case>,
     texts: Vec<Text>,
+    chats: Vec<Chat>,
 }
 
 #[derive(Deserialize)]
@@ -21,6 +30,20 @@ struct Text {
     arch: String,
     text: String,
     ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Chat {
+    arch: String,
+    messages: Vec<Message>,
+    text: String,
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: String,
 }
 
 #[derive(Deserialize)]
@@ -33,12 +56,23 @@ struct Case {
     margins: Vec<f32>,
 }
 
-fn variant(arch: &str) -> Variant {
-    match arch {
-        "qwen2" => Variant::Qwen2,
-        "qwen3" => Variant::Qwen3,
-        other => panic!("no variant {other}"),
+fn fixture() -> Fixture {
+    serde_json::from_str(include_str!("fixtures/synth-llamacpp-reference.json")).unwrap()
+}
+
+/// Writes the variant `arch`'s seed-1 file (what `swapd bench synth --arch A` writes as v1).
+fn write(dir: &Path, arch: &str) -> PathBuf {
+    let path = dir.join(format!("{arch}.gguf"));
+    if !path.exists() {
+        let variant = Variant::from_name(arch).unwrap_or_else(|| panic!("no variant {arch}"));
+        let opts = TinyLlm {
+            seed: 1,
+            variant,
+            ..Default::default()
+        };
+        write_tiny_llama_gguf(&path, &opts).unwrap();
     }
+    path
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -49,20 +83,68 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
+/// A copy of the GGUF at `src` without `rope_freqs.weight` (llama 3's RoPE factors).
+fn without_rope_factors(src: &Path, dst: &Path) {
+    let mut r = std::io::BufReader::new(std::fs::File::open(src).unwrap());
+    let ct = gguf_file::Content::read(&mut r).unwrap();
+    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .into_iter()
+        .filter(|n| n.as_str() != "rope_freqs.weight")
+        .map(|n| (n.clone(), ct.tensor(&mut r, n, &Device::Cpu).unwrap()))
+        .collect();
+    let md: Vec<(&str, &gguf_file::Value)> =
+        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dst).unwrap());
+    gguf_file::write(&mut f, &md, &ts).unwrap();
+}
+
+/// candle-transformers' own implementation's next-token logits after `ids`.
+fn candle_logits(arch: &str, path: &Path, ids: &[u32]) -> Vec<f32> {
+    let mut f = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let cpu = &Device::Cpu;
+    let logits = match arch {
+        "qwen2" => {
+            use candle_transformers::models::quantized_qwen2::ModelWeights;
+            ModelWeights::from_gguf(ct, &mut f, cpu)
+                .unwrap()
+                .forward(&x, 0)
+        }
+        "qwen3" => {
+            use candle_transformers::models::quantized_qwen3::ModelWeights;
+            ModelWeights::from_gguf(ct, &mut f, cpu)
+                .unwrap()
+                .forward(&x, 0)
+        }
+        "phi3" => {
+            use candle_transformers::models::quantized_phi3::ModelWeights;
+            ModelWeights::from_gguf(false, ct, &mut f, cpu)
+                .unwrap()
+                .forward(&x, 0)
+        }
+        _ => {
+            use candle_transformers::models::quantized_llama::ModelWeights;
+            ModelWeights::from_gguf(ct, &mut f, cpu)
+                .unwrap()
+                .forward(&x, 0)
+        }
+    };
+    logits.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
 #[test]
-fn qwen2_and_qwen3_agree_with_llama_cpp_and_candle() {
-    let fixture: Fixture =
-        serde_json::from_str(include_str!("fixtures/synth-llamacpp-reference.json")).unwrap();
+fn text_ids_and_rendered_chats_equal_llama_cpp() {
+    let fixture = fixture();
     let dir = tempfile::tempdir().unwrap();
     for t in &fixture.texts {
-        let path = dir.path().join(format!("tok-{}.gguf", t.arch));
-        let opts = TinyLlm {
-            seed: 1,
-            variant: variant(&t.arch),
-            ..Default::default()
-        };
-        write_tiny_llama_gguf(&path, &opts).unwrap();
-        let llm = swapd::model::Llm::load(&t.arch, &path, &Device::Cpu, 256).unwrap();
+        let llm = Llm::load(&t.arch, &write(dir.path(), &t.arch), &Device::Cpu, 256).unwrap();
         assert_eq!(
             llm.tokenizer.encode(&t.text).unwrap(),
             t.ids,
@@ -72,51 +154,72 @@ fn qwen2_and_qwen3_agree_with_llama_cpp_and_candle() {
             llm.tokenizer.pre
         );
     }
+    assert!(fixture.chats.iter().any(|c| c.arch == "phi3"));
+    assert!(fixture.chats.iter().any(|c| c.arch == "llama3"));
+    for c in &fixture.chats {
+        let llm = Llm::load(&c.arch, &write(dir.path(), &c.arch), &Device::Cpu, 256).unwrap();
+        let messages: Vec<ChatMessage> = c
+            .messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect();
+        let text = llm.render_chat(&messages).unwrap();
+        // Llama 3's Jinja template writes the BOS itself; llama.cpp's built-in rendering
+        // leaves it to the tokenizer's BOS rule. The ids are the same either way.
+        let bos = llm.tokenizer.bos_token.clone().unwrap_or_default();
+        let bare = match c.arch.as_str() {
+            "llama3" => text.strip_prefix(bos.as_str()).unwrap_or(&text),
+            _ => &text,
+        };
+        assert_eq!(bare, c.text, "{}: the rendered chat", c.arch);
+        assert_eq!(
+            llm.tokenizer.encode(&text).unwrap(),
+            c.ids,
+            "{}: ids of the rendered chat {text:?}",
+            c.arch
+        );
+    }
+}
+
+#[test]
+fn logits_and_greedy_ids_agree_with_llama_cpp_and_candle() {
+    let fixture = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["qwen2", "qwen3", "phi3", "llama3"] {
+        assert!(fixture.cases.iter().any(|c| c.arch == arch), "{arch}");
+    }
     for c in &fixture.cases {
-        let path = dir.path().join(format!("{}.gguf", c.arch));
-        write_tiny_llama_gguf(
-            &path,
-            &TinyLlm {
-                seed: 1,
-                variant: variant(&c.arch),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let path = write(dir.path(), &c.arch);
         let (sha, _) = swapd::model::verify::sha256_file(&path).unwrap();
         assert_eq!(
             sha, c.sha256,
             "{}: the synthetic file changed; regenerate the fixture",
             c.arch
         );
-        let llm = swapd::model::Llm::load(&c.arch, &path, &Device::Cpu, 256).unwrap();
 
         // Next-token logits after the prompt: llama.cpp's, and candle's implementation.
+        let llm = Llm::load(&c.arch, &path, &Device::Cpu, 256).unwrap();
         let ours = llm.next_logits(&c.prompt_ids).unwrap();
         let d_llama = max_diff(&ours, &c.logits);
-        let mut f = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
-        let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-        let x = Tensor::new(c.prompt_ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let theirs: Vec<f32> = match c.arch.as_str() {
-            "qwen2" => {
-                use candle_transformers::models::quantized_qwen2::ModelWeights;
-                let mut m = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
-                m.forward(&x, 0).unwrap()
-            }
-            _ => {
-                use candle_transformers::models::quantized_qwen3::ModelWeights;
-                let mut m = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
-                m.forward(&x, 0).unwrap()
-            }
-        }
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-        let d_candle = max_diff(&ours, &theirs);
+        // candle's quantized llama ignores llama 3's RoPE factors (`rope_freqs.weight`):
+        // it is compared on the file without them, and swapd follows llama.cpp (and Meta's
+        // reference), which divide each pair's frequency by its factor.
+        let (ours_c, theirs) = if c.arch == "llama3" {
+            let plain = dir.path().join("llama3-no-factors.gguf");
+            without_rope_factors(&path, &plain);
+            let llm = Llm::load("plain", &plain, &Device::Cpu, 256).unwrap();
+            let unscaled = llm.next_logits(&c.prompt_ids).unwrap();
+            let apart = max_diff(&unscaled, &ours);
+            eprintln!("llama3: the RoPE factors move the logits by up to {apart:.4}");
+            assert!(apart > 0.01, "llama3: the RoPE factors changed nothing");
+            (unscaled, candle_logits("llama", &plain, &c.prompt_ids))
+        } else {
+            (ours.clone(), candle_logits(&c.arch, &path, &c.prompt_ids))
+        };
+        let d_candle = max_diff(&ours_c, &theirs);
         let spread = c.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
         eprintln!(
             "{} {:?}: max |logit diff| vs llama.cpp {d_llama:.4}, vs candle {d_candle:.4} (logits up to {spread:.2})",
@@ -134,7 +237,7 @@ fn qwen2_and_qwen3_agree_with_llama_cpp_and_candle() {
         );
         if c.margins[0] >= NEAR_TIE {
             assert_eq!(
-                argmax(&ours),
+                argmax(&ours_c),
                 argmax(&theirs),
                 "{}: candle's next token",
                 c.arch

@@ -1,11 +1,14 @@
 """Reference fixtures for the synthetic llama-family GGUFs (`swapd bench synth --arch A`,
 random weights, written deterministically by swapd) from llama.cpp through llama-cpp-python:
 for fixed prompt ids, the next-token logits and 32 greedy ids with each step's top-1 minus
-top-2 margin. Run once; the output is committed under tests/fixtures/ and is never a build or
-test dependency.
+top-2 margin; the ids of texts (with the file's own BOS rule, as `add_special`); and chats
+rendered by llama.cpp's built-in template for the file's `tokenizer.chat_template` (llama 3's,
+phi3's), with their ids. Run once; the output is committed under tests/fixtures/ and is never
+a build or test dependency.
 
 Usage: target/peers/venv/bin/python scripts/peers/synth_fixtures.py OUT.json ARCH=GGUF...
 """
+import ctypes
 import hashlib
 import json
 import sys
@@ -17,8 +20,28 @@ from llama_cpp import Llama
 PROMPTS = [[5, 40, 77, 120, 9, 200, 31, 64], [250, 3, 3, 18, 101, 140, 260, 7, 33, 90, 12, 4]]
 # Text for the pre-tokenizer (qwen2's regex: single digits, contractions, runs of spaces).
 TEXTS = ["the 12345 in there's  a\n\nthing!!  ", "Héllo wörld 2024 — I'LL win; tabs\t\there", "  leading and trailing  "]
+CHATS = [
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello to the world"}],
+    [{"role": "user", "content": " the answer  is 42 "}],
+]
+
+
+def render(template, messages):
+    arr = (llama_cpp.llama_chat_message * len(messages))()
+    keep = []
+    for i, m in enumerate(messages):
+        r, c = m["role"].encode(), m["content"].encode()
+        keep += [r, c]
+        arr[i].role = r
+        arr[i].content = c
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_chat_apply_template(template.encode(), arr, len(messages), True, buf, len(buf))
+    assert 0 < n < len(buf), n
+    return buf.raw[:n].decode()
+
+
 out, specs = sys.argv[1], sys.argv[2:]
-cases, cases_text = [], []
+cases, cases_text, chats = [], [], []
 for spec in specs:
     arch, path = spec.split("=", 1)
     llm = Llama(model_path=path, n_ctx=256, n_threads=2, n_batch=256, verbose=False)
@@ -40,7 +63,13 @@ for spec in specs:
                       "prompt_ids": ids, "logits": first, "greedy_ids": greedy, "margins": margins})
     for text in TEXTS:
         cases_text.append({"arch": arch, "text": text,
-                           "ids": llm.tokenize(text.encode(), add_bos=False, special=True)})
+                           "ids": llm.tokenize(text.encode(), add_bos=True, special=True)})
+    template = llm.metadata.get("tokenizer.chat_template", "")
+    if arch in ("llama3", "phi3"):
+        for messages in CHATS:
+            text = render(template, messages)
+            chats.append({"arch": arch, "messages": messages, "text": text,
+                          "ids": llm.tokenize(text.encode(), add_bos=True, special=True)})
 json.dump({"generator": f"llama-cpp-python {llama_cpp.__version__}, n_threads=2, greedy",
-           "cases": cases, "texts": cases_text}, open(out, "w"), indent=None)
+           "cases": cases, "texts": cases_text, "chats": chats}, open(out, "w"), indent=None)
 print(f"wrote {len(cases)} cases to {out}")

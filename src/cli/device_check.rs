@@ -23,7 +23,8 @@ pub struct SynthArgs {
     /// LLM versions to write (different seeds); the manifest serves v1.
     #[arg(long, default_value_t = 3)]
     pub versions: usize,
-    /// The LLMs' architecture: `llama`, `qwen2` (q/k/v biases) or `qwen3` (q/k norms).
+    /// The LLMs' architecture: `llama`, `qwen2` (q/k/v biases), `qwen3` (q/k norms), `phi3`
+    /// (fused projections, SentencePiece vocabulary) or `llama3` (RoPE factors, `llama-bpe`).
     #[arg(long, default_value = "llama")]
     pub arch: String,
 }
@@ -36,11 +37,9 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         "smollm2" => LlmShape::smollm2(),
         other => bail!("--shape {other}: expected tiny or smollm2"),
     };
-    let variant = match a.arch.as_str() {
-        "llama" => synth::Variant::Llama,
-        "qwen2" => synth::Variant::Qwen2,
-        "qwen3" => synth::Variant::Qwen3,
-        other => bail!("--arch {other}: expected llama, qwen2 or qwen3"),
+    let Some(variant) = synth::Variant::from_name(&a.arch) else {
+        let names: Vec<&str> = synth::Variant::ALL.iter().map(|v| v.name()).collect();
+        bail!("--arch {}: expected one of {}", a.arch, names.join(", "));
     };
     if !(1..=16).contains(&a.versions) {
         bail!("--versions {}: between 1 and 16", a.versions);

@@ -19,6 +19,34 @@ pub struct LlamaParams {
     pub vocab: Option<usize>,
     /// `llama.context_length`, when the file has one.
     pub context_length: Option<usize>,
+    /// RoPE's position scale (`1 / rope.scaling.factor` for linear scaling, else 1).
+    pub freq_scale: f32,
+    /// phi3's layout: one fused query/key/value matrix (`attn_qkv`) and one fused
+    /// gate/up matrix (`ffn_up`, the gate's rows first), no `ffn_gate`.
+    pub fused: bool,
+}
+
+/// RoPE's position scale from `{p}.rope.scaling.type` (and `.factor`): 1 with no scaling,
+/// `1 / factor` for linear scaling. YaRN and LongRoPE are refused by name.
+pub fn rope_freq_scale(ct: &Content, p: &str) -> Result<f32, String> {
+    use candle_core::quantized::gguf_file::Value;
+    let scaling = match ct.metadata.get(&format!("{p}.rope.scaling.type")) {
+        None => None,
+        Some(Value::String(t)) => Some(t.as_str()),
+        Some(v) => return Err(format!("{p}.rope.scaling.type is {v:?}: expected a string")),
+    };
+    match scaling {
+        None | Some("none") => Ok(1.0),
+        Some("linear") => match ct.metadata.get(&format!("{p}.rope.scaling.factor")) {
+            Some(Value::F32(f)) if f.is_finite() && *f >= 1.0 => Ok(1.0 / f),
+            other => Err(format!(
+                "{p}.rope.scaling.factor is {other:?}: linear scaling needs a factor >= 1"
+            )),
+        },
+        Some(t) => Err(format!(
+            "{p}.rope.scaling.type `{t}` is not supported (supported: none, linear)"
+        )),
+    }
 }
 
 /// Checks the metadata and tensor shapes the llama loader ([`super::qllama`]) relies on, so
@@ -122,6 +150,14 @@ pub fn check_family(ct: &Content, p: &str) -> Result<LlamaParams, String> {
             ));
         }
     }
+    let freq_scale = rope_freq_scale(ct, p)?;
+    let fused = p == "phi3";
+    if fused && ct.tensor_infos.contains_key("rope_factors_long.weight") {
+        return Err(
+            "phi3 with LongRoPE (`rope_factors_long.weight`, the 128k-context models) is not supported"
+                .into(),
+        );
+    }
     let vocab = match ct.metadata.get("tokenizer.ggml.tokens") {
         Some(Value::Array(t)) => Some(t.len()),
         _ => None,
@@ -175,23 +211,41 @@ pub fn check_family(ct: &Content, p: &str) -> Result<LlamaParams, String> {
             "{p}.expert_used_count {n_expert_used} must be between 1 and {p}.expert_count {n_expert}"
         ));
     }
-    // Every block needs at least 9 tensors: a block count past that is refused before the
-    // loader reserves room for that many layers.
-    if blocks > ct.tensor_infos.len() / 9 {
+    // Every block needs at least 9 tensors (6 fused): a block count past that is refused
+    // before the loader reserves room for that many layers.
+    let per_block = if fused { 6 } else { 9 };
+    if blocks > ct.tensor_infos.len() / per_block {
         return Err(format!(
             "{p}.block_count {blocks} needs at least {} tensors but the file has {}",
-            blocks.saturating_mul(9),
+            blocks.saturating_mul(per_block),
             ct.tensor_infos.len()
         ));
     }
     let kv_dim = head_dim * kv_heads;
     let heads_why =
         || format!("{p}.embedding_length {dim}, head_count {heads}, head_count_kv {kv_heads}");
+    // llama 3's RoPE frequency factors (one per rotated pair), when the file has them.
+    if let Some(s) = shape("rope_freqs.weight") {
+        if s != [head_dim / 2] {
+            return Err(format!(
+                "tensor `rope_freqs.weight` has shape {s:?}, expected [{}] (half the head size {head_dim})",
+                head_dim / 2
+            ));
+        }
+    }
     for l in 0..blocks {
         let t = |n: &str| format!("blk.{l}.{n}.weight");
-        expect(&t("attn_q"), &[heads * head_dim, dim], &heads_why)?;
-        expect(&t("attn_k"), &[kv_dim, dim], &heads_why)?;
-        expect(&t("attn_v"), &[kv_dim, dim], &heads_why)?;
+        if fused {
+            expect(
+                &t("attn_qkv"),
+                &[heads * head_dim + 2 * kv_dim, dim],
+                &heads_why,
+            )?;
+        } else {
+            expect(&t("attn_q"), &[heads * head_dim, dim], &heads_why)?;
+            expect(&t("attn_k"), &[kv_dim, dim], &heads_why)?;
+            expect(&t("attn_v"), &[kv_dim, dim], &heads_why)?;
+        }
         expect(&t("attn_output"), &[dim, heads * head_dim], &heads_why)?;
         expect(&t("attn_norm"), &[dim], &dims)?;
         expect(&t("ffn_norm"), &[dim], &dims)?;
@@ -217,7 +271,27 @@ pub fn check_family(ct: &Content, p: &str) -> Result<LlamaParams, String> {
             expect(up, &[ff, dim], &why)?;
             expect(down, &[dim, ff], &why)
         };
-        if n_expert <= 1 {
+        if fused {
+            // One matrix of 2 × feed_forward_length rows: the gate's, then the up's.
+            let up = t("ffn_up");
+            let ff = match shape(&up) {
+                Some(s) if s.len() == 2 && s[1] == dim && s[0] > 0 && s[0] % 2 == 0 => s[0] / 2,
+                Some(s) => return Err(format!(
+                    "tensor `{up}` has shape {s:?}, expected [2 × feed_forward_length, {dim}] ({})",
+                    dims()
+                )),
+                None => return Err(format!("tensor `{up}` is missing")),
+            };
+            if let Some(m) = ff_meta.filter(|&m| m != ff) {
+                return Err(format!(
+                    "tensor `{up}` has {} rows but {p}.feed_forward_length is {m} (the gate and up halves)",
+                    2 * ff
+                ));
+            }
+            expect(&t("ffn_down"), &[dim, ff], &|| {
+                format!("feed-forward length {ff} from `{up}`, {}", dims())
+            })?;
+        } else if n_expert <= 1 {
             ffn(&t("ffn_gate"), &t("ffn_up"), &t("ffn_down"))?;
         } else {
             expect(&t("ffn_gate_inp"), &[n_expert, dim], &|| {
@@ -237,5 +311,7 @@ pub fn check_family(ct: &Content, p: &str) -> Result<LlamaParams, String> {
         head_dim,
         vocab,
         context_length: context,
+        freq_scale,
+        fused,
     })
 }

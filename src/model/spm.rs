@@ -3,7 +3,9 @@
 //! llama.cpp's:
 //! 1. special-token partition: every control, user-defined or unknown token written in the
 //!    text becomes that token, longest token text first (llama.cpp's
-//!    `tokenizer_st_partition` with `parse_special`);
+//!    `tokenizer_st_partition` with `parse_special`); whitespace after a token marked
+//!    `rstrip` is dropped (llama.cpp marks phi3's chat specials so, as Phi-3's own
+//!    tokenizer does);
 //! 2. each remaining fragment gets a space prefix if the vocabulary asks for one and the
 //!    fragment starts the text or follows a special token, and its spaces become `▁`;
 //! 3. the fragment is cut into UTF-8 characters, and adjacent pieces whose concatenation is a
@@ -32,6 +34,13 @@ pub struct SpmVocab {
     byte_ids: [Option<u32>; 256],
     unk: Option<u32>,
     add_space_prefix: bool,
+    /// Tokens whose following whitespace the partition drops (llama.cpp's `RSTRIP`).
+    rstrip: Vec<bool>,
+}
+
+/// C's `isspace`, which llama.cpp's partition strips with.
+fn c_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r')
 }
 
 /// A merge candidate: pieces `left` and `right` (adjacent), whose concatenation is a token
@@ -106,6 +115,7 @@ impl SpmVocab {
         for (b, slot) in byte_ids.iter_mut().enumerate() {
             *slot = ids.get(&format!("<0x{b:02X}>")).copied();
         }
+        let rstrip = vec![false; tokens.len()];
         Ok(Self {
             tokens,
             scores,
@@ -114,7 +124,28 @@ impl SpmVocab {
             byte_ids,
             unk,
             add_space_prefix,
+            rstrip,
         })
+    }
+
+    /// Marks token `text` (when the vocabulary has it) to drop the whitespace after it.
+    pub fn set_rstrip(&mut self, text: &str, on: bool) {
+        if let Some(&id) = self.ids.get(text) {
+            self.rstrip[id as usize] = on;
+        }
+    }
+
+    /// llama.cpp's rule for models named Phi-3 (`general.name` containing `phi-3` or
+    /// `phi3`): every special token, and `</s>`, drops the whitespace after it, except
+    /// `<unk>`, `<s>` and `<|endoftext|>`.
+    pub fn strip_like_phi3(&mut self) {
+        for &id in &self.special {
+            self.rstrip[id as usize] = true;
+        }
+        self.set_rstrip("</s>", true);
+        for t in ["<unk>", "<s>", "<|endoftext|>"] {
+            self.set_rstrip(t, false);
+        }
     }
 
     /// The ids of `text` (no BOS: the caller adds it).
@@ -140,11 +171,19 @@ impl SpmVocab {
                 };
                 let mut at = 0;
                 for (i, _) in raw.match_indices(pat) {
+                    if i < at {
+                        continue;
+                    }
                     if i > at {
                         next.push(Frag::Raw(&raw[at..i]));
                     }
                     next.push(Frag::Tok(id));
                     at = i + pat.len();
+                    if self.rstrip[id as usize] {
+                        while raw.as_bytes().get(at).is_some_and(|&b| c_space(b)) {
+                            at += 1;
+                        }
+                    }
                 }
                 if at < raw.len() {
                     next.push(Frag::Raw(&raw[at..]));

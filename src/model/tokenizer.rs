@@ -31,10 +31,31 @@ const END_OF_GENERATION_TEXTS: [&str; 5] = [
 /// the names whose regex differs from GPT-2's.
 fn split_pattern(pre: &str) -> Option<&'static str> {
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     match pre {
         "qwen2" => Some(QWEN2),
+        "llama3" | "llama-v3" | "llama-bpe" => Some(LLAMA3),
         _ => None,
     }
+}
+
+/// The `tokenizer.ggml.pre` names a byte-level BPE vocabulary may carry. llama.cpp refuses
+/// a name it does not know; so does swapd, rather than split text some other way.
+/// `default` (and a missing key) is GPT-2's byte-level split with a prefix space.
+pub const SUPPORTED_PRE: [&str; 7] = [
+    "default",
+    "gpt-2",
+    "smollm",
+    "qwen2",
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+];
+
+/// Whether llama.cpp's tokenizer for `pre` takes a word that is itself a token as that token,
+/// without merging (`ignore_merges`, set for llama 3's vocabulary).
+fn ignores_merges(pre: &str) -> bool {
+    matches!(pre, "llama3" | "llama-v3" | "llama-bpe")
 }
 
 /// The vocabulary models a GGUF may name in `tokenizer.ggml.model`.
@@ -175,7 +196,16 @@ impl GgufTokenizer {
                 .get("tokenizer.ggml.add_space_prefix")
                 .and_then(|v| v.to_bool().ok())
                 .unwrap_or(true);
-            let vocab = SpmVocab::new(texts.clone(), scores, &types, unk, space)?;
+            let mut vocab = SpmVocab::new(texts.clone(), scores, &types, unk, space)?;
+            let name = ct
+                .metadata
+                .get("general.name")
+                .and_then(|v| v.to_string().ok())
+                .map(|n| n.to_ascii_lowercase())
+                .unwrap_or_default();
+            if name.contains("phi-3") || name.contains("phi3") {
+                vocab.strip_like_phi3();
+            }
             for i in 0..texts.len() {
                 let ty = types.get(i).copied().unwrap_or(spm::TYPE_NORMAL);
                 let bytes = if hidden(i) {
@@ -187,7 +217,20 @@ impl GgufTokenizer {
             }
             Model::Spm(Box::new(vocab))
         } else {
+            if !SUPPORTED_PRE.contains(&pre.as_str()) {
+                return Err(format!(
+                    "tokenizer.ggml.pre `{pre}` is not supported (supported: {})",
+                    SUPPORTED_PRE.join(", ")
+                ));
+            }
             let mut inner = Tokenizer::from_gguf(ct).map_err(|e| e.to_string())?;
+            if ignores_merges(&pre) {
+                if let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() {
+                    let mut bpe = bpe.clone();
+                    bpe.ignore_merges = true;
+                    inner.with_model(bpe);
+                }
+            }
             super::compute::pace();
             if let Some(pattern) = split_pattern(&pre) {
                 // llama.cpp's regex for this pre-tokenizer, then byte-level BPE with no
@@ -202,6 +245,11 @@ impl GgufTokenizer {
                     split.into(),
                     ByteLevel::new(false, true, false).into(),
                 ])));
+                inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
+            }
+            if pre == "gpt-2" {
+                // GPT-2's regex, as llama.cpp applies it: no prefix space.
+                inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
                 inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
             }
             if pre == "smollm" {

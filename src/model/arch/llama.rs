@@ -22,7 +22,7 @@ use candle_transformers::utils::build_causal_mask;
 
 use std::sync::Arc;
 
-use super::{masked_fill, precomput_freqs_cis, round_f16, TokEmbedding};
+use super::{masked_fill, precomput_freqs_cis, round_f16, split_rows, TokEmbedding};
 use crate::model::attention::{self, Heads, Rope};
 use crate::model::kv::{KvCache, StepItem};
 use crate::model::moe::{Mlp, MlpOrMoe};
@@ -240,7 +240,28 @@ impl ModelWeights {
             crate::model::compute::pace();
             ct.tensor(reader, name, device)
         };
-        let (cos, sin) = precomput_freqs_cis(rope_dim, rope_freq_base, 1.0, device)?;
+        // llama 3's per-pair RoPE frequency factors, when the file has them.
+        let factors = match ct.tensor_infos.contains_key("rope_freqs.weight") {
+            true => {
+                let f = tensor("rope_freqs.weight")?
+                    .dequantize(&Device::Cpu)?
+                    .to_vec1::<f32>()?;
+                if let Some(x) = f.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                    candle_core::bail!(
+                        "rope_freqs.weight holds {x}: factors must be finite and > 0"
+                    );
+                }
+                Some(f)
+            }
+            false => None,
+        };
+        let (cos, sin) = precomput_freqs_cis(
+            rope_dim,
+            rope_freq_base,
+            params.freq_scale,
+            factors.as_deref(),
+            device,
+        )?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
         let rope_cpu = match device {
             Device::Cpu => Some(Arc::new(Rope {
@@ -258,11 +279,35 @@ impl ModelWeights {
         let mut layers = Vec::with_capacity(block_count);
         for layer_idx in 0..block_count {
             let prefix = format!("blk.{layer_idx}");
-            let attention_wq = tensor(&format!("{prefix}.attn_q.weight"))?;
-            let attention_wk = tensor(&format!("{prefix}.attn_k.weight"))?;
-            let attention_wv = tensor(&format!("{prefix}.attn_v.weight"))?;
+            let (q_rows, kv_rows) = (head_count * head_dim, head_count_kv * head_dim);
+            let [attention_wq, attention_wk, attention_wv]: [QTensor; 3] = if params.fused {
+                // phi3: one matrix, the query rows, then the key rows, then the value rows.
+                let qkv = tensor(&format!("{prefix}.attn_qkv.weight"))?;
+                split_rows(&qkv, &[q_rows, kv_rows, kv_rows], device)?
+                    .try_into()
+                    .expect("three parts")
+            } else {
+                [
+                    tensor(&format!("{prefix}.attn_q.weight"))?,
+                    tensor(&format!("{prefix}.attn_k.weight"))?,
+                    tensor(&format!("{prefix}.attn_v.weight"))?,
+                ]
+            };
             let attention_wo = tensor(&format!("{prefix}.attn_output.weight"))?;
-            let mlp_or_moe = if n_expert <= 1 {
+            let mlp_or_moe = if params.fused {
+                // phi3: `ffn_up` holds the gate's rows, then the up projection's (llama.cpp's
+                // fused SwiGLU takes SiLU of the first half times the second).
+                let gate_up = tensor(&format!("{prefix}.ffn_up.weight"))?;
+                let ff = gate_up.shape().dims2()?.0 / 2;
+                let [gate, up]: [QTensor; 2] = split_rows(&gate_up, &[ff, ff], device)?
+                    .try_into()
+                    .expect("two parts");
+                MlpOrMoe::Mlp(Mlp {
+                    feed_forward_w1: linear(gate)?,
+                    feed_forward_w2: linear(tensor(&format!("{prefix}.ffn_down.weight"))?)?,
+                    feed_forward_w3: linear(up)?,
+                })
+            } else if n_expert <= 1 {
                 let feed_forward_w1 = tensor(&format!("{prefix}.ffn_gate.weight"))?;
                 let feed_forward_w2 = tensor(&format!("{prefix}.ffn_down.weight"))?;
                 let feed_forward_w3 = tensor(&format!("{prefix}.ffn_up.weight"))?;

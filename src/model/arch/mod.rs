@@ -23,7 +23,7 @@ use crate::quant::QLinear;
 pub const MAX_SEQ_LEN: usize = candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 
 /// `general.architecture` values swapd loads.
-pub const SUPPORTED: [&str; 4] = ["llama", "gemma3", "qwen2", "qwen3"];
+pub const SUPPORTED: [&str; 5] = ["llama", "gemma3", "qwen2", "qwen3", "phi3"];
 
 /// A GGUF's architecture, from `general.architecture`; an unsupported one names itself and
 /// the supported list.
@@ -130,7 +130,8 @@ impl Weights {
         let arch = arch_of(&ct).map_err(candle_core::Error::msg)?;
         Ok(match arch.as_str() {
             "gemma3" => Self::Gemma3(gemma3::Gemma3::from_gguf(ct, reader, device)?),
-            // qwen2 and qwen3 are the llama layout with biases or q/k norms and NEOX RoPE.
+            // qwen2, qwen3 and phi3 are the llama layout with biases, q/k norms or fused
+            // projections, and NEOX RoPE.
             _ => Self::Llama(llama::ModelWeights::from_gguf(ct, reader, device)?),
         })
     }
@@ -256,17 +257,48 @@ pub(crate) fn embedding_and_head(
     })
 }
 
+/// Splits a matrix's rows into consecutive parts of `rows[i]` rows (a fused projection
+/// into its parts, phi3's `attn_qkv` and gate/up `ffn_up`). Each row is whole blocks, so the
+/// parts hold exactly the fused matrix's bytes.
+pub(crate) fn split_rows(t: &QTensor, rows: &[usize], device: &Device) -> Result<Vec<QTensor>> {
+    let (n, k) = t.shape().dims2()?;
+    let dtype = t.dtype();
+    if rows.iter().sum::<usize>() != n || !k.is_multiple_of(dtype.block_size()) {
+        candle_core::bail!("cannot split a {n} × {k} {dtype:?} matrix into {rows:?} rows");
+    }
+    let row_bytes = k / dtype.block_size() * dtype.type_size();
+    let data = t.data()?;
+    let mut off = 0;
+    let mut parts = Vec::with_capacity(rows.len());
+    for &r in rows {
+        let bytes = &data[off * row_bytes..(off + r) * row_bytes];
+        parts.push(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            bytes,
+            vec![r, k],
+            device,
+        )?);
+        off += r;
+    }
+    Ok(parts)
+}
+
 /// RoPE tables for `MAX_SEQ_LEN` positions: `(cos, sin)`, each `[positions, head_dim / 2]`,
-/// with angle `p · freq_scale / freq_base^(2i / head_dim)`.
+/// with angle `p · freq_scale / freq_base^(2i / head_dim) / factors[i]` (llama 3's
+/// per-pair frequency factors, `rope_freqs.weight`, as ggml's `rope_ext` divides by them).
 pub(crate) fn precomput_freqs_cis(
     head_dim: usize,
     freq_base: f32,
     freq_scale: f32,
+    factors: Option<&[f32]>,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let theta: Vec<_> = (0..head_dim)
         .step_by(2)
-        .map(|i| freq_scale / freq_base.powf(i as f32 / head_dim as f32))
+        .map(|i| {
+            let f = factors.map_or(1.0, |f| f[i / 2]);
+            freq_scale / freq_base.powf(i as f32 / head_dim as f32) / f
+        })
         .collect();
     let theta = Tensor::new(theta.as_slice(), device)?;
     let idx_theta = Tensor::arange(0, MAX_SEQ_LEN as u32, device)?

@@ -2,32 +2,16 @@
 //! byte-level BPE tokenizer and the SmolLM2 chat template, and a small BERT directory. The
 //! same seed gives the same bytes; different seeds give different outputs.
 mod bert;
+mod vocab;
 
 use std::path::Path;
 
 pub use bert::{write_tiny_bert, TinyBert};
+pub use vocab::{LLAMA3_CHAT_TEMPLATE, PHI3_CHAT_TEMPLATE, SMOLLM2_CHAT_TEMPLATE};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
-
-/// SmolLM2's chat template, so chat rendering is exercised with tiny models too.
-pub const SMOLLM2_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-const MERGES: [(&str, &str); 12] = [
-    ("Ġ", "t"),
-    ("h", "e"),
-    ("i", "n"),
-    ("t", "h"),
-    ("Ġt", "he"),
-    ("e", "r"),
-    ("a", "n"),
-    ("o", "n"),
-    ("Ġ", "a"),
-    ("l", "l"),
-    ("Ġ", "w"),
-    ("o", "r"),
-];
 
 /// Options of the tiny LLM.
 #[derive(Debug, Clone, Default)]
@@ -52,16 +36,68 @@ pub enum Variant {
     /// `qwen3.*` keys, per-head query/key norms, a head size that is not dim / heads
     /// (`attention.key_length`, as Qwen3's), NEOX RoPE.
     Qwen3,
+    /// `phi3.*` keys, one fused query/key/value matrix and one fused gate/up matrix, NEOX
+    /// RoPE, a SentencePiece vocabulary with byte fallback and Phi-3's chat template.
+    Phi3,
+    /// `llama.*` keys with llama 3's RoPE frequency factors (`rope_freqs.weight`), base
+    /// 500000, the `llama-bpe` pre-tokenizer and Llama 3's specials and chat template.
+    Llama3,
 }
 
 impl Variant {
+    /// Every variant, by [`Variant::name`].
+    pub const ALL: [Variant; 5] = [
+        Variant::Llama,
+        Variant::Qwen2,
+        Variant::Qwen3,
+        Variant::Phi3,
+        Variant::Llama3,
+    ];
+
+    /// `general.architecture` of the file.
     pub fn arch(self) -> &'static str {
         match self {
-            Variant::Llama => "llama",
+            Variant::Llama | Variant::Llama3 => "llama",
             Variant::Qwen2 => "qwen2",
             Variant::Qwen3 => "qwen3",
+            Variant::Phi3 => "phi3",
         }
     }
+
+    /// The variant's own name (`llama3` is a llama-architecture file).
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Llama3 => "llama3",
+            v => v.arch(),
+        }
+    }
+
+    /// The variant called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+}
+
+/// llama 3's RoPE frequency factors (`rope_freqs.weight`) for `head_dim` and `base`, as
+/// llama.cpp's converter computes them from `rope_scaling` (here factor 8, low/high
+/// frequency factors 1 and 4, and an original context of 64, so that a tiny head has
+/// pairs in all three bands).
+fn llama3_rope_factors(head_dim: usize, base: f32) -> Vec<f32> {
+    let (factor, low, high, original) = (8f32, 1f32, 4f32, 64f32);
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / base.powf(2.0 * i as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < original / high {
+                1.0
+            } else if wavelen > original / low {
+                factor
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
 }
 
 /// The llama's sizes. The default is tiny (2 layers of 64); [`LlmShape::smollm2`] is
@@ -127,15 +163,7 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
         quant,
     } = opts.shape;
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        .map(String::from)
-        .to_vec();
-    tokens.extend(super::tokenizer::byte_chars().into_iter().map(String::from));
-    tokens.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
-    let vocab = tokens.len();
-    let types: Vec<V> = (0..vocab)
-        .map(|i| V::I32(if i < 3 { 3 } else { 1 }))
-        .collect();
+    let (vocab, tokenizer) = vocab::tokenizer_metadata(opts.variant);
     let variant = opts.variant;
     let head_dim = match variant {
         Variant::Qwen3 => 2 * dim / heads,
@@ -165,9 +193,21 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
         ("output.weight".into(), f32t(output)?),
         ("output_norm.weight".into(), f32t(ones(dim)?)?),
     ];
+    let freq_base = if variant == Variant::Llama3 {
+        500000.0
+    } else {
+        10000.0
+    };
+    if variant == Variant::Llama3 {
+        let f = llama3_rope_factors(head_dim, freq_base);
+        let n = f.len();
+        let t = Tensor::from_vec(f, n, &Device::Cpu)?;
+        tensors.push(("rope_freqs.weight".into(), f32t(t)?));
+    }
     let s = |fan_in: usize| 2.0 / (fan_in as f32).sqrt();
     for l in 0..layers {
         let p = |n: &str| format!("blk.{l}.{n}.weight");
+        let mut weights = Vec::new();
         for (name, shape, fan_in) in [
             ("attn_q", (q_dim, dim), dim),
             ("attn_k", (kv_dim, dim), dim),
@@ -177,7 +217,22 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
             ("ffn_up", (ff, dim), dim),
             ("ffn_down", (dim, ff), ff),
         ] {
-            tensors.push((p(name), q8(random(&mut rng, shape, s(fan_in))?)?));
+            weights.push((name, random(&mut rng, shape, s(fan_in))?));
+        }
+        if variant == Variant::Phi3 {
+            // phi3 fuses q/k/v into `attn_qkv` and gate/up (gate first) into `ffn_up`.
+            let w = |i: usize| &weights[i].1;
+            let qkv = Tensor::cat(&[w(0), w(1), w(2)], 0)?;
+            let gate_up = Tensor::cat(&[w(4), w(5)], 0)?;
+            weights = vec![
+                ("attn_qkv", qkv),
+                ("attn_output", weights[3].1.clone()),
+                ("ffn_up", gate_up),
+                ("ffn_down", weights[6].1.clone()),
+            ];
+        }
+        for (name, w) in weights {
+            tensors.push((p(name), q8(w)?));
         }
         tensors.push((p("attn_norm"), f32t(ones(dim)?)?));
         tensors.push((p("ffn_norm"), f32t(ones(dim)?)?));
@@ -196,7 +251,7 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
                     tensors.push((p(n), f32t(vec(&mut rng, head_dim, 1.0, 0.3)?)?));
                 }
             }
-            Variant::Llama => {}
+            Variant::Llama | Variant::Phi3 | Variant::Llama3 => {}
         }
     }
 
@@ -215,51 +270,18 @@ pub fn write_tiny_llama_gguf(path: &Path, opts: &TinyLlm) -> anyhow::Result<()> 
         (key("attention.head_count"), V::U32(heads as u32)),
         (key("attention.head_count_kv"), V::U32(kv_heads as u32)),
         (key("rope.dimension_count"), V::U32(head_dim as u32)),
-        (key("rope.freq_base"), V::F32(10000.0)),
+        (key("rope.freq_base"), V::F32(freq_base)),
         (key("attention.layer_norm_rms_epsilon"), V::F32(1e-5)),
     ];
     if variant == Variant::Qwen3 {
         metadata.push((key("attention.key_length"), V::U32(head_dim as u32)));
         metadata.push((key("attention.value_length"), V::U32(head_dim as u32)));
     }
-    let pre = if variant == Variant::Llama {
-        "smollm"
-    } else {
-        "qwen2"
-    };
-    let metadata: Vec<(String, V)> = metadata
-        .into_iter()
-        .chain(
-            vec![
-                ("tokenizer.ggml.model", V::String("gpt2".into())),
-                ("tokenizer.ggml.pre", V::String(pre.into())),
-                (
-                    "tokenizer.ggml.tokens",
-                    V::Array(tokens.iter().map(|t| V::String(t.clone())).collect()),
-                ),
-                ("tokenizer.ggml.token_type", V::Array(types)),
-                (
-                    "tokenizer.ggml.merges",
-                    V::Array(
-                        MERGES
-                            .iter()
-                            .map(|(a, b)| V::String(format!("{a} {b}")))
-                            .collect(),
-                    ),
-                ),
-                ("tokenizer.ggml.bos_token_id", V::U32(1)),
-                ("tokenizer.ggml.eos_token_id", V::U32(2)),
-                ("tokenizer.ggml.padding_token_id", V::U32(0)),
-                ("tokenizer.ggml.add_bos_token", V::Bool(false)),
-                (
-                    "tokenizer.chat_template",
-                    V::String(SMOLLM2_CHAT_TEMPLATE.into()),
-                ),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v)),
-        )
-        .collect();
+    if variant == Variant::Phi3 {
+        // Phi-3-mini's window; llama.cpp reads and then disables it (so does swapd).
+        metadata.push((key("attention.sliding_window"), V::U32(2047)));
+    }
+    metadata.extend(tokenizer);
     let md: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);

@@ -91,27 +91,7 @@ pub(super) fn params(ct: &Content) -> std::result::Result<Params, String> {
             "gemma3.attention.layer_norm_rms_epsilon is {eps}: must be > 0"
         ));
     }
-    let scaling = ct
-        .metadata
-        .get("gemma3.rope.scaling.type")
-        .and_then(|v| v.to_string().ok())
-        .cloned();
-    let freq_scale = match scaling.as_deref() {
-        None | Some("none") => 1.0,
-        Some("linear") => match opt_f32("rope.scaling.factor")? {
-            Some(f) if f.is_finite() && f >= 1.0 => 1.0 / f,
-            other => {
-                return Err(format!(
-                    "gemma3.rope.scaling.factor is {other:?}: linear scaling needs a factor >= 1"
-                ))
-            }
-        },
-        Some(t) => {
-            return Err(format!(
-                "gemma3.rope.scaling.type `{t}` is not supported (none, linear)"
-            ))
-        }
-    };
+    let freq_scale = crate::model::llama_meta::rope_freq_scale(ct, "gemma3")?;
     let context = opt_u32("context_length")?;
     if let Some(c) = context {
         if c < 2 {

@@ -62,7 +62,7 @@ struct RopeTables {
 
 impl RopeTables {
     fn new(head_dim: usize, base: f32, scale: f32, device: &Device) -> Result<Self> {
-        let (cos, sin) = precomput_freqs_cis(head_dim, base, scale, device)?;
+        let (cos, sin) = precomput_freqs_cis(head_dim, base, scale, None, device)?;
         let cpu = match device {
             Device::Cpu => Some(Arc::new(Rope {
                 cos: cos.flatten_all()?.to_vec1::<f32>()?,
