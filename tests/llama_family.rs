@@ -83,22 +83,31 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
-/// A copy of the GGUF at `src` without `rope_freqs.weight` (llama 3's RoPE factors).
-fn without_rope_factors(src: &Path, dst: &Path) {
+/// A copy of the GGUF at `src`, its metadata and tensors passed through `edit`.
+fn rewrite(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, gguf_file::Value)>, &mut Vec<(String, QTensor)>),
+) {
     let mut r = std::io::BufReader::new(std::fs::File::open(src).unwrap());
     let ct = gguf_file::Content::read(&mut r).unwrap();
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
-    let tensors: Vec<(String, QTensor)> = names
+    let mut tensors: Vec<(String, QTensor)> = names
         .into_iter()
-        .filter(|n| n.as_str() != "rope_freqs.weight")
         .map(|n| (n.clone(), ct.tensor(&mut r, n, &Device::Cpu).unwrap()))
         .collect();
-    let md: Vec<(&str, &gguf_file::Value)> =
-        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut md: Vec<(String, gguf_file::Value)> = ct.metadata.into_iter().collect();
+    edit(&mut md, &mut tensors);
+    let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::io::BufWriter::new(std::fs::File::create(dst).unwrap());
     gguf_file::write(&mut f, &md, &ts).unwrap();
+}
+
+/// A copy of the GGUF at `src` without `rope_freqs.weight` (llama 3's RoPE factors).
+fn without_rope_factors(src: &Path, dst: &Path) {
+    rewrite(src, dst, |_, t| t.retain(|(n, _)| n != "rope_freqs.weight"));
 }
 
 /// candle-transformers' own implementation's next-token logits after `ids`.
@@ -260,4 +269,80 @@ fn logits_and_greedy_ids_agree_with_llama_cpp_and_candle() {
             logits = session.feed(&[got], &mut || true).unwrap();
         }
     }
+}
+
+#[test]
+fn what_is_not_supported_is_refused_by_name() {
+    use gguf_file::Value as V;
+    let dir = tempfile::tempdir().unwrap();
+    let (llama3, phi3) = (write(dir.path(), "llama3"), write(dir.path(), "phi3"));
+    let set = |md: &mut Vec<(String, V)>, key: &str, value: V| {
+        md.retain(|(k, _)| k != key);
+        md.push((key.into(), value));
+    };
+    let refused =
+        |src: &Path, edit: &dyn Fn(&mut Vec<(String, V)>, &mut Vec<(String, QTensor)>)| {
+            let bad = dir.path().join("bad.gguf");
+            rewrite(src, &bad, edit);
+            Llm::load("bad", &bad, &Device::Cpu, 256)
+                .err()
+                .unwrap()
+                .to_string()
+        };
+    let e = refused(&llama3, &|md, _| {
+        set(md, "llama.rope.scaling.type", V::String("yarn".into()))
+    });
+    assert!(
+        e.contains("llama.rope.scaling.type `yarn` is not supported (supported: none, linear)"),
+        "{e}"
+    );
+    let e = refused(&llama3, &|md, _| {
+        set(md, "tokenizer.ggml.pre", V::String("tekken".into()))
+    });
+    assert!(
+        e.contains("tokenizer.ggml.pre `tekken` is not supported (supported: default, gpt-2"),
+        "{e}"
+    );
+    let e = refused(&llama3, &|_, t| {
+        let half = QTensor::quantize(
+            &Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            candle_core::quantized::GgmlDType::F32,
+        )
+        .unwrap();
+        t.retain(|(n, _)| n != "rope_freqs.weight");
+        t.push(("rope_freqs.weight".into(), half));
+    });
+    assert!(
+        e.contains("tensor `rope_freqs.weight` has shape [3], expected [8]"),
+        "{e}"
+    );
+    let e = refused(&phi3, &|_, t| {
+        let f = QTensor::quantize(
+            &Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            candle_core::quantized::GgmlDType::F32,
+        )
+        .unwrap();
+        t.push(("rope_factors_long.weight".into(), f));
+    });
+    assert!(e.contains("LongRoPE"), "{e}");
+    // A fused query/key/value matrix one head short.
+    let e = refused(&phi3, &|_, t| {
+        let (_, qkv) = t
+            .iter_mut()
+            .find(|(n, _)| n == "blk.0.attn_qkv.weight")
+            .unwrap();
+        // (Copied out: candle's quantize reads the storage, not the narrowed view.)
+        let rows = qkv
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let short: Vec<f32> = rows[..112].concat();
+        let short = Tensor::from_vec(short, (112, 64), &Device::Cpu).unwrap();
+        *qkv = QTensor::quantize(&short, candle_core::quantized::GgmlDType::Q8_0).unwrap();
+    });
+    assert!(
+        e.contains("tensor `blk.0.attn_qkv.weight` has shape [112, 64], expected [128, 64]"),
+        "{e}"
+    );
 }

@@ -276,10 +276,12 @@ pub fn check_family(ct: &Content, p: &str) -> Result<LlamaParams, String> {
             let up = t("ffn_up");
             let ff = match shape(&up) {
                 Some(s) if s.len() == 2 && s[1] == dim && s[0] > 0 && s[0] % 2 == 0 => s[0] / 2,
-                Some(s) => return Err(format!(
+                Some(s) => {
+                    return Err(format!(
                     "tensor `{up}` has shape {s:?}, expected [2 × feed_forward_length, {dim}] ({})",
                     dims()
-                )),
+                ))
+                }
                 None => return Err(format!("tensor `{up}` is missing")),
             };
             if let Some(m) = ff_meta.filter(|&m| m != ff) {

@@ -104,6 +104,8 @@ pub struct Llm {
     /// Longest prompt + completion, in tokens.
     pub context_length: usize,
     pub weight_bytes: u64,
+    /// `general.architecture` (`llama`, `gemma3`, `qwen2`, `qwen3`, `phi3`).
+    pub arch: String,
     name: String,
     device: Device,
 }
@@ -230,6 +232,7 @@ impl Llm {
             chat_template,
             context_length,
             weight_bytes,
+            arch: params.arch,
             name: name.to_string(),
             device: device.clone(),
         })
@@ -485,7 +488,7 @@ mod tests {
         let err = err.to_string();
         assert!(
             err.contains(
-                "architecture `mamba` is not supported (supported: llama, gemma3, qwen2, qwen3)"
+                "architecture `mamba` is not supported (supported: llama, gemma3, qwen2, qwen3, phi3)"
             ),
             "{err}"
         );

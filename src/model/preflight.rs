@@ -55,6 +55,12 @@ pub fn run(
             let probe = "Hello, world! 123 — ünïcödé";
             let r = llm.tokenizer.encode(probe).and_then(|ids| {
                 let back = llm.tokenizer.decode(&ids);
+                // A SentencePiece vocabulary with `add_space_prefix` puts a space before
+                // the text; it is the encoder's, not the text's.
+                let back = match llm.tokenizer.adds_space_prefix() {
+                    true => back.strip_prefix(' ').unwrap_or(&back),
+                    false => &back,
+                };
                 if back == probe {
                     Ok(format!("{} tokens round-trip", ids.len()))
                 } else {
@@ -154,8 +160,8 @@ pub fn run(
     results
 }
 
-/// Same kind as the serving version, same embedding dimension; a vocabulary change is
-/// reported but allowed.
+/// Same kind as the serving version, same embedding dimension; a change of architecture or
+/// vocabulary is reported but allowed.
 fn compatibility(new: &ModelVersion, serving: Option<&ModelVersion>) -> Result<String, String> {
     let Some(old) = serving else {
         return Ok("no serving version".into());
@@ -175,13 +181,21 @@ fn compatibility(new: &ModelVersion, serving: Option<&ModelVersion>) -> Result<S
             ))
         }
         (LoadedModel::Llm(a), LoadedModel::Llm(b))
-            if a.tokenizer.vocab_size() != b.tokenizer.vocab_size() =>
+            if a.arch != b.arch || a.tokenizer.vocab_size() != b.tokenizer.vocab_size() =>
         {
-            Ok(format!(
-                "vocabulary changed: {} → {} tokens",
-                b.tokenizer.vocab_size(),
-                a.tokenizer.vocab_size()
-            ))
+            // Allowed: a stream stays on the version it started on, so nothing mixes.
+            let mut changes = Vec::new();
+            if a.arch != b.arch {
+                changes.push(format!("architecture changed: {} → {}", b.arch, a.arch));
+            }
+            if a.tokenizer.vocab_size() != b.tokenizer.vocab_size() {
+                changes.push(format!(
+                    "vocabulary changed: {} → {} tokens",
+                    b.tokenizer.vocab_size(),
+                    a.tokenizer.vocab_size()
+                ));
+            }
+            Ok(changes.join("; "))
         }
         _ => Ok(format!("same kind as version {}", old.version)),
     }

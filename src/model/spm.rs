@@ -128,6 +128,11 @@ impl SpmVocab {
         })
     }
 
+    /// Whether a fragment at the start of the text, or after a special token, gets a space.
+    pub fn adds_space_prefix(&self) -> bool {
+        self.add_space_prefix
+    }
+
     /// Marks token `text` (when the vocabulary has it) to drop the whitespace after it.
     pub fn set_rstrip(&mut self, text: &str, on: bool) {
         if let Some(&id) = self.ids.get(text) {

@@ -337,6 +337,13 @@ impl GgufTokenizer {
         Ok(ids)
     }
 
+    /// Whether [`GgufTokenizer::encode`] puts a space before the text (a SentencePiece
+    /// vocabulary with `add_space_prefix`, as llama 2's and Phi-3's): decoding the ids
+    /// gives that space back.
+    pub fn adds_space_prefix(&self) -> bool {
+        matches!(&self.model, Model::Spm(v) if v.adds_space_prefix())
+    }
+
     /// The raw bytes token `id` contributes to the output (empty for control tokens).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         self.token_bytes

@@ -27,7 +27,7 @@ pub struct TinyLlm {
 }
 
 /// The llama-layout architectures the tiny LLM can be written in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Variant {
     #[default]
     Llama,
