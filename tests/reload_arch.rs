@@ -16,6 +16,9 @@ use swapd::proto;
 const LLM: &str = "tiny-llm";
 const PROMPTS: [&str; 3] = ["hello the world", "in the other", "an order"];
 
+/// One served request: its version's generation, the prompt's index, the text and ids.
+type Served = (u64, usize, String, Vec<u32>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_across_architectures_under_load_lose_and_mix_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -52,7 +55,7 @@ async fn reloads_across_architectures_under_load_lose_and_mix_nothing() {
     // generation → the variant serving it (generation 1: the manifest's llama).
     let serving: Arc<Mutex<HashMap<u64, Variant>>> =
         Arc::new(Mutex::new(HashMap::from([(1, Variant::Llama)])));
-    let seen: Arc<Mutex<Vec<(u64, usize, String, Vec<u32>)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Served>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for i in 0..4 {
