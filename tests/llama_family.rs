@@ -83,21 +83,21 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
+/// A GGUF's metadata and tensors, by name.
+type Metadata = Vec<(String, gguf_file::Value)>;
+type Tensors = Vec<(String, QTensor)>;
+
 /// A copy of the GGUF at `src`, its metadata and tensors passed through `edit`.
-fn rewrite(
-    src: &Path,
-    dst: &Path,
-    edit: impl FnOnce(&mut Vec<(String, gguf_file::Value)>, &mut Vec<(String, QTensor)>),
-) {
+fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut Metadata, &mut Tensors)) {
     let mut r = std::io::BufReader::new(std::fs::File::open(src).unwrap());
     let ct = gguf_file::Content::read(&mut r).unwrap();
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
-    let mut tensors: Vec<(String, QTensor)> = names
+    let mut tensors: Tensors = names
         .into_iter()
         .map(|n| (n.clone(), ct.tensor(&mut r, n, &Device::Cpu).unwrap()))
         .collect();
-    let mut md: Vec<(String, gguf_file::Value)> = ct.metadata.into_iter().collect();
+    let mut md: Metadata = ct.metadata.into_iter().collect();
     edit(&mut md, &mut tensors);
     let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -280,15 +280,14 @@ fn what_is_not_supported_is_refused_by_name() {
         md.retain(|(k, _)| k != key);
         md.push((key.into(), value));
     };
-    let refused =
-        |src: &Path, edit: &dyn Fn(&mut Vec<(String, V)>, &mut Vec<(String, QTensor)>)| {
-            let bad = dir.path().join("bad.gguf");
-            rewrite(src, &bad, edit);
-            Llm::load("bad", &bad, &Device::Cpu, 256)
-                .err()
-                .unwrap()
-                .to_string()
-        };
+    let refused = |src: &Path, edit: &dyn Fn(&mut Metadata, &mut Tensors)| {
+        let bad = dir.path().join("bad.gguf");
+        rewrite(src, &bad, edit);
+        Llm::load("bad", &bad, &Device::Cpu, 256)
+            .err()
+            .unwrap()
+            .to_string()
+    };
     let e = refused(&llama3, &|md, _| {
         set(md, "llama.rope.scaling.type", V::String("yarn".into()))
     });
