@@ -52,6 +52,13 @@ fn bench(c: &mut Criterion) {
             &[1, 64],
         ),
         (
+            "ffn_gate/up 1536x576 q5_k (smollm2 q5_k_m)",
+            1536,
+            576,
+            GgmlDType::Q5K,
+            &[1, 64],
+        ),
+        (
             "gemma3 ffn_down 640x2048 q6_k",
             640,
             2048,

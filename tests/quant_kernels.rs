@@ -34,7 +34,7 @@ fn random_weights(rng: &mut StdRng, format: Format, n: usize, k: usize) -> Vec<u
             }
             Format::Q4_0 => raw.extend((0..16).map(|_| rng.random::<u8>())),
             Format::Q8_0 => raw.extend((0..32).map(|_| rng.random::<u8>())),
-            Format::Q4K | Format::Q6K => unreachable!("see random_k_weights"),
+            Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("see random_k_weights"),
         }
     }
     raw
@@ -79,7 +79,7 @@ fn dequant_f64(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f64> {
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f64 + m));
             }
             Format::Q8_0 => out.extend(blk[2..34].iter().map(|&q| d * q as i8 as f64)),
-            Format::Q4K | Format::Q6K => unreachable!("see dequant_k_f64"),
+            Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("see dequant_k_f64"),
         }
     }
     out
@@ -411,11 +411,11 @@ fn qlinear_forward_shapes_fallback_and_forward_many() {
             assert_eq!(single, want, "{isa:?} forward");
         }
     }
-    // Formats without a kernel here (Q5_K) go to candle's QMatMul, unchanged.
+    // Formats without a kernel here (Q2_K) go to candle's QMatMul, unchanged.
     let w = Tensor::from_slice(&random_acts(&mut rng, 8, 256), (8, 256), &Device::Cpu).unwrap();
-    let q = QTensor::quantize(&w, GgmlDType::Q5K).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q2K).unwrap();
     let x = Tensor::from_slice(&random_acts(&mut rng, 2, 256), (2, 256), &Device::Cpu).unwrap();
-    let l = QLinear::from_qtensor(QTensor::quantize(&w, GgmlDType::Q5K).unwrap()).unwrap();
+    let l = QLinear::from_qtensor(QTensor::quantize(&w, GgmlDType::Q2K).unwrap()).unwrap();
     assert!(!l.is_native());
     let want = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
     let got = l.forward(&x).unwrap();
@@ -467,11 +467,12 @@ fn random_k_weights(rng: &mut StdRng, format: Format, n: usize, k: usize) -> Vec
     for _ in 0..n * k / 256 {
         let d = f16::from_f32(rng.random_range(0.00005f32..0.004));
         match format {
-            Format::Q4K => {
+            Format::Q4K | Format::Q5K => {
                 raw.extend_from_slice(&d.to_le_bytes());
                 let dmin = f16::from_f32(rng.random_range(0.0f32..0.004));
                 raw.extend_from_slice(&dmin.to_le_bytes());
-                raw.extend((0..12 + 128).map(|_| rng.random::<u8>()));
+                let qh = if format == Format::Q5K { 32 } else { 0 };
+                raw.extend((0..12 + qh + 128).map(|_| rng.random::<u8>()));
             }
             Format::Q6K => {
                 raw.extend((0..128 + 64 + 16).map(|_| rng.random::<u8>()));
@@ -483,15 +484,29 @@ fn random_k_weights(rng: &mut StdRng, format: Format, n: usize, k: usize) -> Vec
     raw
 }
 
-/// K-quant values as f64, written from ggml's reference `dequantize_row_q4_K` / `_q6_K`
+/// K-quant values as f64, written from ggml's reference `dequantize_row_q4_K` / `_q5_K` / `_q6_K`
 /// (independently of the crate's own dequantizer).
 fn dequant_k_f64(format: Format, raw: &[u8]) -> Vec<f64> {
     let f = |b: &[u8], o: usize| f16::from_le_bytes([b[o], b[o + 1]]).to_f64();
     let mut y = Vec::new();
     match format {
-        Format::Q4K => {
-            for b in raw.chunks_exact(144) {
-                let (d, dmin, s, q) = (f(b, 0), f(b, 2), &b[4..16], &b[16..144]);
+        Format::Q4K | Format::Q5K => {
+            let q5 = format == Format::Q5K;
+            for b in raw.chunks_exact(if q5 { 176 } else { 144 }) {
+                let (d, dmin, s) = (f(b, 0), f(b, 2), &b[4..16]);
+                let (qh, q) = if q5 {
+                    (&b[16..48], &b[48..176])
+                } else {
+                    (&b[0..0], &b[16..144])
+                };
+                // ggml's `u1`/`u2` masks: bits 2j and 2j + 1 of qh[l] add 16.
+                let high = |l: usize, bit: usize| -> f64 {
+                    if q5 && qh[l] & (1 << bit) != 0 {
+                        16.0
+                    } else {
+                        0.0
+                    }
+                };
                 let scale_min = |j: usize| -> (f64, f64) {
                     if j < 4 {
                         ((s[j] & 63) as f64, (s[j + 4] & 63) as f64)
@@ -506,8 +521,14 @@ fn dequant_k_f64(format: Format, raw: &[u8]) -> Vec<f64> {
                     let (sc1, m1) = scale_min(2 * j);
                     let (sc2, m2) = scale_min(2 * j + 1);
                     let qs = &q[32 * j..32 * j + 32];
-                    y.extend(qs.iter().map(|&v| d * sc1 * (v & 0xF) as f64 - dmin * m1));
-                    y.extend(qs.iter().map(|&v| d * sc2 * (v >> 4) as f64 - dmin * m2));
+                    y.extend(
+                        qs.iter().enumerate().map(|(l, &v)| {
+                            d * sc1 * ((v & 0xF) as f64 + high(l, 2 * j)) - dmin * m1
+                        }),
+                    );
+                    y.extend(qs.iter().enumerate().map(|(l, &v)| {
+                        d * sc2 * ((v >> 4) as f64 + high(l, 2 * j + 1)) - dmin * m2
+                    }));
                 }
             }
         }
@@ -542,7 +563,7 @@ fn dequant_k_f64(format: Format, raw: &[u8]) -> Vec<f64> {
 fn k_quant_kernels_match_float64_references_candle_and_each_other_bit_for_bit() {
     let isas = Isa::supported();
     let mut rng = StdRng::seed_from_u64(0x4b);
-    for format in [Format::Q4K, Format::Q6K] {
+    for format in [Format::Q4K, Format::Q5K, Format::Q6K] {
         for case_no in 0..30 {
             let k = 256 * [1, 2, 3, 4, 5, 8][rng.random_range(0..6)];
             let n = [1, 3, 7, 8, 9, 15, 17, 33, 70][rng.random_range(0..9)];

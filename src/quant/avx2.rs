@@ -41,7 +41,7 @@ pub(crate) unsafe fn kernel(
             (Format::Q8_0, 2) => q8_0::<2>(g, nb, acts, t0, tile),
             (Format::Q8_0, 3) => q8_0::<3>(g, nb, acts, t0, tile),
             (Format::Q8_0, _) => q8_0::<4>(g, nb, acts, t0, tile),
-            (Format::Q4K | Format::Q6K, _) => unreachable!("K-quants run in kquant"),
+            (Format::Q4K | Format::Q5K | Format::Q6K, _) => unreachable!("K-quants run in kquant"),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Quantized matrix multiplication for the GGUF block formats the served models use (Q4_1,
-//! Q4_0, Q8_0, Q5_0 and the K-quants Q4_K and Q6_K) on the CPU, with explicit SIMD kernels.
+//! Q4_0, Q8_0, Q5_0 and the K-quants Q4_K, Q5_K and Q6_K) on the CPU, with explicit SIMD kernels.
 //!
 //! Q5_0 (`d·(q − 16)`, 5-bit `q`) is widened at load into Q8_0 blocks with the same scale:
 //! `q − 16` fits a signed byte, so the values, and llama.cpp's `q5_0·q8_0` integer sums,
@@ -110,6 +110,8 @@ pub enum Format {
     Q8_0,
     /// 256-value super-blocks, 4.5 bits a value ([`kquant`]).
     Q4K,
+    /// 256-value super-blocks, 5.5 bits a value ([`kquant`]).
+    Q5K,
     /// 256-value super-blocks, 6.5625 bits a value ([`kquant`]).
     Q6K,
 }
@@ -123,6 +125,7 @@ impl Format {
             G::Q4_1 => Some(Self::Q4_1),
             G::Q8_0 => Some(Self::Q8_0),
             G::Q4K => Some(Self::Q4K),
+            G::Q5K => Some(Self::Q5K),
             G::Q6K => Some(Self::Q6K),
             _ => None,
         }
@@ -138,7 +141,7 @@ impl Format {
 
     /// Whether this is a K-quant (256-value super-blocks, kernels in [`kquant`]).
     pub fn is_k(self) -> bool {
-        matches!(self, Self::Q4K | Self::Q6K)
+        matches!(self, Self::Q4K | Self::Q5K | Self::Q6K)
     }
 
     /// Values per GGUF block.
@@ -158,6 +161,7 @@ impl Format {
             Self::Q4_1 => G::Q4_1,
             Self::Q8_0 => G::Q8_0,
             Self::Q4K => G::Q4K,
+            Self::Q5K => G::Q5K,
             Self::Q6K => G::Q6K,
         }
     }
@@ -169,6 +173,7 @@ impl Format {
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
         }
     }
@@ -184,7 +189,7 @@ impl Format {
     /// How activations are quantized for this weight format and instruction set.
     pub(crate) fn act_kind(self, isa: Isa) -> act::ActKind {
         match (self, isa) {
-            (Self::Q4K | Self::Q6K, _) => act::ActKind::Q8K,
+            (Self::Q4K | Self::Q5K | Self::Q6K, _) => act::ActKind::Q8K,
             (Self::Q4_1, _) => act::ActKind::Q8_1,
             // The VNNI kernel multiplies unsigned activations with signed weights.
             (Self::Q8_0, Isa::Avx512) => act::ActKind::Q8_0Unsigned,

@@ -92,7 +92,7 @@ impl PackedMatrix {
                                 dst[at..at + 2].copy_from_slice(&src[2..4]);
                             }
                         }
-                        Format::Q4K | Format::Q6K => unreachable!("kept as rows"),
+                        Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("kept as rows"),
                         Format::Q8_0 => {
                             let qs = &src[2..34];
                             for j in 0..8 {
@@ -198,7 +198,7 @@ impl PackedMatrix {
         let group = self.group_data(gi);
         for (src, dst) in group.chunks_exact(pb).zip(out.chunks_exact_mut(BLOCK)) {
             match self.format {
-                Format::Q4K | Format::Q6K => unreachable!("handled above"),
+                Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("handled above"),
                 Format::Q4_0 | Format::Q4_1 => {
                     let d = rd_f16(src, 16 * r + 2 * ri).to_f32();
                     let m = if self.format == Format::Q4_1 {
@@ -348,7 +348,7 @@ pub fn dequantize(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
             }
             Format::Q8_0 => out.extend(src[2..34].iter().map(|&q| d * q as i8 as f32)),
-            Format::Q4K | Format::Q6K => unreachable!("handled above"),
+            Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("handled above"),
         }
     }
     out

@@ -64,7 +64,9 @@ pub(crate) fn kernel(
                         let dw = rd_f16(blk, 32 * R + 2 * r);
                         *acc += isum as f32 * (dw * da);
                     }
-                    Format::Q4K | Format::Q6K => unreachable!("K-quants run in kquant"),
+                    Format::Q4K | Format::Q5K | Format::Q6K => {
+                        unreachable!("K-quants run in kquant")
+                    }
                 }
             }
         }

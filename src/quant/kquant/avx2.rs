@@ -20,11 +20,11 @@ fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
 }
 
 /// # Safety
-/// `row` holds `nsb` Q4_K super-blocks and every token of `toks` `nsb · 256` values (with
-/// `nsb · 16` sums and `nsb` scales); the CPU has AVX2.
+/// `row` holds `nsb` Q4_K (or, with `Q5`, Q5_K) super-blocks and every token of `toks`
+/// `nsb · 256` values (with `nsb · 16` sums and `nsb` scales); the CPU has AVX2.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // `t` indexes accumulators kept in registers
-pub(super) unsafe fn q4k_avx2<const T: usize>(
+pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
     row: &[u8],
     nsb: usize,
     toks: &Toks<T>,
@@ -32,16 +32,32 @@ pub(super) unsafe fn q4k_avx2<const T: usize>(
 ) {
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(0xF);
+    let one = _mm256_set1_epi8(1);
+    let (bb, qs_at) = if Q5 { (176, 48) } else { (144, 16) };
     for sb in 0..nsb {
-        let blk = row.as_ptr().wrapping_add(sb * 144);
-        // SAFETY: super-block `sb` (144 bytes) is inside `row`.
+        let blk = row.as_ptr().wrapping_add(sb * bb);
+        // SAFETY: super-block `sb` (`bb` bytes) is inside `row`.
         let (sc, mn) = q4k_scales(unsafe { std::slice::from_raw_parts(blk.add(4), 12) });
+        let qh = if Q5 {
+            // SAFETY: Q5_K's 32 high-bit bytes follow its scales.
+            unsafe { _mm256_loadu_si256(blk.add(16).cast()) }
+        } else {
+            _mm256_setzero_si256()
+        };
         let mut acc = [_mm256_setzero_si256(); T];
         for j in 0..4 {
-            // SAFETY: bytes 16 + 32j .. +32 (j < 4) of the super-block.
-            let q = unsafe { _mm256_loadu_si256(blk.add(16 + 32 * j).cast()) };
-            let lo = _mm256_and_si256(q, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            // SAFETY: bytes qs_at + 32j .. +32 (j < 4) of the super-block.
+            let q = unsafe { _mm256_loadu_si256(blk.add(qs_at + 32 * j).cast()) };
+            let mut lo = _mm256_and_si256(q, mask);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            if Q5 {
+                // Bits 2j and 2j + 1 of each qh byte, as 16 (a 0/1 per byte shifted by 4
+                // stays inside its byte).
+                let b = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32));
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(b, one)));
+                let b = _mm256_srli_epi16::<1>(b);
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(b, one)));
+            }
             let s_lo = _mm256_set1_epi16(sc[2 * j] as i16);
             let s_hi = _mm256_set1_epi16(sc[2 * j + 1] as i16);
             for t in 0..T {

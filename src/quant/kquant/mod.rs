@@ -1,12 +1,15 @@
-//! The K-quants (Q4_K, Q6_K): 256-value super-blocks with per-sub-block scales, multiplied
-//! with activations quantized to Q8_K (one f32 scale per 256 values and the sum of every 16
-//! quants), as llama.cpp's `ggml_vec_dot_q4_K_q8_K` / `_q6_K_q8_K` do.
+//! The K-quants (Q4_K, Q5_K, Q6_K): 256-value super-blocks with per-sub-block scales,
+//! multiplied with activations quantized to Q8_K (one f32 scale per 256 values and the sum of
+//! every 16 quants), as llama.cpp's `ggml_vec_dot_q{4,5,6}_K_q8_K` do.
 //!
 //! GGUF layouts (one super-block of one row):
 //! - Q4_K (144 bytes): `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`. The 12 bytes
 //!   hold eight 6-bit scales `sc` and eight 6-bit mins `m`; 64-value chunk `j` takes its
 //!   first 32 values from the low nibbles of `qs[32j..32j+32]` (sub-block `2j`) and the next
 //!   32 from the high nibbles (sub-block `2j+1`). Value: `d·sc·q − dmin·m`.
+//! - Q5_K (176 bytes): `d, dmin, scales` as Q4_K, then `qh: [u8; 32], qs: [u8; 128]`; the
+//!   5-bit `q` of value `64j + l` (`l < 32`) is Q4_K's nibble plus bit `2j` of `qh[l]` as 16,
+//!   and of value `64j + 32 + l` bit `2j + 1`. Same value formula.
 //! - Q6_K (210 bytes): `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`; value `v`
 //!   (`n = v/128`, `g = v%128/32`, `l = v%32`) is `d · sc[8n + 2g + l/16] · (q − 32)` with
 //!   `q` 6 bits: 4 from `ql[64n + 32(g&1) + l]` (low nibble for `g < 2`, high otherwise) and
@@ -53,20 +56,28 @@ fn q6k_quants(blk: &[u8]) -> [u8; QK_K] {
     q
 }
 
+/// The 5-bit quant of value `64j + 32h + l` of a Q4_K/Q5_K super-block: its nibble, plus
+/// (Q5_K) its high bit from `qh`.
+#[inline(always)]
+fn q45(qs: &[u8], qh: Option<&[u8]>, j: usize, h: usize, l: usize) -> u8 {
+    let q = qs[32 * j + l];
+    let nib = if h == 0 { q & 0xF } else { q >> 4 };
+    nib | qh.map_or(0, |qh| ((qh[l] >> (2 * j + h)) & 1) << 4)
+}
+
 /// Dequantizes one super-block of `format` into `out` (256 values).
 pub(crate) fn dequantize_block(format: Format, blk: &[u8], out: &mut [f32]) {
     match format {
-        Format::Q4K => {
+        Format::Q4K | Format::Q5K => {
             let (d, dmin) = (rd_f16(blk, 0), rd_f16(blk, 2));
             let (sc, mn) = q4k_scales(&blk[4..16]);
-            let qs = &blk[16..144];
+            let (qh, qs) = q45_parts(format, blk);
             for j in 0..4 {
-                let (d1, m1) = (d * sc[2 * j] as f32, dmin * mn[2 * j] as f32);
-                let (d2, m2) = (d * sc[2 * j + 1] as f32, dmin * mn[2 * j + 1] as f32);
-                for l in 0..32 {
-                    let q = qs[32 * j + l];
-                    out[64 * j + l] = d1 * (q & 0xF) as f32 - m1;
-                    out[64 * j + 32 + l] = d2 * (q >> 4) as f32 - m2;
+                for h in 0..2 {
+                    let (ds, ms) = (d * sc[2 * j + h] as f32, dmin * mn[2 * j + h] as f32);
+                    for l in 0..32 {
+                        out[64 * j + 32 * h + l] = ds * q45(qs, qh, j, h, l) as f32 - ms;
+                    }
                 }
             }
         }
@@ -79,6 +90,14 @@ pub(crate) fn dequantize_block(format: Format, blk: &[u8], out: &mut [f32]) {
             }
         }
         _ => unreachable!("{format:?} is not a K-quant"),
+    }
+}
+
+/// A Q4_K or Q5_K super-block's high bits (Q5_K only) and nibbles.
+fn q45_parts(format: Format, blk: &[u8]) -> (Option<&[u8]>, &[u8]) {
+    match format {
+        Format::Q5K => (Some(&blk[16..48]), &blk[48..176]),
+        _ => (None, &blk[16..144]),
     }
 }
 
@@ -135,16 +154,15 @@ fn scalar_row(
             let bs = &acts.s_row(t0 + t)[sb * 16..(sb + 1) * 16];
             let ai = |i: usize| a[i] as i8 as i32;
             match format {
-                Format::Q4K => {
+                Format::Q4K | Format::Q5K => {
                     let (sc, mn) = q4k_scales(&blk[4..16]);
-                    let qs = &blk[16..144];
+                    let (qh, qs) = q45_parts(format, blk);
                     let mut isum = 0i32;
                     for j in 0..4 {
                         let (mut lo, mut hi) = (0i32, 0i32);
                         for l in 0..32 {
-                            let q = qs[32 * j + l];
-                            lo += (q & 0xF) as i32 * ai(64 * j + l);
-                            hi += (q >> 4) as i32 * ai(64 * j + 32 + l);
+                            lo += q45(qs, qh, j, 0, l) as i32 * ai(64 * j + l);
+                            hi += q45(qs, qh, j, 1, l) as i32 * ai(64 * j + 32 + l);
                         }
                         isum += lo * sc[2 * j] as i32 + hi * sc[2 * j + 1] as i32;
                     }
@@ -187,7 +205,7 @@ unsafe fn simd_row(
     nt: usize,
     out: &mut [f32; TILE_T],
 ) {
-    use avx2::{q4k_avx2, q6k_avx2};
+    use avx2::{q45k_avx2, q6k_avx2};
     use vnni as v;
     macro_rules! go {
         ($($f:ident)::+) => {
@@ -198,14 +216,24 @@ unsafe fn simd_row(
                 _ => $($f)::+::<4>(row, nsb, &Toks::new(acts, t0), out),
             }
         };
+        ($($f:ident)::+, $q5:literal) => {
+            match nt {
+                1 => $($f)::+::<1, $q5>(row, nsb, &Toks::new(acts, t0), out),
+                2 => $($f)::+::<2, $q5>(row, nsb, &Toks::new(acts, t0), out),
+                3 => $($f)::+::<3, $q5>(row, nsb, &Toks::new(acts, t0), out),
+                _ => $($f)::+::<4, $q5>(row, nsb, &Toks::new(acts, t0), out),
+            }
+        };
     }
     // SAFETY (every arm): the caller guarantees the instruction set and the bounds each
     // kernel relies on (`nsb` super-blocks in `row`, tokens `t0 .. t0 + nt` in `acts`).
     unsafe {
         match (format, isa) {
-            (Format::Q4K, Isa::Avx512) => go!(v::q4k),
+            (Format::Q4K, Isa::Avx512) => go!(v::q45k, false),
+            (Format::Q5K, Isa::Avx512) => go!(v::q45k, true),
             (Format::Q6K, Isa::Avx512) => go!(v::q6k),
-            (Format::Q4K, _) => go!(q4k_avx2),
+            (Format::Q4K, _) => go!(q45k_avx2, false),
+            (Format::Q5K, _) => go!(q45k_avx2, true),
             (Format::Q6K, _) => go!(q6k_avx2),
             _ => unreachable!("{format:?} is not a K-quant"),
         }

@@ -28,21 +28,30 @@ fn hsum(v: __m512i) -> i32 {
 }
 
 /// # Safety
-/// `row` holds `nsb` Q4_K super-blocks and every token of `toks` `nsb · 256` values (with
-/// `nsb · 16` sums and `nsb` scales); the CPU has AVX-512 F/BW/VL and VNNI.
+/// `row` holds `nsb` Q4_K (or, with `Q5`, Q5_K) super-blocks and every token of `toks`
+/// `nsb · 256` values (with `nsb · 16` sums and `nsb` scales); the CPU has AVX-512 F/BW/VL
+/// and VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // `t` indexes accumulators kept in registers
-pub(super) unsafe fn q4k<const T: usize>(
+pub(super) unsafe fn q45k<const T: usize, const Q5: bool>(
     row: &[u8],
     nsb: usize,
     toks: &Toks<T>,
     out: &mut [f32; TILE_T],
 ) {
     let mask = _mm256_set1_epi8(0xF);
+    let one = _mm256_set1_epi8(1);
+    let (bb, qs_at) = if Q5 { (176, 48) } else { (144, 16) };
     for sb in 0..nsb {
-        let blk = row.as_ptr().wrapping_add(sb * 144);
-        // SAFETY: super-block `sb` (144 bytes) is inside `row`.
+        let blk = row.as_ptr().wrapping_add(sb * bb);
+        // SAFETY: super-block `sb` (`bb` bytes) is inside `row`.
         let (sc, mn) = q4k_scales(unsafe { std::slice::from_raw_parts(blk.add(4), 12) });
+        let qh = if Q5 {
+            // SAFETY: Q5_K's 32 high-bit bytes follow its scales.
+            unsafe { _mm256_loadu_si256(blk.add(16).cast()) }
+        } else {
+            _mm256_setzero_si256()
+        };
         // Min j weighs the sums of 16-value groups 2j and 2j + 1.
         let mins = _mm512_cvtepu8_epi32(_mm_setr_epi8(
             mn[0] as i8,
@@ -64,10 +73,17 @@ pub(super) unsafe fn q4k<const T: usize>(
         ));
         let mut acc = [_mm512_setzero_si512(); T];
         for j in 0..4 {
-            // SAFETY: bytes 16 + 32j .. +32 (j < 4) of the super-block.
-            let q = unsafe { _mm256_loadu_si256(blk.add(16 + 32 * j).cast()) };
-            let lo = _mm256_and_si256(q, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            // SAFETY: bytes qs_at + 32j .. +32 (j < 4) of the super-block.
+            let q = unsafe { _mm256_loadu_si256(blk.add(qs_at + 32 * j).cast()) };
+            let mut lo = _mm256_and_si256(q, mask);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            if Q5 {
+                // Bits 2j and 2j + 1 of each qh byte, as 16.
+                let b = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32));
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(b, one)));
+                let b = _mm256_srli_epi16::<1>(b);
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(b, one)));
+            }
             // Values 64j .. 64j + 64: sub-block 2j in the low half, 2j + 1 in the high.
             let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             let s = _mm512_inserti64x4::<1>(
