@@ -5,12 +5,12 @@
 # same prompts and THREADS threads, side by side in one run (PASSES passes, each engine in
 # turn). The files:
 #   - gemma3-q4_k_m: Gemma 3 270M Q4_K_M (Q5_0, Q4_K, Q6_K, Q8_0 tensors);
-#   - smollm2-q4_k_m: SmolLM2-135M-Instruct requantized to Q4_K_M by llama.cpp's own
-#     quantizer in the peer virtualenv (target/peers/smollm2-q4_k_m.gguf);
+#   - smollm2-q4_k_m, smollm2-q5_k_m: SmolLM2-135M-Instruct requantized to Q4_K_M and
+#     Q5_K_M by llama.cpp's own quantizer in the peer virtualenv (target/peers/);
 #   - smollm2-q4_1: the shipped SmolLM2 Q4_1 file, as the control.
 # Writes OUT/<model>-<engine>-<pass>.json and OUT/models.md.
 # Environment: THREADS (nproc), DECODE (128), ROUNDS (3), PASSES (2), OUT
-# (target/bench/models), MODELS (all three names above).
+# (target/bench/models), MODELS (the four names above).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-$(nproc)}
@@ -18,7 +18,7 @@ DECODE=${DECODE:-128}
 ROUNDS=${ROUNDS:-3}
 PASSES=${PASSES:-2}
 OUT=${OUT:-target/bench/models}
-MODELS=${MODELS:-gemma3-q4_k_m smollm2-q4_k_m smollm2-q4_1}
+MODELS=${MODELS:-gemma3-q4_k_m smollm2-q4_k_m smollm2-q5_k_m smollm2-q4_1}
 SHORT_PROMPT="Once upon a time"
 export RAYON_NUM_THREADS=$THREADS
 
@@ -29,22 +29,29 @@ mkdir -p "$OUT"
 source scripts/bench-lib.sh
 peer_venv
 
-requant=target/peers/smollm2-q4_k_m.gguf
-if [[ ! -s $requant ]]; then
-    echo "== requantizing SmolLM2 to Q4_K_M with llama.cpp's quantizer"
-    "$venv/bin/python" - models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf "$requant" <<'PY'
+# SmolLM2 requantized by llama.cpp's own quantizer. Its 576-wide rows are not whole 256-value
+# super-blocks, so llama.cpp falls back for most tensors: Q4_K_M gives Q5_0 166, Q4_K 16,
+# Q6_K 14, Q8_0 15; Q5_K_M gives Q5_1 166, Q5_K 16, Q6_K 14, Q8_0 15.
+requant() { # requant FTYPE-SUFFIX (q4_k_m, q5_k_m) -> path
+    local out=target/peers/smollm2-$1.gguf
+    if [[ ! -s $out ]]; then
+        echo "== requantizing SmolLM2 to ${1^^} with llama.cpp's quantizer" >&2
+        "$venv/bin/python" - models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf "$out" "${1^^}" <<'PY' >&2
 import sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
-p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
 p.allow_requantize = True
 if llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p) != 0:
     sys.exit("quantization failed")
 PY
-fi
+    fi
+    echo "$out"
+}
 gguf_of() {
     case $1 in
         gemma3-q4_k_m) echo models/gemma3-270m/gemma-3-270m-q4_k_m.gguf ;;
-        smollm2-q4_k_m) echo "$requant" ;;
+        smollm2-q4_k_m) requant q4_k_m ;;
+        smollm2-q5_k_m) requant q5_k_m ;;
         smollm2-q4_1) echo models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf ;;
         *) echo "unknown model $1" >&2; exit 2 ;;
     esac

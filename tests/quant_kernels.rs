@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swapd::quant::{dequantize, Acts, Format, Isa, PackedMatrix, QLinear};
 
-const FORMATS: [Format; 3] = [Format::Q4_1, Format::Q4_0, Format::Q8_0];
+const FORMATS: [Format; 4] = [Format::Q4_1, Format::Q5_1, Format::Q4_0, Format::Q8_0];
 
 /// Random GGUF bytes for an `n × k` matrix: random scales (and mins), random quants over
 /// their whole range.
@@ -27,10 +27,11 @@ fn random_weights(rng: &mut StdRng, format: Format, n: usize, k: usize) -> Vec<u
         let d = f16::from_f32(rng.random_range(0.0005f32..0.05));
         raw.extend_from_slice(&d.to_le_bytes());
         match format {
-            Format::Q4_1 => {
+            Format::Q4_1 | Format::Q5_1 => {
                 let m = f16::from_f32(rng.random_range(-0.4f32..0.1));
                 raw.extend_from_slice(&m.to_le_bytes());
-                raw.extend((0..16).map(|_| rng.random::<u8>()));
+                let qh = if format == Format::Q5_1 { 4 } else { 0 };
+                raw.extend((0..qh + 16).map(|_| rng.random::<u8>()));
             }
             Format::Q4_0 => raw.extend((0..16).map(|_| rng.random::<u8>())),
             Format::Q8_0 => raw.extend((0..32).map(|_| rng.random::<u8>())),
@@ -78,6 +79,16 @@ fn dequant_f64(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f64> {
                 out.extend(qs.iter().map(|&q| d * (q & 15) as f64 + m));
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f64 + m));
             }
+            Format::Q5_1 => {
+                // ggml's dequantize_row_q5_1: bit j of qh is value j's fifth bit.
+                let (m, qh, qs) = (f(blk, 2), &blk[4..8], &blk[8..24]);
+                let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+                for j in 0..32 {
+                    let nib = if j < 16 { qs[j] & 15 } else { qs[j - 16] >> 4 };
+                    let q = nib as u32 | (((qh >> j) & 1) << 4);
+                    out.push(d * q as f64 + m);
+                }
+            }
             Format::Q8_0 => out.extend(blk[2..34].iter().map(|&q| d * q as i8 as f64)),
             Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("see dequant_k_f64"),
         }
@@ -85,12 +96,12 @@ fn dequant_f64(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f64> {
     out
 }
 
-/// Per-block offsets `m` of a Q4_1 matrix (0 for the other formats).
+/// Per-block offsets `m` of a Q4_1 or Q5_1 matrix (0 for the other formats).
 fn mins_f64(format: Format, raw: &[u8]) -> Vec<f64> {
     let bb = format.block_bytes();
     raw.chunks_exact(bb)
         .map(|b| match format {
-            Format::Q4_1 => f16::from_le_bytes([b[2], b[3]]).to_f64(),
+            Format::Q4_1 | Format::Q5_1 => f16::from_le_bytes([b[2], b[3]]).to_f64(),
             _ => 0.0,
         })
         .collect()

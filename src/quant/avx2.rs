@@ -29,14 +29,18 @@ pub(crate) unsafe fn kernel(
     // each kernel relies on (`nb` packed blocks in `g`, tokens `t0..t0+nt` in `acts`).
     unsafe {
         match (format, nt) {
-            (Format::Q4_1, 1) => q4::<1, true>(g, nb, acts, t0, tile),
-            (Format::Q4_1, 2) => q4::<2, true>(g, nb, acts, t0, tile),
-            (Format::Q4_1, 3) => q4::<3, true>(g, nb, acts, t0, tile),
-            (Format::Q4_1, _) => q4::<4, true>(g, nb, acts, t0, tile),
-            (Format::Q4_0, 1) => q4::<1, false>(g, nb, acts, t0, tile),
-            (Format::Q4_0, 2) => q4::<2, false>(g, nb, acts, t0, tile),
-            (Format::Q4_0, 3) => q4::<3, false>(g, nb, acts, t0, tile),
-            (Format::Q4_0, _) => q4::<4, false>(g, nb, acts, t0, tile),
+            (Format::Q4_1, 1) => q4::<1, true, false>(g, nb, acts, t0, tile),
+            (Format::Q4_1, 2) => q4::<2, true, false>(g, nb, acts, t0, tile),
+            (Format::Q4_1, 3) => q4::<3, true, false>(g, nb, acts, t0, tile),
+            (Format::Q4_1, _) => q4::<4, true, false>(g, nb, acts, t0, tile),
+            (Format::Q5_1, 1) => q4::<1, true, true>(g, nb, acts, t0, tile),
+            (Format::Q5_1, 2) => q4::<2, true, true>(g, nb, acts, t0, tile),
+            (Format::Q5_1, 3) => q4::<3, true, true>(g, nb, acts, t0, tile),
+            (Format::Q5_1, _) => q4::<4, true, true>(g, nb, acts, t0, tile),
+            (Format::Q4_0, 1) => q4::<1, false, false>(g, nb, acts, t0, tile),
+            (Format::Q4_0, 2) => q4::<2, false, false>(g, nb, acts, t0, tile),
+            (Format::Q4_0, 3) => q4::<3, false, false>(g, nb, acts, t0, tile),
+            (Format::Q4_0, _) => q4::<4, false, false>(g, nb, acts, t0, tile),
             (Format::Q8_0, 1) => q8_0::<1>(g, nb, acts, t0, tile),
             (Format::Q8_0, 2) => q8_0::<2>(g, nb, acts, t0, tile),
             (Format::Q8_0, 3) => q8_0::<3>(g, nb, acts, t0, tile),
@@ -56,20 +60,25 @@ unsafe fn bcast4(p: *const u8, j: usize) -> __m256i {
     unsafe { _mm256_set1_epi32(p.add(4 * j).cast::<i32>().read_unaligned()) }
 }
 
-/// Q4_1 (`OFFSET`: `d·q + m`, activations Q8_1) or Q4_0 (`d·(q − 8)`, activations Q8_0).
+/// Q4_1 (`OFFSET`: `d·q + m`, activations Q8_1) or Q4_0 (`d·(q − 8)`, activations Q8_0);
+/// with `HB`, Q5_1: Q4_1 plus each value's fifth bit from the packed high-bit plane.
 ///
 /// # Safety
 /// AVX2/FMA/F16C; `g` holds `nb` packed 8-row blocks; `acts` has tokens `t0 .. t0 + T` of
 /// width `nb · 32`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4<const T: usize, const OFFSET: bool>(
+unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
     g: &[u8],
     nb: usize,
     acts: &Acts,
     t0: usize,
     tile: &mut Tile,
 ) {
-    let pb = if OFFSET { 20 * R } else { 18 * R };
+    let pb = match (OFFSET, HB) {
+        (_, true) => 24 * R,
+        (true, _) => 20 * R,
+        _ => 18 * R,
+    };
     let tok = TokenPtrs::<T>::new(acts, t0);
     let mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
@@ -89,7 +98,7 @@ unsafe fn q4<const T: usize, const OFFSET: bool>(
                 _mm256_loadu_si256(blk.add(96).cast()),
             ];
             // w[j] = sub-block j (values 4j..4j+4) of the 8 rows, as unsigned bytes 0..15.
-            let w = [
+            let mut w = [
                 _mm256_and_si256(c[0], mask),
                 _mm256_and_si256(c[1], mask),
                 _mm256_and_si256(c[2], mask),
@@ -99,6 +108,25 @@ unsafe fn q4<const T: usize, const OFFSET: bool>(
                 _mm256_and_si256(_mm256_srli_epi16::<4>(c[2]), mask),
                 _mm256_and_si256(_mm256_srli_epi16::<4>(c[3]), mask),
             ];
+            if HB {
+                // Chunk c's 8 high-bit bytes (one per row), spread to the row's 4 byte lanes
+                // and tested against each lane's bit: 16 where set.
+                let idx = _mm256_setr_epi8(
+                    0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6,
+                    6, 6, 7, 7, 7, 7,
+                );
+                let mlo = _mm256_set1_epi32(0x0804_0201);
+                let mhi = _mm256_set1_epi32(0x8040_2010_u32 as i32);
+                let sixteen = _mm256_set1_epi8(16);
+                for c in 0..4 {
+                    let x = _mm256_set1_epi64x(blk.add(160 + 8 * c).cast::<i64>().read_unaligned());
+                    let y = _mm256_shuffle_epi8(x, idx);
+                    let bit =
+                        |m| _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(y, m), m), sixteen);
+                    w[c] = _mm256_or_si256(w[c], bit(mlo));
+                    w[4 + c] = _mm256_or_si256(w[4 + c], bit(mhi));
+                }
+            }
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(128).cast()));
             let mw = if OFFSET {
                 _mm256_cvtph_ps(_mm_loadu_si128(blk.add(144).cast()))
@@ -125,8 +153,19 @@ unsafe fn q4<const T: usize, const OFFSET: bool>(
                     _mm256_maddubs_epi16(w[6], bcast4(a, 6)),
                     _mm256_maddubs_epi16(w[7], bcast4(a, 7)),
                 );
-                let s16 = _mm256_add_epi16(_mm256_add_epi16(p01, p23), _mm256_add_epi16(p45, p67));
-                let isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                let s32 = if HB {
+                    // 5-bit quants: four sub-blocks reach 4·2·31·127 = 31496, so each half
+                    // widens to i32 on its own.
+                    _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_add_epi16(p01, p23), ones),
+                        _mm256_madd_epi16(_mm256_add_epi16(p45, p67), ones),
+                    )
+                } else {
+                    let s16 =
+                        _mm256_add_epi16(_mm256_add_epi16(p01, p23), _mm256_add_epi16(p45, p67));
+                    _mm256_madd_epi16(s16, ones)
+                };
+                let isum = _mm256_cvtepi32_ps(s32);
                 let da = _mm256_set1_ps(*tok.d[t].add(b));
                 let sa = _mm256_set1_ps(*tok.s[t].add(b));
                 if OFFSET {

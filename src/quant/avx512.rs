@@ -29,14 +29,18 @@ pub(crate) unsafe fn kernel(
     // each kernel relies on.
     unsafe {
         match (format, nt) {
-            (Format::Q4_1, 1) => q4::<1, true>(g, nb, acts, t0, tile),
-            (Format::Q4_1, 2) => q4::<2, true>(g, nb, acts, t0, tile),
-            (Format::Q4_1, 3) => q4::<3, true>(g, nb, acts, t0, tile),
-            (Format::Q4_1, _) => q4::<4, true>(g, nb, acts, t0, tile),
-            (Format::Q4_0, 1) => q4::<1, false>(g, nb, acts, t0, tile),
-            (Format::Q4_0, 2) => q4::<2, false>(g, nb, acts, t0, tile),
-            (Format::Q4_0, 3) => q4::<3, false>(g, nb, acts, t0, tile),
-            (Format::Q4_0, _) => q4::<4, false>(g, nb, acts, t0, tile),
+            (Format::Q4_1, 1) => q4::<1, true, false>(g, nb, acts, t0, tile),
+            (Format::Q4_1, 2) => q4::<2, true, false>(g, nb, acts, t0, tile),
+            (Format::Q4_1, 3) => q4::<3, true, false>(g, nb, acts, t0, tile),
+            (Format::Q4_1, _) => q4::<4, true, false>(g, nb, acts, t0, tile),
+            (Format::Q5_1, 1) => q4::<1, true, true>(g, nb, acts, t0, tile),
+            (Format::Q5_1, 2) => q4::<2, true, true>(g, nb, acts, t0, tile),
+            (Format::Q5_1, 3) => q4::<3, true, true>(g, nb, acts, t0, tile),
+            (Format::Q5_1, _) => q4::<4, true, true>(g, nb, acts, t0, tile),
+            (Format::Q4_0, 1) => q4::<1, false, false>(g, nb, acts, t0, tile),
+            (Format::Q4_0, 2) => q4::<2, false, false>(g, nb, acts, t0, tile),
+            (Format::Q4_0, 3) => q4::<3, false, false>(g, nb, acts, t0, tile),
+            (Format::Q4_0, _) => q4::<4, false, false>(g, nb, acts, t0, tile),
             (Format::Q8_0, 1) => q8_0::<1>(g, nb, acts, t0, tile),
             (Format::Q8_0, 2) => q8_0::<2>(g, nb, acts, t0, tile),
             (Format::Q8_0, 3) => q8_0::<3>(g, nb, acts, t0, tile),
@@ -45,6 +49,18 @@ pub(crate) unsafe fn kernel(
         }
     }
 }
+
+/// Byte `p` of a 16-row vector belongs to row `p / 4`: the shuffle that spreads one byte per
+/// row (the same 16 in every 128-bit lane) to that row's four lanes.
+static HB_SPREAD: [u8; 64] = {
+    let mut a = [0u8; 64];
+    let mut p = 0;
+    while p < 64 {
+        a[p] = (p / 4) as u8;
+        p += 1;
+    }
+    a
+};
 
 /// Broadcast of activation bytes `4j .. 4j+4` at `p`.
 ///
@@ -57,20 +73,25 @@ unsafe fn bcast4(p: *const u8, j: usize) -> __m512i {
 }
 
 /// Q4_1 (`OFFSET`, activations Q8_1) or Q4_0 (activations Q8_0): weights are unsigned
-/// nibbles, activations signed bytes, exactly `vpdpbusd`'s operands.
+/// nibbles, activations signed bytes, exactly `vpdpbusd`'s operands. With `HB`, Q5_1: Q4_1
+/// plus each value's fifth bit from the packed high-bit plane.
 ///
 /// # Safety
 /// AVX-512 VNNI etc.; `g` holds `nb` packed 16-row blocks; `acts` has tokens
 /// `t0 .. t0 + T` of width `nb · 32`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4<const T: usize, const OFFSET: bool>(
+unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
     g: &[u8],
     nb: usize,
     acts: &Acts,
     t0: usize,
     tile: &mut Tile,
 ) {
-    let pb = if OFFSET { 20 * R } else { 18 * R };
+    let pb = match (OFFSET, HB) {
+        (_, true) => 24 * R,
+        (true, _) => 20 * R,
+        _ => 18 * R,
+    };
     let tok = TokenPtrs::<T>::new(acts, t0);
     let mask = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
@@ -89,7 +110,7 @@ unsafe fn q4<const T: usize, const OFFSET: bool>(
                 _mm512_loadu_si512(blk.add(128).cast()),
                 _mm512_loadu_si512(blk.add(192).cast()),
             ];
-            let w = [
+            let mut w = [
                 _mm512_and_si512(c[0], mask),
                 _mm512_and_si512(c[1], mask),
                 _mm512_and_si512(c[2], mask),
@@ -99,6 +120,22 @@ unsafe fn q4<const T: usize, const OFFSET: bool>(
                 _mm512_and_si512(_mm512_srli_epi16::<4>(c[2]), mask),
                 _mm512_and_si512(_mm512_srli_epi16::<4>(c[3]), mask),
             ];
+            if HB {
+                // Chunk c's 16 high-bit bytes (one per row) in every 128-bit lane, spread to
+                // each row's 4 byte lanes and tested against each lane's bit: 16 where set.
+                let idx = _mm512_loadu_si512(HB_SPREAD.as_ptr().cast());
+                let mlo = _mm512_set1_epi32(0x0804_0201);
+                let mhi = _mm512_set1_epi32(0x8040_2010_u32 as i32);
+                let sixteen = _mm512_set1_epi8(16);
+                for c in 0..4 {
+                    let x = _mm512_broadcast_i32x4(_mm_loadu_si128(blk.add(320 + 16 * c).cast()));
+                    let y = _mm512_shuffle_epi8(x, idx);
+                    let lo = _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(y, mlo), sixteen);
+                    let hi = _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(y, mhi), sixteen);
+                    w[c] = _mm512_or_si512(w[c], lo);
+                    w[4 + c] = _mm512_or_si512(w[4 + c], hi);
+                }
+            }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(256).cast()));
             let mw = if OFFSET {
                 _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(288).cast()))

@@ -1,5 +1,6 @@
 //! Quantized matrix multiplication for the GGUF block formats the served models use (Q4_1,
-//! Q4_0, Q8_0, Q5_0 and the K-quants Q4_K, Q5_K and Q6_K) on the CPU, with explicit SIMD kernels.
+//! Q5_1, Q4_0, Q8_0, Q5_0 and the K-quants Q4_K, Q5_K and Q6_K) on the CPU, with explicit
+//! SIMD kernels.
 //!
 //! Q5_0 (`d·(q − 16)`, 5-bit `q`) is widened at load into Q8_0 blocks with the same scale:
 //! `q − 16` fits a signed byte, so the values, and llama.cpp's `q5_0·q8_0` integer sums,
@@ -107,6 +108,8 @@ pub(crate) type Tile = [[f32; MAX_R]; TILE_T];
 pub enum Format {
     Q4_0,
     Q4_1,
+    /// `d·q + m` with 5-bit `q`: Q4_1's packed nibbles plus a plane of high bits.
+    Q5_1,
     Q8_0,
     /// 256-value super-blocks, 4.5 bits a value ([`kquant`]).
     Q4K,
@@ -123,6 +126,7 @@ impl Format {
         match dtype {
             G::Q4_0 => Some(Self::Q4_0),
             G::Q4_1 => Some(Self::Q4_1),
+            G::Q5_1 => Some(Self::Q5_1),
             G::Q8_0 => Some(Self::Q8_0),
             G::Q4K => Some(Self::Q4K),
             G::Q5K => Some(Self::Q5K),
@@ -159,6 +163,7 @@ impl Format {
         match self {
             Self::Q4_0 => G::Q4_0,
             Self::Q4_1 => G::Q4_1,
+            Self::Q5_1 => G::Q5_1,
             Self::Q8_0 => G::Q8_0,
             Self::Q4K => G::Q4K,
             Self::Q5K => G::Q5K,
@@ -171,6 +176,7 @@ impl Format {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
             Self::Q5K => 176,
@@ -190,7 +196,7 @@ impl Format {
     pub(crate) fn act_kind(self, isa: Isa) -> act::ActKind {
         match (self, isa) {
             (Self::Q4K | Self::Q5K | Self::Q6K, _) => act::ActKind::Q8K,
-            (Self::Q4_1, _) => act::ActKind::Q8_1,
+            (Self::Q4_1 | Self::Q5_1, _) => act::ActKind::Q8_1,
             // The VNNI kernel multiplies unsigned activations with signed weights.
             (Self::Q8_0, Isa::Avx512) => act::ActKind::Q8_0Unsigned,
             _ => act::ActKind::Q8_0,

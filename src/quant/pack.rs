@@ -3,6 +3,8 @@
 //! GGUF stores a weight matrix row by row, each row a run of 32-value blocks:
 //! - Q4_0: `d: f16, qs: [u8; 16]` — value `j` is `d · (q_j − 8)`,
 //! - Q4_1: `d: f16, m: f16, qs: [u8; 16]` — value `j` is `d · q_j + m`,
+//! - Q5_1: `d: f16, m: f16, qh: u32, qs: [u8; 16]` — as Q4_1 with `q_j` 5 bits, the fifth
+//!   being bit `j` of `qh`,
 //! - Q8_0: `d: f16, qs: [i8; 32]` — value `j` is `d · q_j`,
 //!
 //! where for the 4-bit formats byte `i` holds `q_i` in its low nibble and `q_{i+16}` in its
@@ -10,6 +12,9 @@
 //! - Q4_x: `qs: [u8; 16·R]` as 4 chunks of `4·R` bytes; chunk `c` holds bytes `4c..4c+4` of
 //!   each row in turn, so its low nibbles are values `4c..4c+4` and its high nibbles values
 //!   `16+4c..16+4c+4` of the `R` rows; then `d: [f16; R]` and, for Q4_1, `m: [f16; R]`.
+//! - Q5_1: Q4_1's `16·R + 4·R` bytes, then `hb: [u8; 4·R]`: byte `c·R + r` holds the fifth
+//!   bits of row `r`'s values `4c..4c+4` (bits 0–3) and `16+4c..16+4c+4` (bits 4–7), the
+//!   values of chunk `c`'s low and high nibbles.
 //! - Q8_0: `qs: [i8; 32·R]` as 8 chunks of `4·R` bytes, chunk `j` holding values
 //!   `4j..4j+4` of each row in turn; then `d: [f16; R]` and `sum: [i16; R]` (Σ q of the
 //!   row's block).
@@ -79,17 +84,29 @@ impl PackedMatrix {
                     }
                     let src = &raw[(row * nb + b) * bb..(row * nb + b + 1) * bb];
                     match format {
-                        Format::Q4_0 | Format::Q4_1 => {
-                            let qs_off = if format == Format::Q4_1 { 4 } else { 2 };
+                        Format::Q4_0 | Format::Q4_1 | Format::Q5_1 => {
+                            let qs_off = match format {
+                                Format::Q4_0 => 2,
+                                Format::Q4_1 => 4,
+                                _ => 8,
+                            };
                             let qs = &src[qs_off..qs_off + 16];
                             for c in 0..4 {
                                 let at = c * 4 * r + ri * 4;
                                 dst[at..at + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
                             }
                             dst[16 * r + 2 * ri..16 * r + 2 * ri + 2].copy_from_slice(&src[0..2]);
-                            if format == Format::Q4_1 {
+                            if format != Format::Q4_0 {
                                 let at = 18 * r + 2 * ri;
                                 dst[at..at + 2].copy_from_slice(&src[2..4]);
+                            }
+                            if format == Format::Q5_1 {
+                                let qh = u32::from_le_bytes([src[4], src[5], src[6], src[7]]);
+                                for c in 0..4 {
+                                    let lo = (qh >> (4 * c)) & 0xF;
+                                    let hi = (qh >> (16 + 4 * c)) & 0xF;
+                                    dst[20 * r + c * r + ri] = (lo | (hi << 4)) as u8;
+                                }
                             }
                         }
                         Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("kept as rows"),
@@ -199,18 +216,24 @@ impl PackedMatrix {
         for (src, dst) in group.chunks_exact(pb).zip(out.chunks_exact_mut(BLOCK)) {
             match self.format {
                 Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("handled above"),
-                Format::Q4_0 | Format::Q4_1 => {
+                Format::Q4_0 | Format::Q4_1 | Format::Q5_1 => {
                     let d = rd_f16(src, 16 * r + 2 * ri).to_f32();
-                    let m = if self.format == Format::Q4_1 {
-                        rd_f16(src, 18 * r + 2 * ri).to_f32()
-                    } else {
+                    let m = if self.format == Format::Q4_0 {
                         -8.0 * d
+                    } else {
+                        rd_f16(src, 18 * r + 2 * ri).to_f32()
                     };
                     for c in 0..4 {
                         let at = c * 4 * r + ri * 4;
+                        let hb = match self.format {
+                            Format::Q5_1 => src[20 * r + c * r + ri],
+                            _ => 0,
+                        };
                         for (i, &q) in src[at..at + 4].iter().enumerate() {
-                            dst[4 * c + i] = d * (q & 15) as f32 + m;
-                            dst[16 + 4 * c + i] = d * (q >> 4) as f32 + m;
+                            let lo = (q & 15) | (((hb >> i) & 1) << 4);
+                            let hi = (q >> 4) | (((hb >> (4 + i)) & 1) << 4);
+                            dst[4 * c + i] = d * lo as f32 + m;
+                            dst[16 + 4 * c + i] = d * hi as f32 + m;
                         }
                     }
                 }
@@ -346,6 +369,19 @@ pub fn dequantize(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f32> {
                 };
                 out.extend(qs.iter().map(|&q| d * (q & 15) as f32 + m));
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
+            }
+            Format::Q5_1 => {
+                let m = rd_f16(src, 2).to_f32();
+                let qh = u32::from_le_bytes([src[4], src[5], src[6], src[7]]);
+                let q5 = |j: usize| {
+                    let nib = if j < 16 {
+                        src[8 + j] & 15
+                    } else {
+                        src[8 + j - 16] >> 4
+                    };
+                    nib | ((((qh >> j) & 1) as u8) << 4)
+                };
+                out.extend((0..32).map(|j| d * q5(j) as f32 + m));
             }
             Format::Q8_0 => out.extend(src[2..34].iter().map(|&q| d * q as i8 as f32)),
             Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("handled above"),

@@ -35,17 +35,23 @@ pub(crate) fn kernel(
             let sa = acts.s_row(t0 + t)[b];
             for (r, acc) in out.iter_mut().enumerate().take(R) {
                 match format {
-                    Format::Q4_0 | Format::Q4_1 => {
+                    Format::Q4_0 | Format::Q4_1 | Format::Q5_1 => {
                         let mut isum = 0i32;
                         for c in 0..4 {
+                            let hb = match format {
+                                Format::Q5_1 => blk[20 * R + c * R + r] as i32,
+                                _ => 0,
+                            };
                             for i in 0..4 {
                                 let byte = blk[c * 4 * R + r * 4 + i];
-                                isum += (byte & 15) as i32 * a[4 * c + i] as i8 as i32;
-                                isum += (byte >> 4) as i32 * a[16 + 4 * c + i] as i8 as i32;
+                                let lo = (byte & 15) as i32 | (((hb >> i) & 1) << 4);
+                                let hi = (byte >> 4) as i32 | (((hb >> (4 + i)) & 1) << 4);
+                                isum += lo * a[4 * c + i] as i8 as i32;
+                                isum += hi * a[16 + 4 * c + i] as i8 as i32;
                             }
                         }
                         let dw = rd_f16(blk, 16 * R + 2 * r);
-                        if format == Format::Q4_1 {
+                        if format != Format::Q4_0 {
                             let mw = rd_f16(blk, 18 * R + 2 * r);
                             *acc += isum as f32 * (dw * da) + mw * sa;
                         } else {
