@@ -19,7 +19,7 @@ fn weights(n: usize, k: usize, dtype: GgmlDType) -> QTensor {
 
 fn bench(c: &mut Criterion) {
     // (name, n, k, dtype, token counts)
-    let shapes: [(&str, usize, usize, GgmlDType, &[usize]); 8] = [
+    let shapes: [(&str, usize, usize, GgmlDType, &[usize]); 10] = [
         ("attn_q/o 576x576", 576, 576, GgmlDType::Q4_1, &[1, 64, 273]),
         ("attn_k/v 192x576", 192, 576, GgmlDType::Q4_1, &[1, 64, 273]),
         (
@@ -52,9 +52,16 @@ fn bench(c: &mut Criterion) {
             &[1, 64],
         ),
         (
-            "ffn_gate/up 1536x576 q5_k (smollm2 q5_k_m)",
+            "ffn_gate/up 1536x576 q5_1 (smollm2 q5_k_m)",
             1536,
             576,
+            GgmlDType::Q5_1,
+            &[1, 64],
+        ),
+        (
+            "ffn_down 576x1536 q5_k (smollm2 q5_k_m)",
+            576,
+            1536,
             GgmlDType::Q5K,
             &[1, 64],
         ),
