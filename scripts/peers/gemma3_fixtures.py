@@ -6,13 +6,14 @@ never a build or test dependency.
 
 Usage: target/peers/venv/bin/python scripts/peers/gemma3_fixtures.py GGUF OUT.json
 """
-import ctypes
 import json
 import sys
 
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama
+
+from chat_render import render
 
 gguf, out = sys.argv[1], sys.argv[2]
 llm = Llama(model_path=gguf, n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
@@ -36,20 +37,6 @@ CHAT = [
                     {"role": "user", "content": "Write a haiku about the sea."}]),
     ("chat_capital", [{"role": "user", "content": "What is the capital of France?"}]),
 ]
-
-
-def render_gemma(messages):
-    arr = (llama_cpp.llama_chat_message * len(messages))()
-    keep = []
-    for i, m in enumerate(messages):
-        r, c = m["role"].encode(), m["content"].encode()
-        keep += [r, c]
-        arr[i].role = r
-        arr[i].content = c
-    buf = ctypes.create_string_buffer(1 << 16)
-    n = llama_cpp.llama_chat_apply_template(b"gemma", arr, len(messages), True, buf, len(buf))
-    assert 0 < n < len(buf), n
-    return buf.raw[:n].decode()
 
 
 def greedy(ids, steps=24):
@@ -78,7 +65,7 @@ for cid, text in GREEDY:
     cases.append({"id": cid, "prompt": text, "prompt_ids": ids, "greedy_ids": g,
                   "margins": m, "greedy_text": llm.detokenize(g).decode("utf-8", "replace")})
 for cid, messages in CHAT:
-    text = render_gemma(messages)
+    text = render(b"gemma", messages)
     ids = llm.tokenize(text.encode(), add_bos=True, special=True)
     g, m = greedy(ids)
     cases.append({"id": cid, "messages": messages, "prompt": text, "prompt_ids": ids,

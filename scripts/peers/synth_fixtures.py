@@ -8,7 +8,6 @@ a build or test dependency.
 
 Usage: target/peers/venv/bin/python scripts/peers/synth_fixtures.py OUT.json ARCH=GGUF...
 """
-import ctypes
 import hashlib
 import json
 import sys
@@ -17,6 +16,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
+from chat_render import render
+
 PROMPTS = [[5, 40, 77, 120, 9, 200, 31, 64], [250, 3, 3, 18, 101, 140, 260, 7, 33, 90, 12, 4]]
 # Text for the pre-tokenizer (qwen2's regex: single digits, contractions, runs of spaces).
 TEXTS = ["the 12345 in there's  a\n\nthing!!  ", "Héllo wörld 2024 — I'LL win; tabs\t\there", "  leading and trailing  "]
@@ -24,20 +25,6 @@ CHATS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello to the world"}],
     [{"role": "user", "content": " the answer  is 42 "}],
 ]
-
-
-def render(template, messages):
-    arr = (llama_cpp.llama_chat_message * len(messages))()
-    keep = []
-    for i, m in enumerate(messages):
-        r, c = m["role"].encode(), m["content"].encode()
-        keep += [r, c]
-        arr[i].role = r
-        arr[i].content = c
-    buf = ctypes.create_string_buffer(1 << 16)
-    n = llama_cpp.llama_chat_apply_template(template.encode(), arr, len(messages), True, buf, len(buf))
-    assert 0 < n < len(buf), n
-    return buf.raw[:n].decode()
 
 
 out, specs = sys.argv[1], sys.argv[2:]
@@ -67,7 +54,7 @@ for spec in specs:
     template = llm.metadata.get("tokenizer.chat_template", "")
     if arch in ("llama3", "phi3"):
         for messages in CHATS:
-            text = render(template, messages)
+            text = render(template.encode(), messages)
             chats.append({"arch": arch, "messages": messages, "text": text,
                           "ids": llm.tokenize(text.encode(), add_bos=True, special=True)})
 json.dump({"generator": f"llama-cpp-python {llama_cpp.__version__}, n_threads=2, greedy",
