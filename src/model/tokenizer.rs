@@ -52,9 +52,10 @@ pub const SUPPORTED_PRE: [&str; 7] = [
     "llama-bpe",
 ];
 
-/// Whether llama.cpp's tokenizer for `pre` takes a word that is itself a token as that token,
-/// without merging (`ignore_merges`, set for llama 3's vocabulary).
-fn ignores_merges(pre: &str) -> bool {
+/// Whether `pre` names llama 3's pre-tokenizer, for which llama.cpp takes a word that is itself
+/// a token as that token without merging (`ignore_merges`) and adds a BOS unless the file
+/// says otherwise.
+fn is_llama3(pre: &str) -> bool {
     matches!(pre, "llama3" | "llama-v3" | "llama-bpe")
 }
 
@@ -224,7 +225,7 @@ impl GgufTokenizer {
                 ));
             }
             let mut inner = Tokenizer::from_gguf(ct).map_err(|e| e.to_string())?;
-            if ignores_merges(&pre) {
+            if is_llama3(&pre) {
                 if let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() {
                     let mut bpe = bpe.clone();
                     bpe.ignore_merges = true;
@@ -283,12 +284,13 @@ impl GgufTokenizer {
         };
         let bos = meta_u32(ct, "tokenizer.ggml.bos_token_id");
         let eos = meta_u32(ct, "tokenizer.ggml.eos_token_id");
-        // llama.cpp's default when the key is absent: SentencePiece vocabularies add BOS.
+        // llama.cpp's default when the key is absent: SentencePiece vocabularies and llama 3's
+        // add BOS.
         let add_bos = ct
             .metadata
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(kind == "llama");
+            .unwrap_or(kind == "llama" || is_llama3(&pre));
         let add_bos = match (add_bos, bos) {
             (true, Some(b)) if (b as usize) < texts.len() => Some(b),
             (true, _) => return Err("tokenizer.ggml.add_bos_token is set but tokenizer.ggml.bos_token_id is missing or outside the vocabulary".into()),

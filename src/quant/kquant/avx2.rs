@@ -4,7 +4,7 @@
 #![cfg(target_arch = "x86_64")]
 use half::f16;
 
-use super::blocks::{finish, q4k_scales, Toks};
+use super::blocks::{finish, q4k_scales, q5k_high_bits, Toks};
 use super::QK_K;
 use crate::quant::TILE_T;
 
@@ -32,7 +32,6 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
 ) {
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(0xF);
-    let one = _mm256_set1_epi8(1);
     let (bb, qs_at) = if Q5 { (176, 48) } else { (144, 16) };
     for sb in 0..nsb {
         let blk = row.as_ptr().wrapping_add(sb * bb);
@@ -51,12 +50,9 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
             let mut lo = _mm256_and_si256(q, mask);
             let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
             if Q5 {
-                // Bits 2j and 2j + 1 of each qh byte, as 16 (a 0/1 per byte shifted by 4
-                // stays inside its byte).
-                let b = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32));
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(b, one)));
-                let b = _mm256_srli_epi16::<1>(b);
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(b, one)));
+                let (l5, h5) = q5k_high_bits(qh, j);
+                lo = _mm256_or_si256(lo, l5);
+                hi = _mm256_or_si256(hi, h5);
             }
             let s_lo = _mm256_set1_epi16(sc[2 * j] as i16);
             let s_hi = _mm256_set1_epi16(sc[2 * j + 1] as i16);

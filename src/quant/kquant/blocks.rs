@@ -62,3 +62,21 @@ impl<const T: usize> Toks<T> {
         }
     }
 }
+
+/// Q5_K's fifth bits of 64-value chunk `j`, as 16 or 0 per byte, for the values of the low
+/// nibbles (bit `2j` of each `qh` byte) and of the high nibbles (bit `2j + 1`); a 0/1 per byte
+/// shifted by 4 stays inside its byte.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn q5k_high_bits(
+    qh: std::arch::x86_64::__m256i,
+    j: usize,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    let one = _mm256_set1_epi8(1);
+    let b = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32));
+    let lo = _mm256_slli_epi16::<4>(_mm256_and_si256(b, one));
+    let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(b), one));
+    (lo, hi)
+}
