@@ -19,6 +19,18 @@ fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// Eight i32 from the 8 f32 at `p` (16-value sums: exact integers).
+///
+/// # Safety
+/// 8 f32 are readable at `p`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn sums8(p: *const f32) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees the 8 f32.
+    unsafe { _mm256_cvtps_epi32(_mm256_loadu_ps(p)) }
+}
+
 /// # Safety
 /// `row` holds `nsb` Q4_K (or, with `Q5`, Q5_K) super-blocks and every token of `toks`
 /// `nsb · 256` values (with `nsb · 16` sums and `nsb` scales); the CPU has AVX2.
@@ -43,6 +55,18 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
         } else {
             _mm256_setzero_si256()
         };
+        // Min j weighs 16-sums 2j and 2j + 1; `hadd` below pairs them in the order
+        // 0, 1, 4, 5, 2, 3, 6, 7.
+        let mins = _mm256_setr_epi32(
+            mn[0] as i32,
+            mn[1] as i32,
+            mn[4] as i32,
+            mn[5] as i32,
+            mn[2] as i32,
+            mn[3] as i32,
+            mn[6] as i32,
+            mn[7] as i32,
+        );
         let mut acc = [_mm256_setzero_si256(); T];
         for j in 0..4 {
             // SAFETY: bytes qs_at + 32j .. +32 (j < 4) of the super-block.
@@ -80,16 +104,17 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
         for t in 0..T {
             // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
             let (bs, da) = unsafe { toks.block(t, sb) };
-            let msum: i32 = (0..8)
-                .map(|j| mn[j] as i32 * (bs[2 * j] + bs[2 * j + 1]) as i32)
-                .sum();
+            // Integer arithmetic on exact sums: the scalar kernel's msum, in any order.
+            // SAFETY: `bs` holds 16 f32.
+            let pairs = unsafe { _mm256_hadd_epi32(sums8(bs.as_ptr()), sums8(bs.as_ptr().add(8))) };
+            let msum = hsum_i32(_mm256_mullo_epi32(pairs, mins));
             out[t] = finish(out[t], dw, dmin, da, hsum_i32(acc[t]), msum);
         }
     }
 }
 
 /// # Safety
-/// As [`q4k_avx2`], for Q6_K super-blocks.
+/// As [`q45k_avx2`], for Q6_K super-blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // `t` indexes accumulators kept in registers
 pub(super) unsafe fn q6k_avx2<const T: usize>(
@@ -104,6 +129,14 @@ pub(super) unsafe fn q6k_avx2<const T: usize>(
         let blk = row.as_ptr().wrapping_add(sb * 210);
         // SAFETY: the 16 scales sit at 192 .. 208 of the super-block.
         let scales = unsafe { std::slice::from_raw_parts(blk.add(192).cast::<i8>(), 16) };
+        // The 16 scales as i32, for the offset term 32 · Σ sc·s.
+        // SAFETY: the same 16 bytes, 8 at a time.
+        let (sc_lo, sc_hi) = unsafe {
+            (
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(192).cast())),
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(200).cast())),
+            )
+        };
         let mut acc = [_mm256_setzero_si256(); T];
         for n in 0..2 {
             // SAFETY: ql (128 bytes) at 0 and qh (64) at 128; for n < 2 these three loads
@@ -152,7 +185,13 @@ pub(super) unsafe fn q6k_avx2<const T: usize>(
         for t in 0..T {
             // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
             let (bs, da) = unsafe { toks.block(t, sb) };
-            let msum: i32 = (0..16).map(|j| 32 * scales[j] as i32 * bs[j] as i32).sum();
+            // SAFETY: `bs` holds 16 f32.
+            let (s_lo, s_hi) = unsafe { (sums8(bs.as_ptr()), sums8(bs.as_ptr().add(8))) };
+            let m = _mm256_add_epi32(
+                _mm256_mullo_epi32(s_lo, sc_lo),
+                _mm256_mullo_epi32(s_hi, sc_hi),
+            );
+            let msum = 32 * hsum_i32(m);
             out[t] = finish(out[t], dw, dw, da, hsum_i32(acc[t]), msum);
         }
     }

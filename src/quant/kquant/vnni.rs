@@ -111,7 +111,7 @@ pub(super) unsafe fn q45k<const T: usize, const Q5: bool>(
 }
 
 /// # Safety
-/// As [`q4k`], for Q6_K super-blocks.
+/// As [`q45k`], for Q6_K super-blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // `t` indexes accumulators kept in registers
 pub(super) unsafe fn q6k<const T: usize>(
