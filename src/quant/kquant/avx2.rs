@@ -57,15 +57,9 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
         };
         // Min j weighs 16-sums 2j and 2j + 1; `hadd` below pairs them in the order
         // 0, 1, 4, 5, 2, 3, 6, 7.
-        let mins = _mm256_setr_epi32(
-            mn[0] as i32,
-            mn[1] as i32,
-            mn[4] as i32,
-            mn[5] as i32,
-            mn[2] as i32,
-            mn[3] as i32,
-            mn[6] as i32,
-            mn[7] as i32,
+        let mins = _mm256_permutevar8x32_epi32(
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(mn.as_ptr().cast())),
+            _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7),
         );
         let mut acc = [_mm256_setzero_si256(); T];
         for j in 0..4 {

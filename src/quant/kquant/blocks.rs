@@ -3,20 +3,54 @@
 #[cfg(target_arch = "x86_64")]
 use super::super::act::Acts;
 
-/// Q4_K's eight (scale, min) pairs, as llama.cpp's `get_scale_min_k4`.
+/// Q4_K's eight (scale, min) pairs, as llama.cpp's `get_scale_min_k4` gives them one by one:
+/// computed four at a time in 32-bit words, as its `vec_dot_q4_K` does (`utmp`).
+#[inline(always)]
 pub(crate) fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let mut sc = [0u8; 8];
-    let mut mn = [0u8; 8];
-    for j in 0..8 {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (u0, u1, u2) = (w(0), w(1), w(2));
+    let sc_lo = u0 & KMASK1;
+    let sc_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let mn_lo = u1 & KMASK1;
+    let mn_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let join = |a: u32, b: u32| (a as u64 | ((b as u64) << 32)).to_le_bytes();
+    (join(sc_lo, sc_hi), join(mn_lo, mn_hi))
+}
+
+#[cfg(test)]
+mod tests {
+    /// `get_scale_min_k4`, one pair at a time, as ggml writes it.
+    fn reference(j: usize, q: &[u8]) -> (u8, u8) {
         if j < 4 {
-            sc[j] = s[j] & 63;
-            mn[j] = s[j + 4] & 63;
+            (q[j] & 63, q[j + 4] & 63)
         } else {
-            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-            mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+            (
+                (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+                (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+            )
         }
     }
-    (sc, mn)
+
+    #[test]
+    fn word_wise_scales_equal_get_scale_min_k4() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let mut s = [0u8; 12];
+            for b in &mut s {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            let (sc, mn) = super::q4k_scales(&s);
+            for j in 0..8 {
+                assert_eq!((sc[j], mn[j]), reference(j, &s), "{s:?} pair {j}");
+            }
+        }
+    }
 }
 
 /// The float work of one super-block, shared by every kernel: `acc + (dw·da)·isum −

@@ -1,8 +1,10 @@
-//! AVX-512 VNNI kernels of the K-quants: `vpdpbusd` multiplies 64 unsigned weight quants
-//! with 64 signed activation bytes a time (four per i32 lane); each lane's sum is scaled by
-//! its sub-block's scale and accumulated. The integer sums are exactly those of the scalar
-//! and AVX2 kernels in [`super`], and the float steps per super-block are the same,
-//! so all three agree bit for bit.
+//! AVX-512 kernels of the K-quants: `vpmaddubsw` multiplies 64 unsigned weight quants with
+//! 64 signed activation bytes a time into i16 pairs, and `vpmaddwd` scales pairs of pairs by
+//! their sub-block's scale into i32 lanes (two one-uop steps, where `vpdpbusd` and a 32-bit
+//! multiply by the scale took three and a long latency). The integer sums are exactly those
+//! of the scalar and AVX2 kernels in [`super`], and the float steps per super-block are the
+//! same, so all three agree bit for bit. (The machines with these kernels have VNNI, which
+//! the 32-value formats' kernels use.)
 #![cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -52,24 +54,10 @@ pub(super) unsafe fn q45k<const T: usize, const Q5: bool>(
             _mm256_setzero_si256()
         };
         // Min j weighs the sums of 16-value groups 2j and 2j + 1.
-        let mins = _mm512_cvtepu8_epi32(_mm_setr_epi8(
-            mn[0] as i8,
-            mn[0] as i8,
-            mn[1] as i8,
-            mn[1] as i8,
-            mn[2] as i8,
-            mn[2] as i8,
-            mn[3] as i8,
-            mn[3] as i8,
-            mn[4] as i8,
-            mn[4] as i8,
-            mn[5] as i8,
-            mn[5] as i8,
-            mn[6] as i8,
-            mn[6] as i8,
-            mn[7] as i8,
-            mn[7] as i8,
-        ));
+        let mins = _mm512_permutexvar_epi32(
+            _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+            _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_loadl_epi64(mn.as_ptr().cast()))),
+        );
         let mut acc = [_mm512_setzero_si512(); T];
         for j in 0..4 {
             // SAFETY: bytes qs_at + 32j .. +32 (j < 4) of the super-block.
@@ -83,15 +71,18 @@ pub(super) unsafe fn q45k<const T: usize, const Q5: bool>(
             }
             // Values 64j .. 64j + 64: sub-block 2j in the low half, 2j + 1 in the high.
             let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            // The scale of each i16 pair lane (sub-block 2j, then 2j + 1).
             let s = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_set1_epi32(sc[2 * j] as i32)),
-                _mm256_set1_epi32(sc[2 * j + 1] as i32),
+                _mm512_castsi256_si512(_mm256_set1_epi16(sc[2 * j] as i16)),
+                _mm256_set1_epi16(sc[2 * j + 1] as i16),
             );
             for t in 0..T {
                 // SAFETY: values sb·256 + 64j .. +64 of token t's row.
                 let a = unsafe { _mm512_loadu_si512(toks.qs[t].add(sb * QK_K + 64 * j).cast()) };
-                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
-                acc[t] = _mm512_add_epi32(acc[t], _mm512_mullo_epi32(p, s));
+                // Pairs first (|q·a + q·a| ≤ 2·31·127), then scaled pairs of pairs: two
+                // one-uop steps where `vpdpbusd` and a 32-bit multiply took three.
+                let p = _mm512_madd_epi16(_mm512_maddubs_epi16(w, a), s);
+                acc[t] = _mm512_add_epi32(acc[t], p);
             }
         }
         // SAFETY: the two f16 scales open the super-block.
@@ -164,14 +155,19 @@ pub(super) unsafe fn q6k<const T: usize>(
                     all,
                 ),
             ];
+            // The same scales in both i16 halves of each lane, for `madd` of i16 pairs.
+            let lo16 = _mm512_set1_epi32(0xFFFF);
+            let s =
+                s.map(|v| _mm512_or_si512(_mm512_and_si512(v, lo16), _mm512_slli_epi32::<16>(v)));
             for t in 0..T {
                 for half in 0..2 {
                     // SAFETY: values sb·256 + 128n + 64·half .. +64 of token t's row.
                     let a = unsafe {
                         _mm512_loadu_si512(toks.qs[t].add(sb * QK_K + 128 * n + 64 * half).cast())
                     };
-                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[half], a);
-                    acc[t] = _mm512_add_epi32(acc[t], _mm512_mullo_epi32(p, s[half]));
+                    // |q·a + q·a| ≤ 2·63·127 fits an i16 pair.
+                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(w[half], a), s[half]);
+                    acc[t] = _mm512_add_epi32(acc[t], p);
                 }
             }
         }
