@@ -20,39 +20,6 @@ pub(crate) fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (join(sc_lo, sc_hi), join(mn_lo, mn_hi))
 }
 
-#[cfg(test)]
-mod tests {
-    /// `get_scale_min_k4`, one pair at a time, as ggml writes it.
-    fn reference(j: usize, q: &[u8]) -> (u8, u8) {
-        if j < 4 {
-            (q[j] & 63, q[j + 4] & 63)
-        } else {
-            (
-                (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-                (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-            )
-        }
-    }
-
-    #[test]
-    fn word_wise_scales_equal_get_scale_min_k4() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..20_000 {
-            let mut s = [0u8; 12];
-            for b in &mut s {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
-            }
-            let (sc, mn) = super::q4k_scales(&s);
-            for j in 0..8 {
-                assert_eq!((sc[j], mn[j]), reference(j, &s), "{s:?} pair {j}");
-            }
-        }
-    }
-}
-
 /// The float work of one super-block, shared by every kernel: `acc + (dw·da)·isum −
 /// (dmin·da)·msum`, in that order.
 #[inline(always)]
@@ -113,4 +80,37 @@ pub(crate) fn q5k_high_bits(
     let lo = _mm256_slli_epi16::<4>(_mm256_and_si256(b, one));
     let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(b), one));
     (lo, hi)
+}
+
+#[cfg(test)]
+mod tests {
+    /// `get_scale_min_k4`, one pair at a time, as ggml writes it.
+    fn reference(j: usize, q: &[u8]) -> (u8, u8) {
+        if j < 4 {
+            (q[j] & 63, q[j + 4] & 63)
+        } else {
+            (
+                (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+                (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+            )
+        }
+    }
+
+    #[test]
+    fn word_wise_scales_equal_get_scale_min_k4() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let mut s = [0u8; 12];
+            for b in &mut s {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            let (sc, mn) = super::q4k_scales(&s);
+            for j in 0..8 {
+                assert_eq!((sc[j], mn[j]), reference(j, &s), "{s:?} pair {j}");
+            }
+        }
+    }
 }
