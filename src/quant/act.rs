@@ -272,6 +272,22 @@ impl<const T: usize> TokenPtrs<T> {
             s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
         }
     }
+
+    /// Token `t`'s sixteen 16-value sums and its scale for super-block `sb` (Q8_K).
+    ///
+    /// # Safety
+    /// `t < T`, and super-block `sb` exists in the activations this was made from.
+    #[inline(always)]
+    pub(super) unsafe fn block(&self, t: usize, sb: usize) -> (&[f32], f32) {
+        // SAFETY: the caller guarantees super-block `sb` of token `t` exists: 16 sums at
+        // `sb · 16` and one scale at `sb`.
+        unsafe {
+            (
+                std::slice::from_raw_parts(self.s[t].add(sb * 16), 16),
+                *self.d[t].add(sb),
+            )
+        }
+    }
 }
 
 /// Q8_K quantization of one 256-value block, as llama.cpp's `quantize_row_q8_K_ref`: the

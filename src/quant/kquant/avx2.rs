@@ -4,8 +4,9 @@
 #![cfg(target_arch = "x86_64")]
 use half::f16;
 
-use super::blocks::{finish, q4k_scales, q5k_high_bits, Toks};
+use super::blocks::{finish, q4k_scales, q5k_high_bits};
 use super::QK_K;
+use crate::quant::act::TokenPtrs;
 use crate::quant::TILE_T;
 
 /// Horizontal sum of eight i32 lanes.
@@ -39,7 +40,7 @@ unsafe fn sums8(p: *const f32) -> std::arch::x86_64::__m256i {
 pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
     row: &[u8],
     nsb: usize,
-    toks: &Toks<T>,
+    toks: &TokenPtrs<T>,
     out: &mut [f32; TILE_T],
 ) {
     use std::arch::x86_64::*;
@@ -114,7 +115,7 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
 pub(super) unsafe fn q6k_avx2<const T: usize>(
     row: &[u8],
     nsb: usize,
-    toks: &Toks<T>,
+    toks: &TokenPtrs<T>,
     out: &mut [f32; TILE_T],
 ) {
     use std::arch::x86_64::*;

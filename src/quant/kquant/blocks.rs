@@ -1,7 +1,5 @@
-//! What every K-quant kernel shares: Q4_K's scale decoding, the float steps of a
-//! super-block, and the token pointers the SIMD kernels read through.
-#[cfg(target_arch = "x86_64")]
-use super::super::act::Acts;
+//! What every K-quant kernel shares: Q4_K's scale decoding, Q5_K's high bits, and the float
+//! steps of a super-block.
 
 /// Q4_K's eight (scale, min) pairs, as llama.cpp's `get_scale_min_k4` gives them one by one:
 /// computed four at a time in 32-bit words, as its `vec_dot_q4_K` does (`utmp`).
@@ -26,42 +24,6 @@ pub(crate) fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
 pub(crate) fn finish(acc: f32, dw: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
     let acc = acc + (dw * da) * isum as f32;
     acc - (dmin * da) * msum as f32
-}
-
-/// Raw pointers to the quantized values, scales and 16-sums of `T` tokens' rows, taken once
-/// per kernel call (the bounds were checked by [`kernel`]).
-#[cfg(target_arch = "x86_64")]
-pub(crate) struct Toks<const T: usize> {
-    pub(crate) qs: [*const i8; T],
-    pub(crate) d: [*const f32; T],
-    pub(crate) s: [*const f32; T],
-}
-
-#[cfg(target_arch = "x86_64")]
-impl<const T: usize> Toks<T> {
-    pub(crate) fn new(acts: &Acts, t0: usize) -> Self {
-        Self {
-            qs: std::array::from_fn(|t| acts.qs_row(t0 + t).as_ptr().cast()),
-            d: std::array::from_fn(|t| acts.d_row(t0 + t).as_ptr()),
-            s: std::array::from_fn(|t| acts.s_row(t0 + t).as_ptr()),
-        }
-    }
-
-    /// Token `t`'s sixteen 16-value sums and its scale for super-block `sb`.
-    ///
-    /// # Safety
-    /// `t < T`, and super-block `sb` exists in the activations this was made from.
-    #[inline(always)]
-    pub(crate) unsafe fn block(&self, t: usize, sb: usize) -> (&[f32], f32) {
-        // SAFETY: the caller guarantees super-block `sb` of token `t` exists: 16 sums at
-        // `sb · 16` and one scale at `sb`.
-        unsafe {
-            (
-                std::slice::from_raw_parts(self.s[t].add(sb * 16), 16),
-                *self.d[t].add(sb),
-            )
-        }
-    }
 }
 
 /// Q5_K's fifth bits of 64-value chunk `j`, as 16 or 0 per byte, for the values of the low

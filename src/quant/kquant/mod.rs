@@ -28,9 +28,9 @@ mod blocks;
 mod vnni;
 
 use super::act::Acts;
-use super::{Format, Isa, Tile, TILE_T};
 #[cfg(target_arch = "x86_64")]
-use blocks::Toks;
+use super::act::TokenPtrs;
+use super::{Format, Isa, Tile, TILE_T};
 use blocks::{finish, q4k_scales};
 
 pub use super::act::QK_K;
@@ -210,18 +210,18 @@ unsafe fn simd_row(
     macro_rules! go {
         ($($f:ident)::+) => {
             match nt {
-                1 => $($f)::+::<1>(row, nsb, &Toks::new(acts, t0), out),
-                2 => $($f)::+::<2>(row, nsb, &Toks::new(acts, t0), out),
-                3 => $($f)::+::<3>(row, nsb, &Toks::new(acts, t0), out),
-                _ => $($f)::+::<4>(row, nsb, &Toks::new(acts, t0), out),
+                1 => $($f)::+::<1>(row, nsb, &TokenPtrs::new(acts, t0), out),
+                2 => $($f)::+::<2>(row, nsb, &TokenPtrs::new(acts, t0), out),
+                3 => $($f)::+::<3>(row, nsb, &TokenPtrs::new(acts, t0), out),
+                _ => $($f)::+::<4>(row, nsb, &TokenPtrs::new(acts, t0), out),
             }
         };
         ($($f:ident)::+, $q5:literal) => {
             match nt {
-                1 => $($f)::+::<1, $q5>(row, nsb, &Toks::new(acts, t0), out),
-                2 => $($f)::+::<2, $q5>(row, nsb, &Toks::new(acts, t0), out),
-                3 => $($f)::+::<3, $q5>(row, nsb, &Toks::new(acts, t0), out),
-                _ => $($f)::+::<4, $q5>(row, nsb, &Toks::new(acts, t0), out),
+                1 => $($f)::+::<1, $q5>(row, nsb, &TokenPtrs::new(acts, t0), out),
+                2 => $($f)::+::<2, $q5>(row, nsb, &TokenPtrs::new(acts, t0), out),
+                3 => $($f)::+::<3, $q5>(row, nsb, &TokenPtrs::new(acts, t0), out),
+                _ => $($f)::+::<4, $q5>(row, nsb, &TokenPtrs::new(acts, t0), out),
             }
         };
     }

@@ -10,8 +10,9 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::blocks::{finish, q4k_scales, q5k_high_bits, Toks};
+use super::blocks::{finish, q4k_scales, q5k_high_bits};
 use super::QK_K;
+use crate::quant::act::TokenPtrs;
 use crate::quant::TILE_T;
 
 /// The 16 sums of 16 quants of one token's super-block (exact integers kept as f32).
@@ -38,7 +39,7 @@ fn hsum(v: __m512i) -> i32 {
 pub(super) unsafe fn q45k<const T: usize, const Q5: bool>(
     row: &[u8],
     nsb: usize,
-    toks: &Toks<T>,
+    toks: &TokenPtrs<T>,
     out: &mut [f32; TILE_T],
 ) {
     let mask = _mm256_set1_epi8(0xF);
@@ -108,7 +109,7 @@ pub(super) unsafe fn q45k<const T: usize, const Q5: bool>(
 pub(super) unsafe fn q6k<const T: usize>(
     row: &[u8],
     nsb: usize,
-    toks: &Toks<T>,
+    toks: &TokenPtrs<T>,
     out: &mut [f32; TILE_T],
 ) {
     let (m4, m2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
