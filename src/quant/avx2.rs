@@ -28,24 +28,12 @@ pub(crate) unsafe fn kernel(
     // SAFETY: the caller guarantees the CPU features; the asserts above establish the bounds
     // each kernel relies on (`nb` packed blocks in `g`, tokens `t0..t0+nt` in `acts`).
     unsafe {
-        match (format, nt) {
-            (Format::Q4_1, 1) => q4::<1, true, false>(g, nb, acts, t0, tile),
-            (Format::Q4_1, 2) => q4::<2, true, false>(g, nb, acts, t0, tile),
-            (Format::Q4_1, 3) => q4::<3, true, false>(g, nb, acts, t0, tile),
-            (Format::Q4_1, _) => q4::<4, true, false>(g, nb, acts, t0, tile),
-            (Format::Q5_1, 1) => q4::<1, true, true>(g, nb, acts, t0, tile),
-            (Format::Q5_1, 2) => q4::<2, true, true>(g, nb, acts, t0, tile),
-            (Format::Q5_1, 3) => q4::<3, true, true>(g, nb, acts, t0, tile),
-            (Format::Q5_1, _) => q4::<4, true, true>(g, nb, acts, t0, tile),
-            (Format::Q4_0, 1) => q4::<1, false, false>(g, nb, acts, t0, tile),
-            (Format::Q4_0, 2) => q4::<2, false, false>(g, nb, acts, t0, tile),
-            (Format::Q4_0, 3) => q4::<3, false, false>(g, nb, acts, t0, tile),
-            (Format::Q4_0, _) => q4::<4, false, false>(g, nb, acts, t0, tile),
-            (Format::Q8_0, 1) => q8_0::<1>(g, nb, acts, t0, tile),
-            (Format::Q8_0, 2) => q8_0::<2>(g, nb, acts, t0, tile),
-            (Format::Q8_0, 3) => q8_0::<3>(g, nb, acts, t0, tile),
-            (Format::Q8_0, _) => q8_0::<4>(g, nb, acts, t0, tile),
-            (Format::Q4K | Format::Q5K | Format::Q6K, _) => unreachable!("K-quants run in kquant"),
+        match format {
+            Format::Q4_1 => by_tokens!(nt, q4::<true, false>(g, nb, acts, t0, tile)),
+            Format::Q5_1 => by_tokens!(nt, q4::<true, true>(g, nb, acts, t0, tile)),
+            Format::Q4_0 => by_tokens!(nt, q4::<false, false>(g, nb, acts, t0, tile)),
+            Format::Q8_0 => by_tokens!(nt, q8_0(g, nb, acts, t0, tile)),
+            Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("K-quants run in kquant"),
         }
     }
 }

@@ -30,6 +30,19 @@
 //! in portable scalar form, and tests call each path explicitly.
 #![allow(unsafe_code)]
 
+/// `f::<T, P…>(args)` with `T` the token count `nt` (1, 2, 3, else 4): the kernels take it as
+/// a const generic so that their per-token accumulators stay in registers.
+macro_rules! by_tokens {
+    ($nt:expr, $($f:ident)::+ $(::<$($p:tt),*>)? ($($a:expr),* $(,)?)) => {
+        match $nt {
+            1 => $($f)::+::<1 $($(, $p)*)?>($($a),*),
+            2 => $($f)::+::<2 $($(, $p)*)?>($($a),*),
+            3 => $($f)::+::<3 $($(, $p)*)?>($($a),*),
+            _ => $($f)::+::<4 $($(, $p)*)?>($($a),*),
+        }
+    };
+}
+
 mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;

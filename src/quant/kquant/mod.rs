@@ -207,34 +207,30 @@ unsafe fn simd_row(
 ) {
     use avx2::{q45k_avx2, q6k_avx2};
     use vnni as v;
-    macro_rules! go {
-        ($($f:ident)::+) => {
-            match nt {
-                1 => $($f)::+::<1>(row, nsb, &TokenPtrs::new(acts, t0), out),
-                2 => $($f)::+::<2>(row, nsb, &TokenPtrs::new(acts, t0), out),
-                3 => $($f)::+::<3>(row, nsb, &TokenPtrs::new(acts, t0), out),
-                _ => $($f)::+::<4>(row, nsb, &TokenPtrs::new(acts, t0), out),
-            }
-        };
-        ($($f:ident)::+, $q5:literal) => {
-            match nt {
-                1 => $($f)::+::<1, $q5>(row, nsb, &TokenPtrs::new(acts, t0), out),
-                2 => $($f)::+::<2, $q5>(row, nsb, &TokenPtrs::new(acts, t0), out),
-                3 => $($f)::+::<3, $q5>(row, nsb, &TokenPtrs::new(acts, t0), out),
-                _ => $($f)::+::<4, $q5>(row, nsb, &TokenPtrs::new(acts, t0), out),
-            }
-        };
-    }
     // SAFETY (every arm): the caller guarantees the instruction set and the bounds each
     // kernel relies on (`nsb` super-blocks in `row`, tokens `t0 .. t0 + nt` in `acts`).
     unsafe {
         match (format, isa) {
-            (Format::Q4K, Isa::Avx512) => go!(v::q45k, false),
-            (Format::Q5K, Isa::Avx512) => go!(v::q45k, true),
-            (Format::Q6K, Isa::Avx512) => go!(v::q6k),
-            (Format::Q4K, _) => go!(q45k_avx2, false),
-            (Format::Q5K, _) => go!(q45k_avx2, true),
-            (Format::Q6K, _) => go!(q6k_avx2),
+            (Format::Q4K, Isa::Avx512) => by_tokens!(
+                nt,
+                v::q45k::<false>(row, nsb, &TokenPtrs::new(acts, t0), out)
+            ),
+            (Format::Q5K, Isa::Avx512) => by_tokens!(
+                nt,
+                v::q45k::<true>(row, nsb, &TokenPtrs::new(acts, t0), out)
+            ),
+            (Format::Q6K, Isa::Avx512) => {
+                by_tokens!(nt, v::q6k(row, nsb, &TokenPtrs::new(acts, t0), out))
+            }
+            (Format::Q4K, _) => by_tokens!(
+                nt,
+                q45k_avx2::<false>(row, nsb, &TokenPtrs::new(acts, t0), out)
+            ),
+            (Format::Q5K, _) => by_tokens!(
+                nt,
+                q45k_avx2::<true>(row, nsb, &TokenPtrs::new(acts, t0), out)
+            ),
+            (Format::Q6K, _) => by_tokens!(nt, q6k_avx2(row, nsb, &TokenPtrs::new(acts, t0), out)),
             _ => unreachable!("{format:?} is not a K-quant"),
         }
     }
