@@ -4,7 +4,7 @@
 #![cfg(target_arch = "x86_64")]
 use half::f16;
 
-use super::blocks::{finish, q4k_scales, q5k_high_bits};
+use super::blocks::{finish, Q45Block};
 use super::QK_K;
 use crate::quant::act::TokenPtrs;
 use crate::quant::TILE_T;
@@ -44,37 +44,21 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
     out: &mut [f32; TILE_T],
 ) {
     use std::arch::x86_64::*;
-    let mask = _mm256_set1_epi8(0xF);
-    let (bb, qs_at) = if Q5 { (176, 48) } else { (144, 16) };
     for sb in 0..nsb {
-        let blk = row.as_ptr().wrapping_add(sb * bb);
-        // SAFETY: super-block `sb` (`bb` bytes) is inside `row`.
-        let (sc, mn) = q4k_scales(unsafe { std::slice::from_raw_parts(blk.add(4), 12) });
-        let qh = if Q5 {
-            // SAFETY: Q5_K's 32 high-bit bytes follow its scales.
-            unsafe { _mm256_loadu_si256(blk.add(16).cast()) }
-        } else {
-            _mm256_setzero_si256()
-        };
+        // SAFETY: super-block `sb` is inside `row`.
+        let b = unsafe { Q45Block::<Q5>::read(row.as_ptr().add(sb * Q45Block::<Q5>::BYTES)) };
         // Min j weighs 16-sums 2j and 2j + 1; `hadd` below pairs them in the order
         // 0, 1, 4, 5, 2, 3, 6, 7.
         let mins = _mm256_permutevar8x32_epi32(
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64(mn.as_ptr().cast())),
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(b.mn.as_ptr().cast())),
             _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7),
         );
         let mut acc = [_mm256_setzero_si256(); T];
         for j in 0..4 {
-            // SAFETY: bytes qs_at + 32j .. +32 (j < 4) of the super-block.
-            let q = unsafe { _mm256_loadu_si256(blk.add(qs_at + 32 * j).cast()) };
-            let mut lo = _mm256_and_si256(q, mask);
-            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
-            if Q5 {
-                let (l5, h5) = q5k_high_bits(qh, j);
-                lo = _mm256_or_si256(lo, l5);
-                hi = _mm256_or_si256(hi, h5);
-            }
-            let s_lo = _mm256_set1_epi16(sc[2 * j] as i16);
-            let s_hi = _mm256_set1_epi16(sc[2 * j + 1] as i16);
+            // SAFETY: j < 4.
+            let (lo, hi) = unsafe { b.chunk(j) };
+            let s_lo = _mm256_set1_epi16(b.sc[2 * j] as i16);
+            let s_hi = _mm256_set1_epi16(b.sc[2 * j + 1] as i16);
             for t in 0..T {
                 // SAFETY: values sb·256 + 64j .. +64 of token t's row.
                 let (a0, a1) = unsafe {
@@ -89,13 +73,7 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
                 acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(p0, p1));
             }
         }
-        // SAFETY: the two f16 scales open the super-block.
-        let (dw, dmin) = unsafe {
-            (
-                f16::from_bits(blk.cast::<u16>().read_unaligned()).to_f32(),
-                f16::from_bits(blk.add(2).cast::<u16>().read_unaligned()).to_f32(),
-            )
-        };
+        let (dw, dmin) = b.scales();
         for t in 0..T {
             // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
             let (bs, da) = unsafe { toks.block(t, sb) };

@@ -26,22 +26,81 @@ pub(crate) fn finish(acc: f32, dw: f32, dmin: f32, da: f32, isum: i32, msum: i32
     acc - (dmin * da) * msum as f32
 }
 
-/// Q5_K's fifth bits of 64-value chunk `j`, as 16 or 0 per byte, for the values of the low
-/// nibbles (bit `2j` of each `qh` byte) and of the high nibbles (bit `2j + 1`); a 0/1 per byte
-/// shifted by 4 stays inside its byte.
+/// One Q4_K (or, with `Q5`, Q5_K) super-block as the AVX2 and AVX-512 kernels read it: its
+/// decoded scales and mins, its f16 scales, and its quants a 64-value chunk at a time.
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2")]
-pub(crate) fn q5k_high_bits(
+pub(crate) struct Q45Block<const Q5: bool> {
+    blk: *const u8,
+    pub(crate) sc: [u8; 8],
+    pub(crate) mn: [u8; 8],
+    /// Q5_K's 32 bytes of fifth bits (zero for Q4_K).
     qh: std::arch::x86_64::__m256i,
-    j: usize,
-) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
-    use std::arch::x86_64::*;
-    let one = _mm256_set1_epi8(1);
-    let b = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32));
-    let lo = _mm256_slli_epi16::<4>(_mm256_and_si256(b, one));
-    let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(b), one));
-    (lo, hi)
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const Q5: bool> Q45Block<Q5> {
+    /// Bytes of one super-block.
+    pub(crate) const BYTES: usize = if Q5 { 176 } else { 144 };
+    /// Where the 128 bytes of nibbles start.
+    const QS_AT: usize = if Q5 { 48 } else { 16 };
+
+    /// # Safety
+    /// `blk` points at a whole super-block (`BYTES` readable bytes); the CPU has AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn read(blk: *const u8) -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees the super-block: 12 bytes of scales at 4, and for
+        // Q5_K 32 bytes of high bits at 16.
+        unsafe {
+            let (sc, mn) = q4k_scales(std::slice::from_raw_parts(blk.add(4), 12));
+            let qh = if Q5 {
+                _mm256_loadu_si256(blk.add(16).cast())
+            } else {
+                _mm256_setzero_si256()
+            };
+            Self { blk, sc, mn, qh }
+        }
+    }
+
+    /// The super-block scale `d` and min scale `dmin` (the two f16 that open it).
+    #[inline]
+    pub(crate) fn scales(&self) -> (f32, f32) {
+        // SAFETY: `read`'s caller guaranteed the whole super-block.
+        let h = |o: usize| unsafe {
+            half::f16::from_bits(self.blk.add(o).cast::<u16>().read_unaligned())
+        };
+        (h(0).to_f32(), h(2).to_f32())
+    }
+
+    /// Chunk `j`'s quants as unsigned bytes: values `64j .. 64j + 32` (the low nibbles, sub-block
+    /// `2j`) and `64j + 32 .. 64j + 64` (the high nibbles, sub-block `2j + 1`), each with its
+    /// Q5_K fifth bit (bit `2j`, or `2j + 1`, of the `qh` byte) added as 16.
+    ///
+    /// # Safety
+    /// `j < 4`; the CPU has AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn chunk(
+        &self,
+        j: usize,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        use std::arch::x86_64::*;
+        let mask = _mm256_set1_epi8(0xF);
+        // SAFETY: bytes QS_AT + 32j .. +32 (j < 4) of the super-block.
+        let q = unsafe { _mm256_loadu_si256(self.blk.add(Self::QS_AT + 32 * j).cast()) };
+        let lo = _mm256_and_si256(q, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+        if !Q5 {
+            return (lo, hi);
+        }
+        // A 0/1 per byte shifted by 4 stays inside its byte.
+        let one = _mm256_set1_epi8(1);
+        let b = _mm256_srl_epi16(self.qh, _mm_cvtsi32_si128(2 * j as i32));
+        let l5 = _mm256_slli_epi16::<4>(_mm256_and_si256(b, one));
+        let h5 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(b), one));
+        (_mm256_or_si256(lo, l5), _mm256_or_si256(hi, h5))
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::blocks::{finish, q4k_scales, q5k_high_bits};
+use super::blocks::{finish, Q45Block};
 use super::QK_K;
 use crate::quant::act::TokenPtrs;
 use crate::quant::TILE_T;
@@ -42,40 +42,24 @@ pub(super) unsafe fn q45k<const T: usize, const Q5: bool>(
     toks: &TokenPtrs<T>,
     out: &mut [f32; TILE_T],
 ) {
-    let mask = _mm256_set1_epi8(0xF);
-    let (bb, qs_at) = if Q5 { (176, 48) } else { (144, 16) };
     for sb in 0..nsb {
-        let blk = row.as_ptr().wrapping_add(sb * bb);
-        // SAFETY: super-block `sb` (`bb` bytes) is inside `row`.
-        let (sc, mn) = q4k_scales(unsafe { std::slice::from_raw_parts(blk.add(4), 12) });
-        let qh = if Q5 {
-            // SAFETY: Q5_K's 32 high-bit bytes follow its scales.
-            unsafe { _mm256_loadu_si256(blk.add(16).cast()) }
-        } else {
-            _mm256_setzero_si256()
-        };
+        // SAFETY: super-block `sb` is inside `row`.
+        let b = unsafe { Q45Block::<Q5>::read(row.as_ptr().add(sb * Q45Block::<Q5>::BYTES)) };
         // Min j weighs the sums of 16-value groups 2j and 2j + 1.
         let mins = _mm512_permutexvar_epi32(
             _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
-            _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_loadl_epi64(mn.as_ptr().cast()))),
+            _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_loadl_epi64(b.mn.as_ptr().cast()))),
         );
         let mut acc = [_mm512_setzero_si512(); T];
         for j in 0..4 {
-            // SAFETY: bytes qs_at + 32j .. +32 (j < 4) of the super-block.
-            let q = unsafe { _mm256_loadu_si256(blk.add(qs_at + 32 * j).cast()) };
-            let mut lo = _mm256_and_si256(q, mask);
-            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
-            if Q5 {
-                let (l5, h5) = q5k_high_bits(qh, j);
-                lo = _mm256_or_si256(lo, l5);
-                hi = _mm256_or_si256(hi, h5);
-            }
+            // SAFETY: j < 4.
+            let (lo, hi) = unsafe { b.chunk(j) };
             // Values 64j .. 64j + 64: sub-block 2j in the low half, 2j + 1 in the high.
             let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             // The scale of each i16 pair lane (sub-block 2j, then 2j + 1).
             let s = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_set1_epi16(sc[2 * j] as i16)),
-                _mm256_set1_epi16(sc[2 * j + 1] as i16),
+                _mm512_castsi256_si512(_mm256_set1_epi16(b.sc[2 * j] as i16)),
+                _mm256_set1_epi16(b.sc[2 * j + 1] as i16),
             );
             for t in 0..T {
                 // SAFETY: values sb·256 + 64j .. +64 of token t's row.
@@ -86,13 +70,7 @@ pub(super) unsafe fn q45k<const T: usize, const Q5: bool>(
                 acc[t] = _mm512_add_epi32(acc[t], p);
             }
         }
-        // SAFETY: the two f16 scales open the super-block.
-        let (dw, dmin) = unsafe {
-            (
-                f16::from_bits(blk.cast::<u16>().read_unaligned()).to_f32(),
-                f16::from_bits(blk.add(2).cast::<u16>().read_unaligned()).to_f32(),
-            )
-        };
+        let (dw, dmin) = b.scales();
         for t in 0..T {
             // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
             let (bs, da) = unsafe { toks.block(t, sb) };
