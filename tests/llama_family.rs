@@ -271,6 +271,12 @@ fn logits_and_greedy_ids_agree_with_llama_cpp_and_candle() {
     }
 }
 
+/// An F32 vector of `n` ones, as a GGUF tensor.
+fn ones_f32(n: usize) -> QTensor {
+    let t = Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+    QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap()
+}
+
 #[test]
 fn what_is_not_supported_is_refused_by_name() {
     use gguf_file::Value as V;
@@ -303,11 +309,7 @@ fn what_is_not_supported_is_refused_by_name() {
         "{e}"
     );
     let e = refused(&llama3, &|_, t| {
-        let half = QTensor::quantize(
-            &Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
-            candle_core::quantized::GgmlDType::F32,
-        )
-        .unwrap();
+        let half = ones_f32(3);
         t.retain(|(n, _)| n != "rope_freqs.weight");
         t.push(("rope_freqs.weight".into(), half));
     });
@@ -316,11 +318,7 @@ fn what_is_not_supported_is_refused_by_name() {
         "{e}"
     );
     let e = refused(&phi3, &|_, t| {
-        let f = QTensor::quantize(
-            &Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
-            candle_core::quantized::GgmlDType::F32,
-        )
-        .unwrap();
+        let f = ones_f32(8);
         t.push(("rope_factors_long.weight".into(), f));
     });
     assert!(e.contains("LongRoPE"), "{e}");

@@ -34,7 +34,7 @@ fn split_pattern(pre: &str) -> Option<&'static str> {
     const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     match pre {
         "qwen2" => Some(QWEN2),
-        "llama3" | "llama-v3" | "llama-bpe" => Some(LLAMA3),
+        p if is_llama3(p) => Some(LLAMA3),
         _ => None,
     }
 }
