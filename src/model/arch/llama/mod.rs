@@ -29,6 +29,10 @@ use crate::model::moe::{Mlp, MlpOrMoe};
 use crate::quant::QLinear;
 
 pub use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
+pub use sequential::Sequential;
+
+mod device;
+mod sequential;
 
 fn linear(t: QTensor) -> Result<QLinear> {
     QLinear::from_qtensor(t)
@@ -81,90 +85,6 @@ impl LayerWeights {
                 .reshape(dims)
         };
         Ok((heads(nq, &q)?, heads(nk, &k)?, v))
-    }
-
-    fn apply_rotary_emb(&self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
-        let (_b_sz, _n_head, seq_len, _n_embd) = x.dims4()?;
-        let cos = self.cos.narrow(0, index_pos, seq_len)?;
-        let sin = self.sin.narrow(0, index_pos, seq_len)?;
-        let x = x.contiguous()?;
-        if self.rope_is_neox {
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
-        }
-    }
-
-    /// Attention of one sequence's `seq_len` new rows (their query, key and value
-    /// projections, `(1, seq_len, ·)`) over its cache at `layer`, which they join.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        cache: &mut KvCache,
-        layer: usize,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let index_pos = cache.pos();
-        let (b_sz, seq_len, _) = q.dims3()?;
-        let q = q
-            .reshape((b_sz, seq_len, self.n_head, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = k
-            .reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?
-            .transpose(1, 2)?;
-        let v = v
-            .reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-
-        let q = self.apply_rotary_emb(&q, index_pos)?;
-        let k = self.apply_rotary_emb(&k, index_pos)?;
-        // llama.cpp keeps K and V in an f16 cache and takes K·Q in f16: rounding all three
-        // through f16 makes greedy decoding follow llama.cpp's on near-ties.
-        let q = round_f16(&q)?;
-        let k = round_f16(&k)?;
-        let v = round_f16(&v)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
-
-        let y = if q.device().is_metal() && seq_len == 1 {
-            // SDPA does MQA itself.
-            candle_nn::ops::sdpa(
-                &q,
-                &k,
-                &v,
-                None,
-                false,
-                1. / (self.head_dim as f32).sqrt(),
-                1.,
-            )?
-        } else {
-            // MQA/GQA: each key/value head serves its `n_rep` query heads (candle repeats K
-            // and V `n_rep` times for this, copying the whole cache every step). The query
-            // heads of one key/value head are adjacent, so viewing q as `n_kv_head` heads
-            // of `n_rep · seq_len` rows gives the same products with no copies.
-            let n_rep = self.n_head / self.n_kv_head;
-            let kv_len = k.dim(2)?;
-            let q = q.reshape((b_sz, self.n_kv_head, n_rep * seq_len, self.head_dim))?;
-            let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-            let att = att.reshape((b_sz, self.n_head, seq_len, kv_len))?;
-            let att = match mask {
-                None => att,
-                Some(mask) => {
-                    let mask = mask.broadcast_as(att.shape())?;
-                    masked_fill(&att, &mask, &self.neg_inf)?
-                }
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let att = att.reshape((b_sz, self.n_kv_head, n_rep * seq_len, kv_len))?;
-            att.matmul(&v)?
-                .reshape((b_sz, self.n_head, seq_len, self.head_dim))?
-        };
-
-        y.transpose(1, 2)?
-            .reshape((b_sz, seq_len, self.n_head * self.head_dim))
     }
 }
 
@@ -501,55 +421,5 @@ impl ModelWeights {
             .first()
             .map(|l| l.cos.device().clone())
             .unwrap_or(Device::Cpu)
-    }
-}
-
-/// A model with one cache, fed one sequence in order: `forward(ids, pos)` as candle's
-/// `quantized_llama` has it, for tests and benchmarks that compare the two.
-#[derive(Clone)]
-pub struct Sequential {
-    pub weights: ModelWeights,
-    cache: KvCache,
-}
-
-impl Sequential {
-    pub fn new(weights: ModelWeights) -> Self {
-        let cache = weights.new_cache(512);
-        Self { weights, cache }
-    }
-
-    /// Loads a llama-architecture GGUF (see [`ModelWeights::from_gguf`]).
-    pub fn from_gguf<R: std::io::Seek + std::io::Read>(
-        ct: gguf_file::Content,
-        reader: &mut R,
-        device: &Device,
-    ) -> Result<Self> {
-        Ok(Self::new(ModelWeights::from_gguf(ct, reader, device)?))
-    }
-
-    /// Logits (`(1, vocab)`) for the token after `x` (`(1, seq_len)` ids at positions from
-    /// `index_pos`); position 0 starts a new sequence.
-    pub fn forward(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
-        if index_pos == 0 {
-            self.cache = self.weights.new_cache(512);
-        }
-        if index_pos != self.cache.pos() {
-            candle_core::bail!(
-                "position {index_pos}, but the cache is at {}",
-                self.cache.pos()
-            );
-        }
-        let ids = x.squeeze(0)?.to_vec1::<u32>()?;
-        let mut items = [StepItem {
-            ids: &ids,
-            cache: &mut self.cache,
-            logits: true,
-        }];
-        let logits = self
-            .weights
-            .step(&mut items)?
-            .remove(0)
-            .expect("logits asked");
-        logits.unsqueeze(0)
     }
 }
