@@ -245,6 +245,7 @@ impl Server {
         let builder = || {
             tonic::transport::Server::builder()
                 .layer(crate::service::request_id::RequestIdLayer)
+                .layer(crate::service::deadline::DeadlineLayer)
                 .layer(closing.layer())
         };
         let served = async {
