@@ -26,6 +26,7 @@ pub mod scrape;
 pub mod server;
 pub mod service;
 pub mod triggers;
+pub mod turns;
 
 /// Generated `swapd.v1` protobuf and gRPC code.
 pub mod proto {

@@ -17,7 +17,7 @@
 //! buffer and, when that is full, its sequence is parked (out of the batch, KV kept) until
 //! it reads; its deadline and the drain policy still apply while parked.
 //!
-//! On the CPU every step takes a turn at the CPU queue (`model::compute`), so the batches of
+//! On the CPU every step takes a turn at the CPU queue (`crate::turns`), so the batches of
 //! two versions during a drain, and background loading, take turns.
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};

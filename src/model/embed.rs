@@ -112,12 +112,12 @@ impl Embedder {
         let config: Config = serde_json::from_str(&config_text)
             .map_err(|e| fmt("config.json", "BERT config", e.to_string()))?;
         check_bert_config(&config).map_err(|e| fmt("config.json", "BERT config", e))?;
-        super::compute::pace();
+        crate::turns::pace();
         let st_path = dir.join("model.safetensors");
         let mut tensors =
             read_safetensors(&st_path).map_err(|e| fmt("model.safetensors", "safetensors", e))?;
         if !device.is_cpu() {
-            super::compute::pace();
+            crate::turns::pace();
             for t in tensors.values_mut() {
                 *t = t.to_device(device).map_err(|e| ModelError::Device {
                     model: name.to_string(),
@@ -130,7 +130,7 @@ impl Embedder {
             .values()
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum();
-        super::compute::pace();
+        crate::turns::pace();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = catch_unwind(AssertUnwindSafe(|| BertModel::load(vb, &config)))
             .unwrap_or_else(|p| {
@@ -140,7 +140,7 @@ impl Embedder {
                 )))
             })
             .map_err(|e| super::LoadFault::error(e, name, &st_path, device, "BERT weights"))?;
-        super::compute::pace();
+        crate::turns::pace();
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
             ModelError::Tokenizer {
                 model: name.to_string(),
@@ -203,7 +203,7 @@ impl Embedder {
         let mask = flat(&|e| e.get_attention_mask());
         let tensor = |v: Vec<u32>| Tensor::from_vec(v, (rows, cols), &self.device);
         let run = || -> candle_core::Result<Vec<Vec<f32>>> {
-            let _turn = super::compute::turn_on(&self.device);
+            let _turn = crate::turns::turn_on(&self.device);
             let mask_t = tensor(mask.clone())?;
             let hidden = self.model.forward(
                 &tensor(ids.clone())?,

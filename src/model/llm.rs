@@ -159,8 +159,8 @@ impl Llm {
         let mut file = std::io::BufReader::with_capacity(1 << 16, file);
         let (ct, _) = header::read_gguf(&mut file).map_err(|e| format_err(name, path, e))?;
         // `pace` marks where a background load may hand the CPU to serving (see
-        // `compute::in_background`).
-        super::compute::pace();
+        // `crate::turns::in_background`).
+        crate::turns::pace();
         super::arch::arch_of(&ct).map_err(|reason| ModelError::Unsupported {
             model: name.to_string(),
             path: path.to_path_buf(),
@@ -179,7 +179,7 @@ impl Llm {
             ) {
                 continue;
             }
-            super::compute::pace();
+            crate::turns::pace();
             let t = ct
                 .tensor(&mut file, tname, &Device::Cpu)
                 .and_then(|q| q.dequantize(&Device::Cpu))
@@ -194,7 +194,7 @@ impl Llm {
                 });
             }
         }
-        super::compute::pace();
+        crate::turns::pace();
         let tokenizer = GgufTokenizer::from_gguf(&ct).map_err(|reason| ModelError::Tokenizer {
             model: name.to_string(),
             reason,
@@ -221,7 +221,7 @@ impl Llm {
         };
         let file_ctx = params.context_length.unwrap_or(MAX_SEQ_LEN);
         let context_length = context_length.min(file_ctx).min(MAX_SEQ_LEN);
-        super::compute::pace();
+        crate::turns::pace();
         // Reading and uploading happen tensor by tensor: a failure is sorted by its cause,
         // so an out-of-memory or a driver error does not send the operator to the file.
         let weights = ModelWeights::from_gguf(ct, &mut file, device)
@@ -312,7 +312,7 @@ impl Llm {
     /// One forward pass over a batch of sequences (see [`ModelWeights::step`]), at the
     /// CPU's turn when on the CPU.
     pub fn step(&self, items: &mut [StepItem<'_>]) -> Result<Vec<Option<Tensor>>, ModelError> {
-        let _turn = super::compute::turn_on(&self.device);
+        let _turn = crate::turns::turn_on(&self.device);
         self.weights.step(items).map_err(|e| self.err(e))
     }
 }
@@ -339,7 +339,7 @@ impl Session {
             if i > 0 && !keep_going() {
                 return Ok(None);
             }
-            let _turn = super::compute::turn_on(&self.device);
+            let _turn = crate::turns::turn_on(&self.device);
             let mut items = [StepItem {
                 ids: chunk,
                 cache: &mut self.cache,

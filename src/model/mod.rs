@@ -3,7 +3,6 @@
 pub mod arch;
 pub(crate) mod attention;
 pub mod chat;
-pub mod compute;
 pub mod embed;
 mod error;
 pub mod header;
@@ -266,7 +265,7 @@ pub fn load_version(
 ) -> Result<ModelVersion, ModelError> {
     // Other models may be serving (a model added to the manifest loads while they do);
     // `load_verified` inside runs in this same background.
-    compute::in_background(device.candle(), || {
+    crate::turns::in_background(device.candle(), || {
         let digests = verify::verify_files(&spec.name, &files, &spec.sha256)?;
         load_verified(spec, digests, device, generation)
     })
@@ -280,7 +279,7 @@ pub fn load_verified(
     generation: u64,
 ) -> Result<ModelVersion, ModelError> {
     // Loading is background work at the CPU: other versions may be serving.
-    compute::in_background(device.candle(), || {
+    crate::turns::in_background(device.candle(), || {
         load_files(spec, digests, device, generation)
     })
 }

@@ -171,7 +171,7 @@ impl GgufTokenizer {
                     .clone(),
             );
         }
-        super::compute::pace();
+        crate::turns::pace();
         let hidden = |i: usize| {
             types
                 .get(i)
@@ -232,7 +232,7 @@ impl GgufTokenizer {
                     inner.with_model(bpe);
                 }
             }
-            super::compute::pace();
+            crate::turns::pace();
             if let Some(pattern) = split_pattern(&pre) {
                 // llama.cpp's regex for this pre-tokenizer, then byte-level BPE with no
                 // prefix space (candle would fall back to GPT-2's regex).
@@ -268,7 +268,7 @@ impl GgufTokenizer {
             for (i, text) in texts.iter().enumerate() {
                 if i % 8192 == 0 {
                     // A background load may hand the CPU to serving here.
-                    super::compute::pace();
+                    crate::turns::pace();
                 }
                 let bytes = if hidden(i) {
                     Vec::new()

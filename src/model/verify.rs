@@ -16,7 +16,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
     let mut total = 0u64;
     loop {
         // A background verify hands the CPU to serving between slices.
-        super::compute::pace();
+        crate::turns::pace();
         let n = file.read(&mut buf)?;
         if n == 0 {
             break;

@@ -238,7 +238,7 @@ pub(crate) fn embedding_and_head(
 ) -> Result<(TokEmbedding, QLinear)> {
     let packed = crate::quant::packs(table.dtype(), table.shape().dims(), device.is_cpu());
     let dense = |q: &QTensor| -> Result<TokEmbedding> {
-        crate::model::compute::pace();
+        crate::turns::pace();
         let hidden = q.shape().dims2()?.1;
         let table = q.dequantize(device)?;
         Ok(TokEmbedding::Dense(Embedding::new(table, hidden)))

@@ -301,7 +301,7 @@ impl Reloader {
             run,
             |_| "sha256",
             move || {
-                model::compute::in_background(device.candle(), || {
+                crate::turns::in_background(device.candle(), || {
                     model::verify::verify_files(&n, &files, &p)
                 })
             },

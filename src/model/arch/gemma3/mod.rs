@@ -99,7 +99,7 @@ impl Gemma3 {
     ) -> Result<Self> {
         let p = params(&ct).map_err(candle_core::Error::msg)?;
         let mut tensor = |name: &str| {
-            crate::model::compute::pace();
+            crate::turns::pace();
             ct.tensor(reader, name, device)
         };
         let norm = |t: candle_core::quantized::QTensor| RmsNorm::from_qtensor(t, p.eps);

@@ -155,9 +155,9 @@ impl ModelWeights {
         );
 
         // Each tensor is read (and the last one packed) in a slice of its own when this is
-        // a background load (see `compute::pace`).
+        // a background load (see `crate::turns::pace`).
         let mut tensor = |name: &str| {
-            crate::model::compute::pace();
+            crate::turns::pace();
             ct.tensor(reader, name, device)
         };
         // llama 3's per-pair RoPE frequency factors, when the file has them.
@@ -281,7 +281,7 @@ impl ModelWeights {
             };
             let attention_norm = tensor(&format!("{prefix}.attn_norm.weight"))?;
             let ffn_norm = tensor(&format!("{prefix}.ffn_norm.weight"))?;
-            crate::model::compute::pace();
+            crate::turns::pace();
             layers.push(LayerWeights {
                 attention_wq: linear(attention_wq)?,
                 attention_wk: linear(attention_wk)?,

@@ -1,4 +1,5 @@
-//! Turns at the CPU: one forward pass at a time, first come first served.
+//! Turns at the CPU: one forward pass at a time, first come first served. Below `model`
+//! and `quant` (which both pace background work), importing neither.
 //!
 //! A forward pass already spreads its matrix products over every configured thread (candle's
 //! barrier pool, where the calling thread spins until the workers finish). When several
@@ -158,6 +159,7 @@ pub fn pace() {
         if bg.turn.is_some() && bg.since.elapsed() < bg.slice {
             return;
         }
+
         drop(bg.turn.take());
         bg.turn = Some(bg.queue.turn());
         bg.since = Instant::now();
