@@ -139,6 +139,11 @@ pub struct ServeArgs {
     /// in microseconds; 0 runs each alone [default: 2000].
     #[arg(long, env = "SWAPD_EMBED_QUEUE_DELAY_US")]
     pub embed_queue_delay_us: Option<u64>,
+    /// How long a reload's verify and load hold the CPU at once while requests are served, in
+    /// milliseconds: shorter keeps inter-token latency during a reload nearer steady, longer
+    /// loads faster [default: 2].
+    #[arg(long, env = "SWAPD_BACKGROUND_SLICE_MS")]
+    pub background_slice_ms: Option<u64>,
     /// Requests waiting for a slot before new ones get RESOURCE_EXHAUSTED [default: 64].
     #[arg(long, env = "SWAPD_MAX_QUEUE")]
     pub max_queue: Option<usize>,
@@ -220,6 +225,7 @@ struct FileConfig {
     step_tokens: Option<usize>,
     kv_cache_tokens: Option<usize>,
     embed_queue_delay_us: Option<u64>,
+    background_slice_ms: Option<u64>,
     max_queue: Option<usize>,
     max_request_bytes: Option<usize>,
     max_embed_batch: Option<usize>,
@@ -276,6 +282,8 @@ pub struct Limits {
     /// How long an Embed call waits for others to the same version to share its forward
     /// pass (microseconds; 0: each runs alone).
     pub embed_queue_delay_us: u64,
+    /// How long background work (a reload's verify and load) holds the CPU at once.
+    pub background_slice: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -289,6 +297,7 @@ impl Default for Limits {
             step_tokens: 256,
             kv_cache_tokens: 16384,
             embed_queue_delay_us: 2000,
+            background_slice: crate::turns::SLICE,
         }
     }
 }
@@ -505,6 +514,15 @@ impl Config {
                 format!("{delay}: at most 1000000 (a second)"),
             );
         }
+        let (flag, slice_ms) = pick!(background_slice_ms);
+        let slice_ms = slice_ms.unwrap_or(d.background_slice.as_millis() as u64);
+        if !(1..=1000).contains(&slice_ms) {
+            err(
+                "background_slice_ms",
+                flag,
+                format!("{slice_ms}: must be from 1 to 1000 (a second)"),
+            );
+        }
         // `max`: `usize::MAX` where only the minimum matters.
         let mut limit = |key: &str, (flag, v): (bool, Option<usize>), default: usize, min, max| {
             let v = v.unwrap_or(default);
@@ -549,6 +567,7 @@ impl Config {
                 1 << 24,
             ),
             embed_queue_delay_us: delay,
+            background_slice: std::time::Duration::from_millis(slice_ms.clamp(1, 1000)),
         };
         if let (flag, Some(t)) = pick!(admin_token) {
             if let Err(why) = check_admin_token(&t) {
@@ -723,5 +742,37 @@ mod tests {
                 "`{key}` is missing from the README's example config"
             );
         }
+    }
+
+    /// `background_slice_ms` takes 1 to 1000 and names itself when it is out of range.
+    #[test]
+    fn the_background_slice_is_bounded() {
+        let errors = |ms: u64| {
+            let args = ServeArgs {
+                background_slice_ms: Some(ms),
+                ..Default::default()
+            };
+            match Config::check(&args) {
+                Ok(c) => (Vec::new(), Some(c.limits.background_slice)),
+                Err(e) => (e.iter().map(|e| e.to_string()).collect::<Vec<_>>(), None),
+            }
+        };
+        for bad in [0, 1001, u64::MAX] {
+            let (e, _) = errors(bad);
+            assert!(
+                e.iter()
+                    .any(|e| e.contains("background_slice_ms") && e.contains("1 to 1000")),
+                "{bad}: {e:?}"
+            );
+        }
+        let (e, slice) = errors(5);
+        assert!(
+            !e.iter().any(|e| e.contains("background_slice_ms")),
+            "{e:?}"
+        );
+        if let Some(slice) = slice {
+            assert_eq!(slice, std::time::Duration::from_millis(5));
+        }
+        assert_eq!(Limits::default().background_slice, crate::turns::SLICE);
     }
 }

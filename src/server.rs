@@ -66,6 +66,8 @@ impl Server {
     /// Opens the device and loads every model of the manifest; any failure is returned
     /// before a request could see a half-loaded server.
     pub async fn start(config: Config) -> Result<Self, ServerError> {
+        // Process-wide, as the CPU's turn queue is: the last server started sets it.
+        crate::turns::set_slice(config.limits.background_slice);
         crate::memory::configure_allocator();
         let (device, fallback) = device::open(config.device)?;
         match fallback {

@@ -324,6 +324,10 @@ impl<R: Read> Walk<'_, R> {
                     Some(_) if et != 7 => self.skip(n * min, what),
                     _ => {
                         for i in 0..n {
+                            if i % 4096 == 4095 {
+                                // A background load may hand the CPU to serving here.
+                                crate::turns::pace();
+                            }
                             self.value(et, depth + 1, &|| format!("{}[{i}]", what()))?;
                         }
                         Ok(())
@@ -576,7 +580,9 @@ fn walk_gguf<R: Read>(reader: &mut R, start: u64, end: u64) -> Result<GgufHeader
 /// leaves it.
 pub fn read_gguf<R: Read + Seek>(reader: &mut R) -> Result<(Content, GgufHeader), String> {
     let header = check_gguf_header(reader)?;
-    let ct = catch_unwind(AssertUnwindSafe(|| Content::read(reader)))
+    crate::turns::pace();
+    // candle's reader cannot pause: a background load runs it beside serving.
+    let ct = crate::turns::unpaced(|| catch_unwind(AssertUnwindSafe(|| Content::read(reader))))
         .map_err(|p| {
             format!(
                 "the GGUF reader panicked: {}",

@@ -224,7 +224,9 @@ impl GgufTokenizer {
                     SUPPORTED_PRE.join(", ")
                 ));
             }
-            let mut inner = Tokenizer::from_gguf(ct).map_err(|e| e.to_string())?;
+            // Building the BPE model cannot pause: a background load runs it beside serving.
+            let mut inner =
+                crate::turns::unpaced(|| Tokenizer::from_gguf(ct)).map_err(|e| e.to_string())?;
             if is_llama3(&pre) {
                 if let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() {
                     let mut bpe = bpe.clone();

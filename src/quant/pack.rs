@@ -76,6 +76,8 @@ impl PackedMatrix {
         let pb = format.packed_block_bytes(r);
         let mut data = vec![0u8; groups * nb * pb];
         for (gi, gdata) in data.chunks_exact_mut(nb * pb).enumerate() {
+            // A background load may hand the CPU to serving between groups.
+            crate::turns::pace();
             for (b, dst) in gdata.chunks_exact_mut(pb).enumerate() {
                 for ri in 0..r {
                     let row = gi * r + ri;
@@ -147,12 +149,18 @@ impl PackedMatrix {
                 raw.len()
             ));
         }
+        let mut data = Vec::with_capacity(raw.len());
+        for part in raw.chunks(1 << 20) {
+            // A background load may hand the CPU to serving between megabytes.
+            crate::turns::pace();
+            data.extend_from_slice(part);
+        }
         Ok(Self {
             format,
             isa,
             n,
             k,
-            data: raw.to_vec(),
+            data,
         })
     }
 

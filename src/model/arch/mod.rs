@@ -8,6 +8,7 @@
 //! fails with the reason.
 pub mod gemma3;
 pub mod llama;
+mod read;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;

@@ -98,10 +98,7 @@ impl Gemma3 {
         device: &Device,
     ) -> Result<Self> {
         let p = params(&ct).map_err(candle_core::Error::msg)?;
-        let mut tensor = |name: &str| {
-            crate::turns::pace();
-            ct.tensor(reader, name, device)
-        };
+        let mut tensor = |name: &str| super::read::tensor(&ct, reader, name, device);
         let norm = |t: candle_core::quantized::QTensor| RmsNorm::from_qtensor(t, p.eps);
         let (embed, output) = super::embedding_and_head(
             tensor("token_embd.weight")?,

@@ -156,10 +156,7 @@ impl ModelWeights {
 
         // Each tensor is read (and the last one packed) in a slice of its own when this is
         // a background load (see `crate::turns::pace`).
-        let mut tensor = |name: &str| {
-            crate::turns::pace();
-            ct.tensor(reader, name, device)
-        };
+        let mut tensor = |name: &str| super::read::tensor(&ct, reader, name, device);
         // llama 3's per-pair RoPE frequency factors, when the file has them.
         let factors = match ct.tensor_infos.contains_key("rope_freqs.weight") {
             true => {
