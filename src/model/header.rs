@@ -580,7 +580,6 @@ fn walk_gguf<R: Read>(reader: &mut R, start: u64, end: u64) -> Result<GgufHeader
 /// leaves it.
 pub fn read_gguf<R: Read + Seek>(reader: &mut R) -> Result<(Content, GgufHeader), String> {
     let header = check_gguf_header(reader)?;
-    crate::turns::pace();
     // candle's reader cannot pause: a background load runs it beside serving.
     let ct = crate::turns::unpaced(|| catch_unwind(AssertUnwindSafe(|| Content::read(reader))))
         .map_err(|p| {

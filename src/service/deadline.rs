@@ -3,8 +3,8 @@
 //! tonic's server starts its own timer for `grpc-timeout` right after it calls the layers,
 //! and ends a call whose response has not started by then with CANCELLED ("Timeout
 //! expired"). Under load a handler may not even have started by then: tonic reads and
-//! decodes the request first. So the deadline is counted from the request's arrival at the
-//! layers ([`Arrived`], stamped by [`DeadlineLayer`]), and:
+//! decodes the request first. So [`DeadlineLayer`] takes the deadline from the header once,
+//! counted from the request's arrival at the layers ([`CallDeadline`]), and:
 //! - a handler cuts the part of its call before the response a little earlier
 //!   ([`before_deadline`]), so the call ends as DEADLINE_EXCEEDED and is counted under its
 //!   model; time spent waiting before the first byte never counts against a version
@@ -23,9 +23,10 @@ use http::{Request, Response};
 use super::status;
 use crate::error::Error;
 
-/// When the request reached the server's layers: a request extension.
+/// The caller's deadline, counted from the request's arrival at the server's layers: a
+/// request extension, present when the caller sent a valid `grpc-timeout`.
 #[derive(Debug, Clone, Copy)]
-pub struct Arrived(pub Instant);
+pub struct CallDeadline(pub Instant);
 
 /// Adds [`Deadline`] to every service of a server.
 #[derive(Debug, Clone, Copy, Default)]
@@ -38,7 +39,7 @@ impl<S> tower::Layer<S> for DeadlineLayer {
     }
 }
 
-/// Stamps [`Arrived`] and answers DEADLINE_EXCEEDED for a call not answered in time.
+/// Stamps [`CallDeadline`] and answers DEADLINE_EXCEEDED for a call not answered by then.
 #[derive(Debug, Clone)]
 pub struct Deadline<S> {
     inner: S,
@@ -61,19 +62,14 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let arrived = Instant::now();
-        req.extensions_mut().insert(Arrived(arrived));
-        let timeout = req
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
+        let Some(at) = header_deadline(req.headers(), arrived) else {
+            return Box::pin(self.inner.call(req));
+        };
+        req.extensions_mut().insert(CallDeadline(at));
         let rpc = req.uri().path().to_string();
         let fut = self.inner.call(req);
-        let Some(timeout) = timeout else {
-            return Box::pin(fut);
-        };
         Box::pin(async move {
-            match tokio::time::timeout_at((arrived + timeout).into(), fut).await {
+            match tokio::time::timeout_at(at.into(), fut).await {
                 Ok(r) => r,
                 Err(_) => {
                     let ms = arrived.elapsed().as_secs_f64() * 1e3;
@@ -83,10 +79,7 @@ where
                         ms,
                         "request finished: its deadline passed before its handler answered"
                     );
-                    Ok(status(Error::DeadlineWaiting(
-                        "the deadline passed before the response started".into(),
-                    ))
-                    .into_http())
+                    Ok(not_started().into_http())
                 }
             }
         })
@@ -116,22 +109,31 @@ pub async fn before_deadline<T>(
     let cut = d.checked_sub(margin(left)).unwrap_or(d);
     tokio::time::timeout_at(cut.into(), call)
         .await
-        .unwrap_or_else(|_| {
-            Err(status(Error::DeadlineWaiting(
-                "the deadline passed before the response started".into(),
-            )))
-        })
+        .unwrap_or_else(|_| Err(not_started()))
 }
 
-/// The caller's deadline from the `grpc-timeout` header, if it sent one, counted from the
+/// The status of a call whose deadline passed before its response started. It never counts
+/// against a version.
+fn not_started() -> tonic::Status {
+    status(Error::DeadlineWaiting(
+        "the deadline passed before the response started".into(),
+    ))
+}
+
+/// The caller's deadline, if it sent one: the one [`DeadlineLayer`] took, counted from the
 /// request's arrival (as tonic's own timer is), not from when its handler got to run.
+/// Without the layer (a handler called directly) it is read from the header, from now.
 pub fn deadline<T>(req: &tonic::Request<T>) -> Option<Instant> {
-    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let arrived = req
-        .extensions()
-        .get::<Arrived>()
-        .map_or_else(Instant::now, |a| a.0);
-    parse_grpc_timeout(v).map(|d| arrived + d)
+    match req.extensions().get::<CallDeadline>() {
+        Some(d) => Some(d.0),
+        None => header_deadline(req.metadata().as_ref(), Instant::now()),
+    }
+}
+
+/// `from` plus the `grpc-timeout` in `headers`, when it holds a valid one.
+fn header_deadline(headers: &http::HeaderMap, from: Instant) -> Option<Instant> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(v).map(|d| from + d)
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
@@ -201,8 +203,10 @@ mod tests {
         let mut req = tonic::Request::new(());
         req.metadata_mut()
             .insert("grpc-timeout", "60m".parse().unwrap());
-        req.extensions_mut().insert(Arrived(arrived));
-        assert_eq!(deadline(&req), Some(arrived + Duration::from_millis(60)));
+        let at = header_deadline(req.metadata().as_ref(), arrived).unwrap();
+        assert_eq!(at, arrived + Duration::from_millis(60));
+        req.extensions_mut().insert(CallDeadline(at));
+        assert_eq!(deadline(&req), Some(at));
         // Without the layer's stamp (a handler called directly), it counts from now.
         let mut bare = tonic::Request::new(());
         bare.metadata_mut()
@@ -215,7 +219,7 @@ mod tests {
     async fn the_layer_answers_deadline_exceeded_for_a_handler_that_never_answers() {
         use tower::{Layer, Service, ServiceExt};
         let never = tower::service_fn(|req: Request<()>| async move {
-            assert!(req.extensions().get::<Arrived>().is_some(), "stamped");
+            assert!(req.extensions().get::<CallDeadline>().is_some(), "stamped");
             std::future::pending::<Result<Response<tonic::body::Body>, std::convert::Infallible>>()
                 .await
         });

@@ -15,7 +15,6 @@ pub(crate) fn tensor<R: Read + Seek>(
     name: &str,
     device: &Device,
 ) -> Result<QTensor> {
-    crate::turns::pace();
     let Some(info) = ct.tensor_infos.get(name) else {
         candle_core::bail!("cannot find tensor info for {name}")
     };
