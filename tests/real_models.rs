@@ -372,7 +372,7 @@ async fn list_and_get_model_report_versions_and_devices() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_decode_benchmark_engines_agree_on_the_tokens() {
     let _rss = rss_shared().await;
-    use swapd::cli::peers::{decode_bench, DecodeBench};
+    use swapd::cli::peers::{decode_bench, DecodeBench, DecodeOutcome};
     let server = TestServer::start(real_config()).await;
     let gguf = repo_models()
         .join("smollm2-135m-instruct")
@@ -388,8 +388,12 @@ async fn the_decode_benchmark_engines_agree_on_the_tokens() {
             gguf: gguf.clone(),
             decode_tokens: 12,
             rounds: 1,
+            batch: None,
         };
-        reports.push(decode_bench(b).await.unwrap());
+        match decode_bench(b).await.unwrap() {
+            DecodeOutcome::Single(r) => reports.push(r),
+            DecodeOutcome::Batched(r) => panic!("no --batch, a batched report: {r:?}"),
+        }
     }
     let (served, local, candle) = (&reports[0], &reports[1], &reports[2]);
     assert_eq!(served.prompt_tokens, local.prompt_tokens);

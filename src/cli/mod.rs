@@ -1,5 +1,6 @@
 //! The command line: `swapd serve` and the client commands operators and scripts use.
 pub mod admin;
+mod batched;
 pub mod bench;
 pub mod chaos;
 pub mod client;

@@ -51,6 +51,10 @@ pub struct DecodeBench {
     /// Measured rounds (after one warm-up round).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Engine `local` only: decode this many sequences in lockstep through the batch step
+    /// (each fed the short prompt alone first) instead of the two single-stream generations.
+    #[arg(long)]
+    pub batch: Option<usize>,
 }
 
 /// One generation as timed: when each token arrived, seconds after the request started.
@@ -228,11 +232,27 @@ pub fn quantized_weight_bytes(path: &Path) -> Result<u64> {
         .sum())
 }
 
-pub async fn decode_bench(b: DecodeBench) -> Result<DecodeReport> {
+/// What `swapd bench decode` prints: the single-stream report, or with `--batch` the
+/// batched one.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum DecodeOutcome {
+    Single(DecodeReport),
+    Batched(super::batched::BatchedReport),
+}
+
+pub async fn decode_bench(b: DecodeBench) -> Result<DecodeOutcome> {
     if b.rounds == 0 || b.decode_tokens == 0 {
         bail!("--rounds and --decode-tokens must be positive");
     }
     let mut engine = Engine::open(&b).await?;
+    if let Some(batch) = b.batch {
+        let Engine::Local(llm) = &engine else {
+            bail!("--batch needs --engine local");
+        };
+        let report = super::batched::run(llm, SHORT_PROMPT, batch, b.decode_tokens, b.rounds)?;
+        return Ok(DecodeOutcome::Batched(report));
+    }
     // Warm-up: thread pools, caches, lazily built tables.
     engine.generate(SHORT_PROMPT, 8).await?;
     let (mut rounds, mut prompt_tokens, mut short_tokens, mut first_ids) = (vec![], 0, 0, vec![]);
@@ -255,7 +275,7 @@ pub async fn decode_bench(b: DecodeBench) -> Result<DecodeReport> {
         decode_after_prompt_tok_s: med(|r| r.decode_after_prompt_tok_s),
         decode_tok_s: med(|r| r.decode_tok_s),
     };
-    Ok(DecodeReport {
+    Ok(DecodeOutcome::Single(DecodeReport {
         engine: b.engine,
         threads: candle_core::utils::get_num_threads(),
         prompt_tokens,
@@ -264,7 +284,7 @@ pub async fn decode_bench(b: DecodeBench) -> Result<DecodeReport> {
         first_ids,
         rounds,
         median,
-    })
+    }))
 }
 
 /// Read bandwidth of this machine's memory, as a decode step sees it: `threads` threads each

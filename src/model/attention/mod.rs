@@ -1,0 +1,250 @@
+//! Attention of one sequence on the CPU, in plain Rust over its own KV cache: RoPE, the f16
+//! rounding of queries, keys and values (as llama.cpp's f16 cache and K·Q do), causal
+//! softmax attention with grouped-query heads.
+//!
+//! On the CPU a batch step runs attention once per sequence per layer. Through candle that
+//! was some twenty small tensor operations each (allocations, dispatch, and thread-pool
+//! round trips for 1×64 matrix products): with 8 sequences, more time than the weights'
+//! products. Here it is one pass over slices on the calling thread, and its arithmetic for a
+//! sequence depends on nothing but that sequence.
+use half::f16;
+
+mod batch;
+mod simd;
+
+pub(crate) use batch::{attend_batch, SeqStep};
+
+/// The head layout of a layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+/// RoPE tables: `cos[p · half + i]`, `sin[..]` for position `p` and pair `i`.
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    /// NEOX pairs `i` with `i + d/2`; otherwise `2i` with `2i + 1`.
+    pub neox: bool,
+}
+
+impl Rope {
+    /// Rotates one head (`x.len()` = head dim) at position `p`, as candle's `rope` /
+    /// `rope_i` do (the same f32 operations in the same order).
+    fn apply(&self, x: &mut [f32], p: usize) {
+        let half = x.len() / 2;
+        let (cos, sin) = (
+            &self.cos[p * half..(p + 1) * half],
+            &self.sin[p * half..(p + 1) * half],
+        );
+        for i in 0..half {
+            let (a, b) = if self.neox {
+                (i, i + half)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (x1, x2, c, s) = (x[a], x[b], cos[i], sin[i]);
+            x[a] = x1 * c - x2 * s;
+            x[b] = x1 * s + x2 * c;
+        }
+    }
+
+    /// Positions the tables cover.
+    pub fn positions(&self, head_dim: usize) -> usize {
+        self.cos.len() / (head_dim / 2).max(1)
+    }
+}
+
+/// One layer's keys and values of one sequence: token-major, `[token][kv_head][head_dim]`,
+/// from position `base` on. A sliding-window layer forgets what no later row can see: once
+/// a window's worth of positions has fallen out of sight, they are dropped in one move, so
+/// it holds at most two windows plus the rows of one step, and each token is moved at most
+/// once.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LayerKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    base: usize,
+    window: Option<usize>,
+}
+
+fn round_f16(x: &mut [f32]) {
+    for v in x {
+        *v = f16::from_f32(*v).to_f32();
+    }
+}
+
+/// How scores are scaled and how far back a row sees.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    /// Factor on `q·k` (`1/√d` for most models; Gemma 3 names its own).
+    pub scale: f64,
+    /// A sliding window: a row at position `p` sees positions `p − window + 1 ..= p`
+    /// (llama.cpp's standard SWA). `None`: every earlier position.
+    pub window: Option<usize>,
+}
+
+impl Span {
+    /// Full causal attention scaled by `1/√head_dim`.
+    pub fn causal(head_dim: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            window: None,
+        }
+    }
+}
+
+/// Attention of `n` new rows of one sequence whose cache holds `pos` tokens: `q` is
+/// `n × n_head·d`, `k` and `v` are `n × n_kv_head·d` (projections, before RoPE). The keys and
+/// values join `cache`; `out` (`n × n_head·d`) receives each row's attention over every
+/// token up to its own (within `span`'s window). [`attend_batch`] does the same for several
+/// sequences at once, across the pool; this one-sequence form is the tests'.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    h: Heads,
+    span: Span,
+    rope: &Rope,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    pos: usize,
+    cache: &mut LayerKv,
+    out: &mut [f32],
+) {
+    let (d, qw) = (h.head_dim, h.n_head * h.head_dim);
+    assert_eq!(q.len(), n * qw, "queries");
+    assert_eq!(out.len(), n * qw, "output");
+    append(h, rope, k, v, n, pos, cache);
+    let mut part = vec![0f32; n * d];
+    for head in 0..h.n_head {
+        attend_head(h, span, rope, q, 0..n, pos, head, cache, &mut part);
+        for (i, o) in part.chunks_exact(d).enumerate() {
+            out[i * qw + head * d..i * qw + (head + 1) * d].copy_from_slice(o);
+        }
+    }
+}
+
+/// Puts `n` new rows of keys and values (`n × n_kv_head·d` each, before RoPE) of a sequence
+/// at position `pos` into its layer cache: rotated and rounded to f16 precision, after
+/// dropping what a sliding window no longer shows the first of them.
+pub(crate) fn append(
+    h: Heads,
+    rope: &Rope,
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    pos: usize,
+    cache: &mut LayerKv,
+) {
+    let d = h.head_dim;
+    let kw = h.n_kv_head * d;
+    assert_eq!(k.len(), n * kw, "keys");
+    assert_eq!(v.len(), n * kw, "values");
+    if let Some(w) = cache.window {
+        // The first row of this step sees positions from `pos + 1 − w` on.
+        let seen_from = (pos + 1).saturating_sub(w);
+        if seen_from - cache.base >= w {
+            let dead = (seen_from - cache.base) * kw;
+            cache.k.drain(..dead);
+            cache.v.drain(..dead);
+            cache.base = seen_from;
+        }
+    }
+    assert_eq!(
+        cache.base + cache.k.len() / kw.max(1),
+        pos,
+        "the cache is not at position {pos}"
+    );
+    let start = cache.k.len();
+    cache.k.extend_from_slice(k);
+    cache.v.extend_from_slice(v);
+    for (i, row) in cache.k[start..].chunks_exact_mut(kw).enumerate() {
+        for head in row.chunks_exact_mut(d) {
+            rope.apply(head, pos + i);
+        }
+    }
+    round_f16(&mut cache.k[start..]);
+    round_f16(&mut cache.v[start..]);
+}
+
+/// Query head `head`'s attention for `rows` of a step whose `n` rows (`q`: `n × n_head·d`,
+/// before RoPE) [`append`] put into `cache` at position `pos`: row `i`'s output goes to
+/// `out[(i − rows.start) · d ..][..d]`. Reads the cache only, so heads and rows can run on
+/// different threads; the arithmetic of a row depends on nothing else.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_head(
+    h: Heads,
+    span: Span,
+    rope: &Rope,
+    q: &[f32],
+    rows: std::ops::Range<usize>,
+    pos: usize,
+    head: usize,
+    cache: &LayerKv,
+    out: &mut [f32],
+) {
+    let d = h.head_dim;
+    let (qw, kw) = (h.n_head * d, h.n_kv_head * d);
+    assert!(out.len() >= rows.len() * d, "output");
+    assert!(
+        rows.end * qw <= q.len() && cache.base + cache.k.len() / kw.max(1) >= pos + rows.end,
+        "rows past the step"
+    );
+    let g = head / (h.n_head / h.n_kv_head);
+    let base = cache.base;
+    let mut qh = vec![0f32; d];
+    let mut scores = Vec::with_capacity(pos + rows.end);
+    for (r, i) in rows.enumerate() {
+        qh.copy_from_slice(&q[i * qw + head * d..i * qw + (head + 1) * d]);
+        rope.apply(&mut qh, pos + i);
+        round_f16(&mut qh);
+        let end = pos + i + 1;
+        let first = span.window.map_or(0, |w| end.saturating_sub(w));
+        assert!(first >= base, "a row needs a position the window dropped");
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for j in first - base..end - base {
+            let s = (simd::dot(&qh, &cache.k[j * kw + g * d..j * kw + (g + 1) * d]) as f64
+                * span.scale) as f32;
+            max = max.max(s);
+            scores.push(s);
+        }
+        let mut sum = 0f32;
+        for s in &mut scores {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        for s in &mut scores {
+            *s /= sum;
+        }
+        let at = (first - base) * kw + g * d;
+        simd::weighted_rows(&scores, &cache.v[at..], kw, &mut out[r * d..(r + 1) * d]);
+    }
+}
+
+impl LayerKv {
+    /// Room for `tokens` tokens of `kv_width` values each, reserved up front; a sliding
+    /// window of `window` positions bounds what is kept.
+    pub fn with_capacity(tokens: usize, kv_width: usize, window: Option<usize>) -> Self {
+        Self {
+            k: Vec::with_capacity(tokens * kv_width),
+            v: Vec::with_capacity(tokens * kv_width),
+            base: 0,
+            window,
+        }
+    }
+
+    /// Tokens held (at most two windows plus one step's rows for a sliding-window layer).
+    #[cfg(test)]
+    pub fn held(&self, kv_width: usize) -> usize {
+        self.k.len() / kv_width
+    }
+}
+
+#[cfg(test)]
+mod tests;
