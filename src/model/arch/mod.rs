@@ -323,7 +323,7 @@ pub(crate) fn attend_items(
     lens: &[usize],
     layer: usize,
 ) -> Result<Tensor> {
-    let (qw, kw) = (h.n_head * h.head_dim, h.n_kv_head * h.head_dim);
+    let qw = h.n_head * h.head_dim;
     if items
         .iter()
         .any(|i| i.cache.pos() + i.ids.len() > rope.positions(h.head_dim))
@@ -337,26 +337,15 @@ pub(crate) fn attend_items(
     let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
     let total: usize = lens.iter().sum();
     let mut out = vec![0f32; total * qw];
-    let mut off = 0;
-    for (item, &n) in items.iter_mut().zip(lens) {
+    let mut seqs = Vec::with_capacity(items.len());
+    for (item, &rows) in items.iter_mut().zip(lens) {
         let pos = item.cache.pos();
         let Some(cache) = item.cache.cpu_layer(layer) else {
             candle_core::bail!("a CPU model was given a device KV cache");
         };
-        attention::attend(
-            h,
-            span,
-            rope,
-            &q[off * qw..(off + n) * qw],
-            &k[off * kw..(off + n) * kw],
-            &v[off * kw..(off + n) * kw],
-            n,
-            pos,
-            cache,
-            &mut out[off * qw..(off + n) * qw],
-        );
-        off += n;
+        seqs.push(attention::SeqStep { pos, rows, cache });
     }
+    attention::attend_batch(h, span, rope, &q, &k, &v, &mut seqs, &mut out);
     Tensor::from_vec(out, (1, total, qw), &Device::Cpu)
 }
 
