@@ -24,7 +24,7 @@ pub(crate) unsafe fn kernel(
     nt: usize,
     tile: &mut Tile,
 ) {
-    check_group(format, R, g, nb, acts, t0, nt);
+    check_group(format, R, g, nb, acts, t0, nt, super::TILE_T);
     // SAFETY: the caller guarantees the CPU features; the asserts above establish the bounds
     // each kernel relies on (`nb` packed blocks in `g`, tokens `t0..t0+nt` in `acts`).
     unsafe {

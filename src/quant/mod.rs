@@ -43,6 +43,24 @@ macro_rules! by_tokens {
     };
 }
 
+/// [`by_tokens!`] for the AVX-512 kernels of the 32-value formats, whose tile is up to
+/// [`WIDE_T`] tokens (1 to 8).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_tokens_wide {
+    ($nt:expr, $($f:ident)::+ $(::<$($p:tt),*>)? ($($a:expr),* $(,)?)) => {
+        match $nt {
+            1 => $($f)::+::<1 $($(, $p)*)?>($($a),*),
+            2 => $($f)::+::<2 $($(, $p)*)?>($($a),*),
+            3 => $($f)::+::<3 $($(, $p)*)?>($($a),*),
+            4 => $($f)::+::<4 $($(, $p)*)?>($($a),*),
+            5 => $($f)::+::<5 $($(, $p)*)?>($($a),*),
+            6 => $($f)::+::<6 $($(, $p)*)?>($($a),*),
+            7 => $($f)::+::<7 $($(, $p)*)?>($($a),*),
+            _ => $($f)::+::<8 $($(, $p)*)?>($($a),*),
+        }
+    };
+}
+
 mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -107,14 +125,20 @@ pub fn widen_q5_0(raw: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// Tokens one kernel call handles at most (the micro-tile is `R` rows × `TILE_T` tokens).
+/// Tokens one kernel call handles at most (the micro-tile is `R` rows × `TILE_T` tokens),
+/// except the AVX-512 kernels of the 32-value formats, which take [`WIDE_T`].
 pub const TILE_T: usize = 4;
+
+/// Tokens one AVX-512 kernel call of a 32-value format handles at most: its 32 vector
+/// registers hold 8 unpacked weight vectors and 8 accumulators, so a batch of 8 sequences
+/// unpacks each weight block once (with AVX2's 16 registers, 4 is the most that fits).
+pub const WIDE_T: usize = 8;
 
 /// Largest `R` of any kernel.
 pub(crate) const MAX_R: usize = 16;
 
-/// One kernel call's results: `TILE_T` tokens × up to `MAX_R` rows.
-pub(crate) type Tile = [[f32; MAX_R]; TILE_T];
+/// One kernel call's results: up to `WIDE_T` tokens × up to `MAX_R` rows.
+pub(crate) type Tile = [[f32; MAX_R]; WIDE_T];
 
 /// A GGUF block format with a native kernel here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -293,9 +317,10 @@ impl Isa {
 const PARALLEL_MIN_MACS: usize = 64 * 1024;
 
 /// The bounds every SIMD kernel's `unsafe` reads rely on: `g` holds `nb` packed blocks of
-/// `rows` rows, `1..=4` tokens from `t0` exist in `acts`, and the activations are `nb`
+/// `rows` rows, `1..=max_t` tokens from `t0` exist in `acts`, and the activations are `nb`
 /// blocks wide.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_group(
     format: Format,
     rows: usize,
@@ -304,13 +329,14 @@ pub(crate) fn check_group(
     acts: &Acts,
     t0: usize,
     nt: usize,
+    max_t: usize,
 ) {
     assert!(
         g.len() >= nb * format.packed_block_bytes(rows),
         "group too short"
     );
     assert!(
-        (1..=4).contains(&nt) && t0 + nt <= acts.m(),
+        (1..=max_t).contains(&nt) && t0 + nt <= acts.m(),
         "tokens out of range"
     );
     assert_eq!(acts.k(), nb * BLOCK, "activations have the wrong width");

@@ -24,7 +24,7 @@
 use half::f16;
 
 use super::act::Acts;
-use super::{Format, Isa, Tile, BLOCK, MAX_R, TILE_T};
+use super::{Format, Isa, Tile, BLOCK, MAX_R, TILE_T, WIDE_T};
 
 /// A weight matrix (`n` rows of `k` values) repacked for one instruction set's kernels.
 pub struct PackedMatrix {
@@ -302,10 +302,14 @@ impl PackedMatrix {
         assert_eq!(out_len, m * self.n, "output has the wrong size");
         let row0 = g * r;
         let rows = r.min(self.n - row0);
-        let mut tile: Tile = [[0f32; MAX_R]; TILE_T];
+        let mut tile: Tile = [[0f32; MAX_R]; WIDE_T];
+        let step = match self.isa {
+            Isa::Avx512 if !self.format.is_k() => WIDE_T,
+            _ => TILE_T,
+        };
         let mut t0 = 0;
         while t0 < m {
-            let nt = TILE_T.min(m - t0);
+            let nt = step.min(m - t0);
             if self.format.is_k() {
                 let nsb = self.k / super::kquant::QK_K;
                 super::kquant::kernel(
@@ -334,7 +338,8 @@ impl PackedMatrix {
         }
     }
 
-    /// One micro-tile: this group against tokens `t0 .. t0 + nt` (`nt <= TILE_T`).
+    /// One micro-tile: this group against tokens `t0 .. t0 + nt` (`nt <= TILE_T`, or
+    /// `WIDE_T` for AVX-512).
     fn kernel(&self, gdata: &[u8], acts: &Acts, t0: usize, nt: usize, tile: &mut Tile) {
         let nb = self.k / BLOCK;
         match self.isa {
