@@ -1,5 +1,6 @@
 //! Models: where their files come from, how they are verified and loaded, and the loaded
 //! version every request holds for its whole life.
+mod activation;
 pub mod arch;
 pub(crate) mod attention;
 pub mod chat;

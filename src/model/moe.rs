@@ -18,8 +18,12 @@ impl Module for Mlp {
             QLinear::forward_many(&[&self.feed_forward_w1, &self.feed_forward_w3], xs)?
                 .try_into()
                 .expect("two projections");
-        self.feed_forward_w2
-            .forward(&(candle_nn::ops::silu(&w1)? * w3)?)
+        let act = if w1.device().is_cpu() && w1.dtype() == candle_core::DType::F32 {
+            super::activation::gated(&w1, &w3, super::activation::silu_mul)?
+        } else {
+            (candle_nn::ops::silu(&w1)? * w3)?
+        };
+        self.feed_forward_w2.forward(&act)
     }
 }
 

@@ -23,7 +23,6 @@ use crate::model::attention::{Heads, Rope, Span};
 use crate::model::kv::{KvCache, StepItem};
 use crate::quant::QLinear;
 
-mod gelu;
 mod meta;
 
 pub use meta::check;
@@ -225,13 +224,7 @@ impl Gemma3 {
                 .try_into()
                 .expect("two projections");
             let act = if g.device().is_cpu() {
-                let (gv, uv) = (
-                    g.flatten_all()?.to_vec1::<f32>()?,
-                    u.flatten_all()?.to_vec1::<f32>()?,
-                );
-                let mut out = vec![0f32; gv.len()];
-                gelu::gelu_mul(&gv, &uv, &mut out);
-                Tensor::from_vec(out, g.shape(), &Device::Cpu)?
+                crate::model::activation::gated(&g, &u, crate::model::activation::gelu_mul)?
             } else {
                 (g.gelu()? * u)?
             };
