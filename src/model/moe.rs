@@ -19,7 +19,7 @@ impl Module for Mlp {
                 .try_into()
                 .expect("two projections");
         let act = if w1.device().is_cpu() && w1.dtype() == candle_core::DType::F32 {
-            super::activation::gated(&w1, &w3, super::activation::silu_mul)?
+            super::activation::gated(&w1, &w3, super::activation::silu)?
         } else {
             (candle_nn::ops::silu(&w1)? * w3)?
         };

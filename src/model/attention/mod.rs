@@ -101,7 +101,7 @@ impl Span {
 /// `n × n_head·d`, `k` and `v` are `n × n_kv_head·d` (projections, before RoPE). The keys and
 /// values join `cache`; `out` (`n × n_head·d`) receives each row's attention over every
 /// token up to its own (within `span`'s window). [`attend_batch`] does the same for several
-/// sequences at once, across the pool; this one-sequence form is the tests'.
+/// sequences at once, across the pool; this batch of one is the tests'.
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
@@ -116,17 +116,12 @@ pub(crate) fn attend(
     cache: &mut LayerKv,
     out: &mut [f32],
 ) {
-    let (d, qw) = (h.head_dim, h.n_head * h.head_dim);
-    assert_eq!(q.len(), n * qw, "queries");
-    assert_eq!(out.len(), n * qw, "output");
-    append(h, rope, k, v, n, pos, cache);
-    let mut part = vec![0f32; n * d];
-    for head in 0..h.n_head {
-        attend_head(h, span, rope, q, 0..n, pos, head, cache, &mut part);
-        for (i, o) in part.chunks_exact(d).enumerate() {
-            out[i * qw + head * d..i * qw + (head + 1) * d].copy_from_slice(o);
-        }
-    }
+    let mut seq = [SeqStep {
+        pos,
+        rows: n,
+        cache,
+    }];
+    attend_batch(h, span, rope, q, k, v, &mut seq, out);
 }
 
 /// Puts `n` new rows of keys and values (`n × n_kv_head·d` each, before RoPE) of a sequence

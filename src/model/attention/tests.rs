@@ -1,5 +1,14 @@
 use super::*;
 
+/// RoPE tables for `pairs` (position, pair) entries at angle `step · i` for entry `i`.
+fn rope_table(pairs: usize, step: f32) -> Rope {
+    Rope {
+        cos: (0..pairs).map(|i| (i as f32 * step).cos()).collect(),
+        sin: (0..pairs).map(|i| (i as f32 * step).sin()).collect(),
+        neox: true,
+    }
+}
+
 /// The same attention computed naively in f64 from the rotated, rounded values.
 #[test]
 fn matches_an_f64_reference_with_grouped_heads_and_a_chunk() {
@@ -10,15 +19,7 @@ fn matches_an_f64_reference_with_grouped_heads_and_a_chunk() {
     };
     let half = 4;
     let positions = 16;
-    let rope = Rope {
-        cos: (0..positions * half)
-            .map(|i| (i as f32 * 0.1).cos())
-            .collect(),
-        sin: (0..positions * half)
-            .map(|i| (i as f32 * 0.1).sin())
-            .collect(),
-        neox: true,
-    };
+    let rope = rope_table(positions * half, 0.1);
     let val = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
     let (qw, kw) = (32, 16);
     let mut cache = LayerKv::default();
@@ -107,11 +108,7 @@ fn sliding_windows_drop_only_what_no_row_sees() {
         head_dim: 4,
     };
     let positions = 64;
-    let rope = Rope {
-        cos: (0..positions * 2).map(|i| (i as f32 * 0.3).cos()).collect(),
-        sin: (0..positions * 2).map(|i| (i as f32 * 0.3).sin()).collect(),
-        neox: true,
-    };
+    let rope = rope_table(positions * 2, 0.3);
     let val = |i: usize| ((i * 53 % 97) as f32 / 40.0) - 1.2;
     for w in [1, 3, 5] {
         let span = Span {

@@ -224,7 +224,7 @@ impl Gemma3 {
                 .try_into()
                 .expect("two projections");
             let act = if g.device().is_cpu() {
-                crate::model::activation::gated(&g, &u, crate::model::activation::gelu_mul)?
+                crate::model::activation::gated(&g, &u, crate::model::activation::gelu)?
             } else {
                 (g.gelu()? * u)?
             };
