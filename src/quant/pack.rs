@@ -57,7 +57,14 @@ impl PackedMatrix {
             return Err(format!("{isa:?} is not supported by this CPU"));
         }
         if format.is_k() {
-            return Self::keep_rows(format, raw, n, k, isa);
+            let data = super::kquant::pack(format, raw, n, k, isa)?;
+            return Ok(Self {
+                format,
+                isa,
+                n,
+                k,
+                data,
+            });
         }
         if k == 0 || !k.is_multiple_of(BLOCK) {
             return Err(format!("k = {k} is not a positive multiple of {BLOCK}"));
@@ -136,37 +143,15 @@ impl PackedMatrix {
         })
     }
 
-    /// A K-quant matrix: its GGUF rows as they are, run in groups of `R` rows.
-    fn keep_rows(format: Format, raw: &[u8], n: usize, k: usize, isa: Isa) -> Result<Self, String> {
-        let qk = format.values_per_block();
-        if k == 0 || !k.is_multiple_of(qk) {
-            return Err(format!("k = {k} is not a positive multiple of {qk}"));
-        }
-        let want = n * (k / qk) * format.block_bytes();
-        if raw.len() != want {
-            return Err(format!(
-                "{format:?} {n}×{k} needs {want} bytes, got {}",
-                raw.len()
-            ));
-        }
-        let mut data = Vec::with_capacity(raw.len());
-        for part in raw.chunks(1 << 20) {
-            // A background load may hand the CPU to serving between megabytes.
-            crate::turns::pace();
-            data.extend_from_slice(part);
-        }
-        Ok(Self {
-            format,
-            isa,
-            n,
-            k,
-            data,
-        })
-    }
-
-    /// The bytes of group `g` (its rows' packed blocks, or for K-quants its GGUF rows).
+    /// The bytes of group `g` (its rows' packed blocks, or for K-quants its tiles or its
+    /// GGUF rows).
     fn group_data(&self, g: usize) -> &[u8] {
         let r = self.isa.rows();
+        #[cfg(target_arch = "x86_64")]
+        if super::kquant::is_tiled(self.format, self.isa) {
+            let gb = self.k / super::kquant::QK_K * super::kquant::tiled::tile_bytes(self.format);
+            return &self.data[g * gb..(g + 1) * gb];
+        }
         if self.format.is_k() {
             let rb = self.k / self.format.values_per_block() * self.format.block_bytes();
             let end = ((g + 1) * r).min(self.n);
@@ -206,6 +191,11 @@ impl PackedMatrix {
         assert!(row < self.n, "row {row} of {}", self.n);
         assert_eq!(out.len(), self.k, "row length");
         let r = self.isa.rows();
+        #[cfg(target_arch = "x86_64")]
+        if super::kquant::is_tiled(self.format, self.isa) {
+            let gdata = self.group_data(row / r);
+            return super::kquant::tiled::row_into_format(self.format, gdata, row % r, out);
+        }
         if self.format.is_k() {
             let bb = self.format.block_bytes();
             let rb = self.k / super::kquant::QK_K * bb;
@@ -304,7 +294,8 @@ impl PackedMatrix {
         let rows = r.min(self.n - row0);
         let mut tile: Tile = [[0f32; MAX_R]; WIDE_T];
         let step = match self.isa {
-            Isa::Avx512 if !self.format.is_k() => WIDE_T,
+            _ if self.format.is_k() => super::kquant::tokens_per_call(self.format, self.isa),
+            Isa::Avx512 => WIDE_T,
             _ => TILE_T,
         };
         let mut t0 = 0;
@@ -312,7 +303,7 @@ impl PackedMatrix {
             let nt = step.min(m - t0);
             if self.format.is_k() {
                 let nsb = self.k / super::kquant::QK_K;
-                super::kquant::kernel(
+                super::kquant::run(
                     self.format,
                     self.isa,
                     gdata,

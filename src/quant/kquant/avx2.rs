@@ -1,23 +1,105 @@
 //! AVX2 kernels of the K-quants: `maddubs` of unsigned weight quants with signed activation
-//! bytes, `madd` by the sub-block scales; the integer sums are those of the scalar kernel in
-//! [`super`], and the float steps per super-block the same, so they agree bit for bit.
+//! bytes, `madd` by the sub-block scales; each super-block's eight i32 lanes are those of the
+//! scalar kernel in [`super`], and they join the f32 lanes by the same `fma`s, so the two
+//! agree bit for bit ([`super::blocks::Lanes`]). The AVX-512 kernels share the per-lane
+//! float steps below.
 #![cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
 use half::f16;
 
-use super::blocks::{finish, Q45Block};
+use super::blocks::Q45Block;
 use super::QK_K;
 use crate::quant::act::TokenPtrs;
 use crate::quant::TILE_T;
 
-/// Horizontal sum of eight i32 lanes.
+/// The lanes' sum in [`super::blocks::reduce8`]'s order: halves, then pairs.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
-    use std::arch::x86_64::*;
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
-    _mm_cvtsi128_si32(s)
+pub(super) fn reduce8(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s)))
+}
+
+/// Q4_K/Q5_K's min lanes: `mins` (the eight mins, permuted 0, 1, 4, 5, 2, 3, 6, 7) times the
+/// pairs of 16-value sums `bs` in the order `hadd` leaves.
+///
+/// # Safety
+/// `bs` holds 16 f32; the CPU has AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn q45_msum(bs: &[f32], mins: __m256i) -> __m256i {
+    // SAFETY: 16 f32 in `bs` (the caller's guarantee).
+    let pairs = unsafe { _mm256_hadd_epi32(sums8(bs.as_ptr()), sums8(bs.as_ptr().add(8))) };
+    _mm256_mullo_epi32(pairs, mins)
+}
+
+/// A Q4_K/Q5_K super-block's mins as [`q45_msum`] takes them.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn q45_mins(mn: &[u8; 8]) -> __m256i {
+    // SAFETY: 8 bytes.
+    let m = unsafe { _mm_loadl_epi64(mn.as_ptr().cast()) };
+    _mm256_permutevar8x32_epi32(
+        _mm256_cvtepu8_epi32(m),
+        _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7),
+    )
+}
+
+/// `acc + (dw·da)·isum − (dmin·da)·msum`, lane by lane, as [`super::blocks::step45`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn step45(
+    acc: __m256,
+    dw: f32,
+    dmin: f32,
+    da: f32,
+    isum: __m256i,
+    msum: __m256i,
+) -> __m256 {
+    let acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), _mm256_cvtepi32_ps(isum), acc);
+    _mm256_fmadd_ps(_mm256_set1_ps(-(dmin * da)), _mm256_cvtepi32_ps(msum), acc)
+}
+
+/// Q6_K's offset lanes `sc[l]·s[l] + sc[8+l]·s[8+l]` of one token (`sc`: the 16 scales as
+/// two halves of i32).
+///
+/// # Safety
+/// `bs` holds 16 f32; the CPU has AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn q6_msum(bs: &[f32], sc: (__m256i, __m256i)) -> __m256i {
+    // SAFETY: 16 f32 in `bs` (the caller's guarantee).
+    let (s_lo, s_hi) = unsafe { (sums8(bs.as_ptr()), sums8(bs.as_ptr().add(8))) };
+    _mm256_add_epi32(
+        _mm256_mullo_epi32(s_lo, sc.0),
+        _mm256_mullo_epi32(s_hi, sc.1),
+    )
+}
+
+/// `acc + (dw·da)·(isum − 32·msum)`, lane by lane, as [`super::blocks::step6`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn step6(acc: __m256, dw: f32, da: f32, isum: __m256i, msum: __m256i) -> __m256 {
+    let v = _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(msum));
+    _mm256_fmadd_ps(_mm256_set1_ps(dw * da), _mm256_cvtepi32_ps(v), acc)
+}
+
+/// The 16 scales of the Q6_K super-block at `blk`, as two halves of i32.
+///
+/// # Safety
+/// `blk` points at a whole super-block; the CPU has AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn q6_scales(blk: *const u8) -> (__m256i, __m256i) {
+    // SAFETY: the 16 scales sit at 192 .. 208 of the super-block.
+    unsafe {
+        (
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(192).cast())),
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(200).cast())),
+        )
+    }
 }
 
 /// Eight i32 from the 8 f32 at `p` (16-value sums: exact integers).
@@ -26,8 +108,7 @@ fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
 /// 8 f32 are readable at `p`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn sums8(p: *const f32) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
+unsafe fn sums8(p: *const f32) -> __m256i {
     // SAFETY: the caller guarantees the 8 f32.
     unsafe { _mm256_cvtps_epi32(_mm256_loadu_ps(p)) }
 }
@@ -43,16 +124,11 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
     toks: &TokenPtrs<T>,
     out: &mut [f32; TILE_T],
 ) {
-    use std::arch::x86_64::*;
+    let mut lanes = [_mm256_setzero_ps(); T];
     for sb in 0..nsb {
         // SAFETY: super-block `sb` is inside `row`.
         let b = unsafe { Q45Block::<Q5>::read(row.as_ptr().add(sb * Q45Block::<Q5>::BYTES)) };
-        // Min j weighs 16-sums 2j and 2j + 1; `hadd` below pairs them in the order
-        // 0, 1, 4, 5, 2, 3, 6, 7.
-        let mins = _mm256_permutevar8x32_epi32(
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64(b.mn.as_ptr().cast())),
-            _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7),
-        );
+        let mins = q45_mins(&b.mn);
         let mut acc = [_mm256_setzero_si256(); T];
         for j in 0..4 {
             // SAFETY: j < 4.
@@ -77,12 +153,13 @@ pub(super) unsafe fn q45k_avx2<const T: usize, const Q5: bool>(
         for t in 0..T {
             // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
             let (bs, da) = unsafe { toks.block(t, sb) };
-            // Integer arithmetic on exact sums: the scalar kernel's msum, in any order.
             // SAFETY: `bs` holds 16 f32.
-            let pairs = unsafe { _mm256_hadd_epi32(sums8(bs.as_ptr()), sums8(bs.as_ptr().add(8))) };
-            let msum = hsum_i32(_mm256_mullo_epi32(pairs, mins));
-            out[t] = finish(out[t], dw, dmin, da, hsum_i32(acc[t]), msum);
+            let msum = unsafe { q45_msum(bs, mins) };
+            lanes[t] = step45(lanes[t], dw, dmin, da, acc[t], msum);
         }
+    }
+    for t in 0..T {
+        out[t] = reduce8(lanes[t]);
     }
 }
 
@@ -96,20 +173,15 @@ pub(super) unsafe fn q6k_avx2<const T: usize>(
     toks: &TokenPtrs<T>,
     out: &mut [f32; TILE_T],
 ) {
-    use std::arch::x86_64::*;
     let (m4, m2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
+    let mut lanes = [_mm256_setzero_ps(); T];
     for sb in 0..nsb {
         let blk = row.as_ptr().wrapping_add(sb * 210);
         // SAFETY: the 16 scales sit at 192 .. 208 of the super-block.
         let scales = unsafe { std::slice::from_raw_parts(blk.add(192).cast::<i8>(), 16) };
-        // The 16 scales as i32, for the offset term 32 · Σ sc·s.
-        // SAFETY: the same 16 bytes, 8 at a time.
-        let (sc_lo, sc_hi) = unsafe {
-            (
-                _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(192).cast())),
-                _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(200).cast())),
-            )
-        };
+        // The same 16 scales as i32, for the offset term.
+        // SAFETY: super-block `sb` is inside `row`.
+        let sc = unsafe { q6_scales(blk) };
         let mut acc = [_mm256_setzero_si256(); T];
         for n in 0..2 {
             // SAFETY: ql (128 bytes) at 0 and qh (64) at 128; for n < 2 these three loads
@@ -159,13 +231,11 @@ pub(super) unsafe fn q6k_avx2<const T: usize>(
             // SAFETY: `t < T`, and the caller guarantees `nsb` super-blocks per token.
             let (bs, da) = unsafe { toks.block(t, sb) };
             // SAFETY: `bs` holds 16 f32.
-            let (s_lo, s_hi) = unsafe { (sums8(bs.as_ptr()), sums8(bs.as_ptr().add(8))) };
-            let m = _mm256_add_epi32(
-                _mm256_mullo_epi32(s_lo, sc_lo),
-                _mm256_mullo_epi32(s_hi, sc_hi),
-            );
-            let msum = 32 * hsum_i32(m);
-            out[t] = finish(out[t], dw, dw, da, hsum_i32(acc[t]), msum);
+            let msum = unsafe { q6_msum(bs, sc) };
+            lanes[t] = step6(lanes[t], dw, da, acc[t], msum);
         }
+    }
+    for t in 0..T {
+        out[t] = reduce8(lanes[t]);
     }
 }

@@ -18,12 +18,54 @@ pub(crate) fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (join(sc_lo, sc_hi), join(mn_lo, mn_hi))
 }
 
-/// The float work of one super-block, shared by every kernel: `acc + (dw·da)·isum −
-/// (dmin·da)·msum`, in that order.
+/// Eight f32 lanes that a row's product with one token accumulates across super-blocks, as
+/// llama.cpp's `vec_dot_q*_K` do: per super-block, lane `l` adds its exact integer sums
+/// scaled by the super-block's floats (one `fma` each), and only the row's end reduces the
+/// lanes ([`reduce8`]). Lane `l` of a super-block holds (every kernel computes exactly these
+/// integers):
+/// - `isum`: Σ over the 64-value chunks (Q4_K/Q5_K) or 32-value groups (Q6_K) of
+///   `scale · q · a` over the chunk's values `4l .. 4l + 4` and, for Q4_K/Q5_K, `32 + 4l ..
+///   32 + 4l + 4`;
+/// - `msum`, Q4_K/Q5_K: `min[j] · (s[2j] + s[2j+1])` with `j = MIN_LANE[l]` (the order AVX2's
+///   `hadd` leaves), `s` the 16-value sums of the activations; Q6_K: `sc[l]·s[l] +
+///   sc[8+l]·s[8+l]`, which enters as `isum − 32·msum`.
+pub(crate) type Lanes = [f32; 8];
+
+/// The min each lane of a Q4_K/Q5_K `msum` carries.
+pub(crate) const MIN_LANE: [usize; 8] = [0, 1, 4, 5, 2, 3, 6, 7];
+
+/// `acc[l] += (dw·da)·isum[l]`, then `acc[l] += −(dmin·da)·msum[l]`, each one rounding
+/// (`fma`): the float work of one Q4_K/Q5_K super-block, the same in every kernel.
 #[inline(always)]
-pub(crate) fn finish(acc: f32, dw: f32, dmin: f32, da: f32, isum: i32, msum: i32) -> f32 {
-    let acc = acc + (dw * da) * isum as f32;
-    acc - (dmin * da) * msum as f32
+pub(crate) fn step45(
+    acc: &mut Lanes,
+    dw: f32,
+    dmin: f32,
+    da: f32,
+    isum: &[i32; 8],
+    msum: &[i32; 8],
+) {
+    let (a, b) = (dw * da, -(dmin * da));
+    for l in 0..8 {
+        acc[l] = a.mul_add(isum[l] as f32, acc[l]);
+        acc[l] = b.mul_add(msum[l] as f32, acc[l]);
+    }
+}
+
+/// `acc[l] += (dw·da)·(isum[l] − 32·msum[l])` (one `fma`): one Q6_K super-block.
+#[inline(always)]
+pub(crate) fn step6(acc: &mut Lanes, dw: f32, da: f32, isum: &[i32; 8], msum: &[i32; 8]) {
+    let a = dw * da;
+    for l in 0..8 {
+        acc[l] = a.mul_add((isum[l] - 32 * msum[l]) as f32, acc[l]);
+    }
+}
+
+/// The lanes' sum, in the order of the SIMD reduction: halves, then pairs.
+#[inline(always)]
+pub(crate) fn reduce8(a: &Lanes) -> f32 {
+    let h = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (h[0] + h[2]) + (h[1] + h[3])
 }
 
 /// One Q4_K (or, with `Q5`, Q5_K) super-block as the AVX2 and AVX-512 kernels read it: its

@@ -15,15 +15,19 @@
 //!   `q` 6 bits: 4 from `ql[64n + 32(g&1) + l]` (low nibble for `g < 2`, high otherwise) and
 //!   2 from `qh[32n + l] >> 2g`. The scale index of a value is also its 16-value sum index.
 //!
-//! Rows are kept as GGUF stores them (no interleaving: a super-block's scales differ per
-//! row). A kernel call takes up to `MAX_R` rows × `TILE_T` tokens and loads each weight
-//! super-block once for all the tokens. The integer sums are exact and the float work per
-//! super-block is the same sequence of operations in every kernel, so the scalar and SIMD
-//! kernels agree bit for bit, and a row's result does not depend on the other rows or tokens.
+//! On AVX-512, Q4_K and Q6_K matrices are packed in 16-row tiles ([`tiled`]), where one
+//! `vpdpbusd` serves 16 rows. Otherwise rows are kept as GGUF stores them, and a kernel call
+//! takes up to `MAX_R` rows × `TILE_T` tokens, loading each weight super-block once for all
+//! the tokens. Each super-block's integer sums are exact; they join eight f32 lanes per (row,
+//! token) by the same fused multiply-adds in every row kernel, and the lanes are reduced once,
+//! at the row's end ([`blocks::Lanes`]), so the scalar, AVX2 and AVX-512 Q5_K kernels agree
+//! bit for bit. In every kernel a row's result does not depend on the other rows or tokens.
 use half::f16;
 
 mod avx2;
 mod blocks;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod tiled;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
@@ -31,7 +35,7 @@ use super::act::Acts;
 #[cfg(target_arch = "x86_64")]
 use super::act::TokenPtrs;
 use super::{Format, Isa, Tile, TILE_T};
-use blocks::{finish, q4k_scales};
+use blocks::q4k_scales;
 
 pub use super::act::QK_K;
 
@@ -40,7 +44,7 @@ fn rd_f16(b: &[u8], off: usize) -> f32 {
 }
 
 /// The 256 quants of a Q6_K super-block (`0..64`, before the −32).
-fn q6k_quants(blk: &[u8]) -> [u8; QK_K] {
+pub(crate) fn q6k_quants(blk: &[u8]) -> [u8; QK_K] {
     let (ql, qh) = (&blk[0..128], &blk[128..192]);
     let mut q = [0u8; QK_K];
     for n in 0..2 {
@@ -101,9 +105,81 @@ fn q45_parts(format: Format, blk: &[u8]) -> (Option<&[u8]>, &[u8]) {
     }
 }
 
+/// A K-quant matrix's packed bytes: [`tiled`]'s tiles where [`is_tiled`], else its GGUF
+/// rows as they are, run in groups of `R` rows.
+pub(crate) fn pack(
+    format: Format,
+    raw: &[u8],
+    n: usize,
+    k: usize,
+    isa: Isa,
+) -> Result<Vec<u8>, String> {
+    if k == 0 || !k.is_multiple_of(QK_K) {
+        return Err(format!("k = {k} is not a positive multiple of {QK_K}"));
+    }
+    let want = n * (k / QK_K) * format.block_bytes();
+    if raw.len() != want {
+        return Err(format!(
+            "{format:?} {n}×{k} needs {want} bytes, got {}",
+            raw.len()
+        ));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_tiled(format, isa) {
+        return Ok(tiled::pack_format(format, raw, n, k));
+    }
+    let mut data = Vec::with_capacity(raw.len());
+    for part in raw.chunks(1 << 20) {
+        // A background load may hand the CPU to serving between megabytes.
+        crate::turns::pace();
+        data.extend_from_slice(part);
+    }
+    Ok(data)
+}
+
+/// Whether `format`'s matrices for `isa` are packed in [`tiled`]'s 16-row tiles (Q4_K on
+/// and Q6_K on AVX-512) rather than kept as GGUF rows.
+pub(crate) fn is_tiled(format: Format, isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64")
+        && matches!(format, Format::Q4K | Format::Q6K)
+        && isa == Isa::Avx512
+}
+
+/// Tokens one kernel call takes: `WIDE_T` for the tiled kernel, else `TILE_T`.
+pub(crate) fn tokens_per_call(format: Format, isa: Isa) -> usize {
+    if is_tiled(format, isa) {
+        super::WIDE_T
+    } else {
+        TILE_T
+    }
+}
+
+/// One group's `rows` rows (`w`: its tiles, or its GGUF rows of `nsb` super-blocks each)
+/// against tokens `t0 .. t0 + nt`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    format: Format,
+    isa: Isa,
+    w: &[u8],
+    rows: usize,
+    nsb: usize,
+    acts: &Acts,
+    t0: usize,
+    nt: usize,
+    tile: &mut Tile,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_tiled(format, isa) {
+        // SAFETY: `pack` refused to build a matrix for an instruction set the CPU lacks.
+        unsafe { tiled::kernel(format, w, nsb, acts, t0, nt, tile) };
+        return;
+    }
+    kernel(format, isa, w, rows, nsb, acts, t0, nt, tile)
+}
+
 /// `rows` rows (`w`: row-major, `nsb` super-blocks each) against tokens `t0 .. t0 + nt`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn kernel(
+fn kernel(
     format: Format,
     isa: Isa,
     w: &[u8],
@@ -135,7 +211,8 @@ pub(crate) fn kernel(
     }
 }
 
-/// Portable kernel of one row: the reference the SIMD kernel is tested against.
+/// Portable kernel of one row: the reference the SIMD kernels are tested against. It
+/// computes each super-block's lane integers as [`blocks::Lanes`] defines them.
 fn scalar_row(
     format: Format,
     row: &[u8],
@@ -146,48 +223,54 @@ fn scalar_row(
     out: &mut [f32; TILE_T],
 ) {
     let bb = format.block_bytes();
+    let mut lanes = [[0f32; 8]; TILE_T];
     for sb in 0..nsb {
         let blk = &row[sb * bb..(sb + 1) * bb];
-        for (t, acc) in out.iter_mut().enumerate().take(nt) {
+        for (t, acc) in lanes.iter_mut().enumerate().take(nt) {
             let a = &acts.qs_row(t0 + t)[sb * QK_K..(sb + 1) * QK_K];
             let da = acts.d_row(t0 + t)[sb];
             let bs = &acts.s_row(t0 + t)[sb * 16..(sb + 1) * 16];
+            let bs = |i: usize| bs[i] as i32;
             let ai = |i: usize| a[i] as i8 as i32;
+            let (mut isum, mut msum) = ([0i32; 8], [0i32; 8]);
             match format {
                 Format::Q4K | Format::Q5K => {
                     let (sc, mn) = q4k_scales(&blk[4..16]);
                     let (qh, qs) = q45_parts(format, blk);
-                    let mut isum = 0i32;
-                    for j in 0..4 {
-                        let (mut lo, mut hi) = (0i32, 0i32);
-                        for l in 0..32 {
-                            lo += q45(qs, qh, j, 0, l) as i32 * ai(64 * j + l);
-                            hi += q45(qs, qh, j, 1, l) as i32 * ai(64 * j + 32 + l);
+                    for (l, (is, ms)) in isum.iter_mut().zip(&mut msum).enumerate() {
+                        for j in 0..4 {
+                            let (mut lo, mut hi) = (0i32, 0i32);
+                            for v in 4 * l..4 * l + 4 {
+                                lo += q45(qs, qh, j, 0, v) as i32 * ai(64 * j + v);
+                                hi += q45(qs, qh, j, 1, v) as i32 * ai(64 * j + 32 + v);
+                            }
+                            *is += lo * sc[2 * j] as i32 + hi * sc[2 * j + 1] as i32;
                         }
-                        isum += lo * sc[2 * j] as i32 + hi * sc[2 * j + 1] as i32;
+                        let j = blocks::MIN_LANE[l];
+                        *ms = mn[j] as i32 * (bs(2 * j) + bs(2 * j + 1));
                     }
-                    let msum: i32 = (0..8)
-                        .map(|j| mn[j] as i32 * (bs[2 * j] + bs[2 * j + 1]) as i32)
-                        .sum();
-                    *acc = finish(*acc, rd_f16(blk, 0), rd_f16(blk, 2), da, isum, msum);
+                    blocks::step45(acc, rd_f16(blk, 0), rd_f16(blk, 2), da, &isum, &msum);
                 }
                 Format::Q6K => {
                     let q = q6k_quants(blk);
-                    let mut isum = 0i32;
-                    let mut msum = 0i32;
-                    for j in 0..16 {
-                        let sc = blk[192 + j] as i8 as i32;
-                        let s: i32 = (0..16).map(|i| q[16 * j + i] as i32 * ai(16 * j + i)).sum();
-                        isum += s * sc;
-                        msum += 32 * sc * bs[j] as i32;
+                    let sc = |g: usize| blk[192 + g] as i8 as i32;
+                    for (l, (is, ms)) in isum.iter_mut().zip(&mut msum).enumerate() {
+                        for g in 0..8 {
+                            let v0 = 32 * g + 4 * l;
+                            for (v, &qv) in q.iter().enumerate().skip(v0).take(4) {
+                                *is += sc(v / 16) * qv as i32 * ai(v);
+                            }
+                        }
+                        *ms = sc(l) * bs(l) + sc(8 + l) * bs(8 + l);
                     }
-                    // The −32 offset comes in as msum: Σ sc·(q − 32)·a = isum − msum.
-                    let d = rd_f16(blk, 208);
-                    *acc = finish(*acc, d, d, da, isum, msum);
+                    blocks::step6(acc, rd_f16(blk, 208), da, &isum, &msum);
                 }
                 _ => unreachable!("{format:?} is not a K-quant"),
             }
         }
+    }
+    for (o, acc) in out.iter_mut().zip(&lanes).take(nt) {
+        *o = blocks::reduce8(acc);
     }
 }
 
@@ -211,17 +294,10 @@ unsafe fn simd_row(
     // kernel relies on (`nsb` super-blocks in `row`, tokens `t0 .. t0 + nt` in `acts`).
     unsafe {
         match (format, isa) {
-            (Format::Q4K, Isa::Avx512) => by_tokens!(
-                nt,
-                v::q45k::<false>(row, nsb, &TokenPtrs::new(acts, t0), out)
-            ),
             (Format::Q5K, Isa::Avx512) => by_tokens!(
                 nt,
                 v::q45k::<true>(row, nsb, &TokenPtrs::new(acts, t0), out)
             ),
-            (Format::Q6K, Isa::Avx512) => {
-                by_tokens!(nt, v::q6k(row, nsb, &TokenPtrs::new(acts, t0), out))
-            }
             (Format::Q4K, _) => by_tokens!(
                 nt,
                 q45k_avx2::<false>(row, nsb, &TokenPtrs::new(acts, t0), out)
