@@ -69,7 +69,7 @@ stop_server() {
 peer_venv() {
     local version=${LLAMA_CPP_PYTHON:-0.3.36}
     local args=${LLAMA_CMAKE_ARGS:-}
-    if [[ -z "$args" ]] && grep -q avx512vnni /proc/cpuinfo; then
+    if [[ -z "$args" ]] && grep -qE 'avx512_?vnni' /proc/cpuinfo; then
         args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
     elif [[ -z "$args" ]]; then
         # No AVX-512 here (so no AMX either): the compiler's view of this CPU.
