@@ -74,9 +74,64 @@ static HB_SPREAD: [u8; 64] = {
 /// # Safety
 /// `p .. p + 4j + 4` must be readable.
 #[inline(always)]
-unsafe fn bcast4(p: *const u8, j: usize) -> __m512i {
+pub(crate) unsafe fn bcast4(p: *const u8, j: usize) -> __m512i {
     // SAFETY: the caller guarantees the 4 bytes are readable; the read is unaligned.
     unsafe { _mm512_set1_epi32(p.add(4 * j).cast::<i32>().read_unaligned()) }
+}
+
+/// The 256 bytes at `p` as four 64-byte chunks: their low nibbles as vectors `0..4`, their
+/// high nibbles as vectors `4..8` (the packed Q4_x layout of a 32-value block of 16 rows).
+///
+/// # Safety
+/// 256 bytes are readable at `p`; the CPU has AVX-512 F/BW.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn nibbles(p: *const u8) -> [__m512i; 8] {
+    let mask = _mm512_set1_epi8(0x0F);
+    // SAFETY: the caller guarantees the 256 bytes.
+    let c: [__m512i; 4] =
+        std::array::from_fn(|c| unsafe { _mm512_loadu_si512(p.add(64 * c).cast()) });
+    std::array::from_fn(|j| {
+        let v = if j < 4 {
+            c[j]
+        } else {
+            _mm512_srli_epi16::<4>(c[j - 4])
+        };
+        _mm512_and_si512(v, mask)
+    })
+}
+
+/// `Σ w·a` of 16 rows over a 32-value block: the unsigned vectors `w` against the signed
+/// activation bytes at `a`, in two `vpdpbusd` chains (half the latency of one).
+///
+/// # Safety
+/// 32 bytes are readable at `a`; the CPU has AVX-512 F and VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+pub(crate) unsafe fn dot32(w: &[__m512i; 8], a: *const u8) -> __m512i {
+    let zero = _mm512_setzero_si512();
+    // SAFETY: the caller guarantees the 32 bytes.
+    unsafe {
+        let mut s0 = _mm512_dpbusd_epi32(zero, w[0], bcast4(a, 0));
+        let mut s1 = _mm512_dpbusd_epi32(zero, w[1], bcast4(a, 1));
+        s0 = _mm512_dpbusd_epi32(s0, w[2], bcast4(a, 2));
+        s1 = _mm512_dpbusd_epi32(s1, w[3], bcast4(a, 3));
+        s0 = _mm512_dpbusd_epi32(s0, w[4], bcast4(a, 4));
+        s1 = _mm512_dpbusd_epi32(s1, w[5], bcast4(a, 5));
+        s0 = _mm512_dpbusd_epi32(s0, w[6], bcast4(a, 6));
+        s1 = _mm512_dpbusd_epi32(s1, w[7], bcast4(a, 7));
+        _mm512_add_epi32(s0, s1)
+    }
+}
+
+/// Writes each token's 16 row results into its row of `tile`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn store_tile<const T: usize>(tile: &mut Tile, acc: [__m512; T]) {
+    for (row, acc) in tile.iter_mut().zip(acc) {
+        // SAFETY: each tile row has MAX_R = 16 f32.
+        unsafe { _mm512_storeu_ps(row.as_mut_ptr(), acc) };
+    }
 }
 
 /// Q4_1 (`OFFSET`, activations Q8_1) or Q4_0 (activations Q8_0): weights are unsigned
@@ -100,8 +155,6 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
         _ => 18 * R,
     };
     let tok = TokenPtrs::<T>::new(acts, t0);
-    let mask = _mm512_set1_epi8(0x0F);
-    let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); T];
     let p = g.as_ptr();
     for b in 0..nb {
@@ -112,22 +165,7 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
         unsafe {
             let blk = p.add(b * pb);
             prefetch(blk, pb);
-            let c = [
-                _mm512_loadu_si512(blk.cast()),
-                _mm512_loadu_si512(blk.add(64).cast()),
-                _mm512_loadu_si512(blk.add(128).cast()),
-                _mm512_loadu_si512(blk.add(192).cast()),
-            ];
-            let mut w = [
-                _mm512_and_si512(c[0], mask),
-                _mm512_and_si512(c[1], mask),
-                _mm512_and_si512(c[2], mask),
-                _mm512_and_si512(c[3], mask),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(c[0]), mask),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(c[1]), mask),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(c[2]), mask),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(c[3]), mask),
-            ];
+            let mut w = nibbles(blk);
             if HB {
                 // Chunk c's 16 high-bit bytes (one per row) in every 128-bit lane, spread to
                 // each row's 4 byte lanes and tested against each lane's bit: 16 where set.
@@ -151,17 +189,7 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
                 _mm512_setzero_ps()
             };
             for (t, acc) in acc.iter_mut().enumerate() {
-                let a = tok.qs[t].add(b * BLOCK);
-                // Two independent accumulation chains halve the dpbusd latency.
-                let mut s0 = _mm512_dpbusd_epi32(zero, w[0], bcast4(a, 0));
-                let mut s1 = _mm512_dpbusd_epi32(zero, w[1], bcast4(a, 1));
-                s0 = _mm512_dpbusd_epi32(s0, w[2], bcast4(a, 2));
-                s1 = _mm512_dpbusd_epi32(s1, w[3], bcast4(a, 3));
-                s0 = _mm512_dpbusd_epi32(s0, w[4], bcast4(a, 4));
-                s1 = _mm512_dpbusd_epi32(s1, w[5], bcast4(a, 5));
-                s0 = _mm512_dpbusd_epi32(s0, w[6], bcast4(a, 6));
-                s1 = _mm512_dpbusd_epi32(s1, w[7], bcast4(a, 7));
-                let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let isum = _mm512_cvtepi32_ps(dot32(&w, tok.qs[t].add(b * BLOCK)));
                 let da = _mm512_set1_ps(*tok.d[t].add(b));
                 let sa = _mm512_set1_ps(*tok.s[t].add(b));
                 if OFFSET {
@@ -174,10 +202,7 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
             }
         }
     }
-    for (row, acc) in tile.iter_mut().zip(acc) {
-        // SAFETY: each tile row has MAX_R = 16 f32.
-        unsafe { _mm512_storeu_ps(row.as_mut_ptr(), acc) };
-    }
+    store_tile(tile, acc);
 }
 
 /// Q8_0 against activations stored as `a + 128` (unsigned): `vpdpbusd` gives
@@ -220,8 +245,5 @@ unsafe fn q8_0<const T: usize>(g: &[u8], nb: usize, acts: &Acts, t0: usize, tile
             }
         }
     }
-    for (row, acc) in tile.iter_mut().zip(acc) {
-        // SAFETY: each tile row has MAX_R = 16 f32.
-        unsafe { _mm512_storeu_ps(row.as_mut_ptr(), acc) };
-    }
+    store_tile(tile, acc);
 }

@@ -169,6 +169,12 @@ impl PackedMatrix {
         self.isa
     }
 
+    /// Whether this K-quant matrix is packed in 16-row tiles (Q4_K and Q6_K on AVX-512),
+    /// whose kernels sum in another order than the row kernels.
+    pub fn is_tiled(&self) -> bool {
+        super::kquant::is_tiled(self.format, self.isa)
+    }
+
     /// Output rows.
     pub fn n(&self) -> usize {
         self.n
@@ -303,7 +309,7 @@ impl PackedMatrix {
             let nt = step.min(m - t0);
             if self.format.is_k() {
                 let nsb = self.k / super::kquant::QK_K;
-                super::kquant::run(
+                super::kquant::kernel(
                     self.format,
                     self.isa,
                     gdata,

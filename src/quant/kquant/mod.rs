@@ -137,8 +137,8 @@ pub(crate) fn pack(
     Ok(data)
 }
 
-/// Whether `format`'s matrices for `isa` are packed in [`tiled`]'s 16-row tiles (Q4_K on
-/// and Q6_K on AVX-512) rather than kept as GGUF rows.
+/// Whether `format`'s matrices for `isa` are packed in [`tiled`]'s 16-row tiles (Q4_K and
+/// Q6_K on AVX-512) rather than kept as GGUF rows.
 pub(crate) fn is_tiled(format: Format, isa: Isa) -> bool {
     cfg!(target_arch = "x86_64")
         && matches!(format, Format::Q4K | Format::Q6K)
@@ -157,7 +157,7 @@ pub(crate) fn tokens_per_call(format: Format, isa: Isa) -> usize {
 /// One group's `rows` rows (`w`: its tiles, or its GGUF rows of `nsb` super-blocks each)
 /// against tokens `t0 .. t0 + nt`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn run(
+pub(crate) fn kernel(
     format: Format,
     isa: Isa,
     w: &[u8],
@@ -171,25 +171,8 @@ pub(crate) fn run(
     #[cfg(target_arch = "x86_64")]
     if is_tiled(format, isa) {
         // SAFETY: `pack` refused to build a matrix for an instruction set the CPU lacks.
-        unsafe { tiled::kernel(format, w, nsb, acts, t0, nt, tile) };
-        return;
+        return unsafe { tiled::kernel(format, w, nsb, acts, t0, nt, tile) };
     }
-    kernel(format, isa, w, rows, nsb, acts, t0, nt, tile)
-}
-
-/// `rows` rows (`w`: row-major, `nsb` super-blocks each) against tokens `t0 .. t0 + nt`.
-#[allow(clippy::too_many_arguments)]
-fn kernel(
-    format: Format,
-    isa: Isa,
-    w: &[u8],
-    rows: usize,
-    nsb: usize,
-    acts: &Acts,
-    t0: usize,
-    nt: usize,
-    tile: &mut Tile,
-) {
     let rb = nsb * format.block_bytes();
     assert!(w.len() >= rows * rb, "rows too short");
     assert!((1..=TILE_T).contains(&nt) && t0 + nt <= acts.m());

@@ -31,6 +31,7 @@ use std::arch::x86_64::*;
 use super::blocks::q4k_scales;
 use super::QK_K;
 use crate::quant::act::{Acts, TokenPtrs};
+use crate::quant::avx512::{bcast4, dot32, nibbles, store_tile};
 use crate::quant::{Format, Tile, WIDE_T};
 
 /// Rows of a tile.
@@ -202,16 +203,6 @@ pub(crate) unsafe fn kernel(
     }
 }
 
-/// Broadcast of the 4 bytes at `p`.
-///
-/// # Safety
-/// 4 bytes are readable at `p`.
-#[inline(always)]
-unsafe fn bcast4(p: *const u8) -> __m512i {
-    // SAFETY: the caller guarantees the 4 bytes; the read is unaligned.
-    unsafe { _mm512_set1_epi32(p.cast::<i32>().read_unaligned()) }
-}
-
 /// A token's four words of 32-value sums for one super-block: word `p` holds
 /// `b_{2p}, b_{2p+1}` as i16 (`|b| ≤ 32·127`), from its sixteen 16-value sums.
 #[inline]
@@ -234,7 +225,6 @@ fn pair_sums(bs: &[f32]) -> [i32; 4] {
 #[allow(clippy::needless_range_loop)] // `t` indexes accumulators kept in registers
 unsafe fn q4k<const T: usize>(g: &[u8], nsb: usize, acts: &Acts, t0: usize, tile: &mut Tile) {
     let tok = TokenPtrs::<T>::new(acts, t0);
-    let mask = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); T];
     for sb in 0..nsb {
@@ -242,41 +232,16 @@ unsafe fn q4k<const T: usize>(g: &[u8], nsb: usize, acts: &Acts, t0: usize, tile
         // values, `nsb · 16` sums and `nsb` scales (the caller's guarantee).
         unsafe {
             let blk = g.as_ptr().add(sb * TILE);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(D).cast()));
             let mut u = [_mm512_setzero_ps(); T];
             for s in 0..8 {
-                let at = blk.add(256 * s);
-                let c: [__m512i; 4] =
-                    std::array::from_fn(|c| _mm512_loadu_si512(at.add(64 * c).cast()));
-                let w = [
-                    _mm512_and_si512(c[0], mask),
-                    _mm512_and_si512(c[1], mask),
-                    _mm512_and_si512(c[2], mask),
-                    _mm512_and_si512(c[3], mask),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(c[0]), mask),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(c[1]), mask),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(c[2]), mask),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(c[3]), mask),
-                ];
+                let w = nibbles(blk.add(256 * s));
                 // d·sc_s of each row: exact (an 11-bit mantissa times 6 bits).
-                let dsc = _mm512_mul_ps(
-                    _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(D).cast())),
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                        blk.add(SC + 16 * s).cast(),
-                    ))),
-                );
+                let sc = _mm_loadu_si128(blk.add(SC + 16 * s).cast());
+                let dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
                 for t in 0..T {
-                    let a = tok.qs[t].add(sb * QK_K + 32 * s);
-                    // Two accumulation chains halve the dpbusd latency.
-                    let mut s0 = _mm512_dpbusd_epi32(zero, w[0], bcast4(a));
-                    let mut s1 = _mm512_dpbusd_epi32(zero, w[1], bcast4(a.add(4)));
-                    s0 = _mm512_dpbusd_epi32(s0, w[2], bcast4(a.add(8)));
-                    s1 = _mm512_dpbusd_epi32(s1, w[3], bcast4(a.add(12)));
-                    s0 = _mm512_dpbusd_epi32(s0, w[4], bcast4(a.add(16)));
-                    s1 = _mm512_dpbusd_epi32(s1, w[5], bcast4(a.add(20)));
-                    s0 = _mm512_dpbusd_epi32(s0, w[6], bcast4(a.add(24)));
-                    s1 = _mm512_dpbusd_epi32(s1, w[7], bcast4(a.add(28)));
-                    let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-                    u[t] = _mm512_fmadd_ps(isum, dsc, u[t]);
+                    let isum = dot32(&w, tok.qs[t].add(sb * QK_K + 32 * s));
+                    u[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dsc, u[t]);
                 }
             }
             let mn: [__m512i; 4] =
@@ -297,10 +262,7 @@ unsafe fn q4k<const T: usize>(g: &[u8], nsb: usize, acts: &Acts, t0: usize, tile
             }
         }
     }
-    for (row, acc) in tile.iter_mut().zip(acc) {
-        // SAFETY: each tile row has MAX_R = 16 f32.
-        unsafe { _mm512_storeu_ps(row.as_mut_ptr(), acc) };
-    }
+    store_tile(tile, acc);
 }
 
 /// # Safety
@@ -331,10 +293,10 @@ unsafe fn q6k<const T: usize>(g: &[u8], nsb: usize, acts: &Acts, t0: usize, tile
                 );
                 for t in 0..T {
                     let a = tok.qs[t].add(sb * QK_K + 16 * grp);
-                    let mut s0 = _mm512_dpbusd_epi32(zero, w[0], bcast4(a));
-                    let mut s1 = _mm512_dpbusd_epi32(zero, w[1], bcast4(a.add(4)));
-                    s0 = _mm512_dpbusd_epi32(s0, w[2], bcast4(a.add(8)));
-                    s1 = _mm512_dpbusd_epi32(s1, w[3], bcast4(a.add(12)));
+                    let mut s0 = _mm512_dpbusd_epi32(zero, w[0], bcast4(a, 0));
+                    let mut s1 = _mm512_dpbusd_epi32(zero, w[1], bcast4(a, 1));
+                    s0 = _mm512_dpbusd_epi32(s0, w[2], bcast4(a, 2));
+                    s1 = _mm512_dpbusd_epi32(s1, w[3], bcast4(a, 3));
                     let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
                     u[t] = _mm512_fmadd_ps(isum, dsc, u[t]);
                     let b = _mm512_set1_ps(*tok.s[t].add(sb * 16 + grp));
@@ -348,8 +310,5 @@ unsafe fn q6k<const T: usize>(g: &[u8], nsb: usize, acts: &Acts, t0: usize, tile
             }
         }
     }
-    for (row, acc) in tile.iter_mut().zip(acc) {
-        // SAFETY: each tile row has MAX_R = 16 f32.
-        unsafe { _mm512_storeu_ps(row.as_mut_ptr(), acc) };
-    }
+    store_tile(tile, acc);
 }

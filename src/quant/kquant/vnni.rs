@@ -1,6 +1,7 @@
 //! The AVX-512 kernel of Q5_K (Q4_K and Q6_K run in [`super::tiled`]'s tiles there):
-//! `vpmaddubsw` multiplies 64 unsigned weight quants with 64 signed activation bytes a time into i16 pairs, and `vpmaddwd` scales pairs of pairs by
-//! their sub-block's scale into i32 lanes (two one-uop steps, where `vpdpbusd` and a 32-bit
+//! `vpmaddubsw` multiplies 64 unsigned weight quants with 64 signed activation bytes a time
+//! into i16 pairs, and `vpmaddwd` scales pairs of pairs by their sub-block's scale into i32
+//! lanes (two one-uop steps, where `vpdpbusd` and a 32-bit
 //! multiply by the scale took three and a long latency). The 16 i32 lanes of a super-block
 //! fold to the eight of the scalar and AVX2 kernels in [`super`] (lane `l` plus lane `8 + l`),
 //! and join the f32 lanes by the AVX2 kernels' steps, so all three agree bit for bit
