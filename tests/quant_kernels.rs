@@ -17,7 +17,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swapd::quant::{dequantize, Acts, Format, Isa, PackedMatrix, QLinear};
 
-const FORMATS: [Format; 4] = [Format::Q4_1, Format::Q5_1, Format::Q4_0, Format::Q8_0];
+const FORMATS: [Format; 5] = [
+    Format::Q4_1,
+    Format::Q5_1,
+    Format::Q4_0,
+    Format::Q5_0,
+    Format::Q8_0,
+];
 
 /// Random GGUF bytes for an `n × k` matrix: random scales (and mins), random quants over
 /// their whole range.
@@ -34,6 +40,7 @@ fn random_weights(rng: &mut StdRng, format: Format, n: usize, k: usize) -> Vec<u
                 raw.extend((0..qh + 16).map(|_| rng.random::<u8>()));
             }
             Format::Q4_0 => raw.extend((0..16).map(|_| rng.random::<u8>())),
+            Format::Q5_0 => raw.extend((0..20).map(|_| rng.random::<u8>())),
             Format::Q8_0 => raw.extend((0..32).map(|_| rng.random::<u8>())),
             Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("see random_k_weights"),
         }
@@ -79,9 +86,12 @@ fn dequant_f64(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f64> {
                 out.extend(qs.iter().map(|&q| d * (q & 15) as f64 + m));
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f64 + m));
             }
-            Format::Q5_1 => {
-                // ggml's dequantize_row_q5_1: bit j of qh is value j's fifth bit.
-                let (m, qh, qs) = (f(blk, 2), &blk[4..8], &blk[8..24]);
+            Format::Q5_1 | Format::Q5_0 => {
+                // ggml's dequantize_row_q5_{0,1}: bit j of qh is value j's fifth bit.
+                let (m, qh, qs) = match format {
+                    Format::Q5_1 => (f(blk, 2), &blk[4..8], &blk[8..24]),
+                    _ => (-16.0 * d, &blk[2..6], &blk[6..22]),
+                };
                 let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
                 for j in 0..32 {
                     let nib = if j < 16 { qs[j] & 15 } else { qs[j - 16] >> 4 };
@@ -455,6 +465,49 @@ fn qlinear_forward_shapes_fallback_and_forward_many() {
     );
 }
 
+/// Q5_0's values `q − 16` fit a signed byte, so a Q5_0 matrix is also a Q8_0 matrix with
+/// the same scales; both kernels' integer sums are exact, so the Q5_0 kernel must give the
+/// Q8_0 kernel's bits on every instruction set (the path Q5_0 ran on before it had its own).
+#[test]
+fn q5_0_gives_the_bits_of_the_same_values_in_q8_0() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for isa in Isa::supported() {
+        for (n, k, m) in [(9, 96, 1), (33, 640, 5), (16, 32, 9)] {
+            let raw = random_weights(&mut rng, Format::Q5_0, n, k);
+            let mut wide = Vec::with_capacity(raw.len() / 22 * 34);
+            for b in raw.chunks_exact(22) {
+                wide.extend_from_slice(&b[0..2]);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                wide.extend((0..32).map(|j| {
+                    let nib = if j < 16 {
+                        b[6 + j] & 15
+                    } else {
+                        b[6 + j - 16] >> 4
+                    };
+                    ((nib | ((((qh >> j) & 1) as u8) << 4)) as i8 - 16) as u8
+                }));
+            }
+            assert_eq!(
+                dequantize(Format::Q5_0, &raw, n, k),
+                dequantize(Format::Q8_0, &wide, n, k)
+            );
+            let x = random_acts(&mut rng, m, k);
+            let ours = PackedMatrix::pack(Format::Q5_0, &raw, n, k, isa).unwrap();
+            let q8 = PackedMatrix::pack(Format::Q8_0, &wide, n, k, isa).unwrap();
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            assert_eq!(
+                bits(ours.matmul(&x, m)),
+                bits(q8.matmul(&x, m)),
+                "{isa:?} {n}x{k}, {m} tokens"
+            );
+            assert_eq!(
+                ours.storage_bytes(),
+                n.div_ceil(isa.rows()) * k / 32 * 22 * isa.rows()
+            );
+        }
+    }
+}
+
 /// Batch invariance, the property continuous batching rests on: a row's result is the same
 /// bits whether it is multiplied alone or as any row of a batch of up to 16 (every kernel,
 /// every format, shapes off the block, SIMD and tile widths), and whatever the other rows
@@ -692,30 +745,4 @@ fn k_quant_kernels_match_float64_references_candle_and_each_other_bit_for_bit() 
             }
         }
     }
-}
-
-#[test]
-fn q5_0_widens_into_q8_0_with_the_same_values() {
-    let mut rng = StdRng::seed_from_u64(5);
-    let (n, k) = (9, 96);
-    let mut raw = Vec::new();
-    for _ in 0..n * k / 32 {
-        raw.extend_from_slice(&f16::from_f32(rng.random_range(0.001f32..0.05)).to_le_bytes());
-        raw.extend((0..20).map(|_| rng.random::<u8>()));
-    }
-    let wide = swapd::quant::widen_q5_0(&raw).unwrap();
-    let theirs = candle_qtensor_dtype(GgmlDType::Q5_0, &raw, n, k)
-        .dequantize(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    assert_eq!(dequantize(Format::Q8_0, &wide, n, k), theirs);
-    assert!(swapd::quant::widen_q5_0(&raw[..21]).is_err());
-}
-
-fn candle_qtensor_dtype(dtype: GgmlDType, raw: &[u8], n: usize, k: usize) -> QTensor {
-    let storage = QStorage::from_data(Cow::Borrowed(raw), &Device::Cpu, dtype).unwrap();
-    QTensor::new(storage, (n, k)).unwrap()
 }

@@ -45,8 +45,8 @@ fn tensor_bytes(ct: &Content, file_len: u64, on_cpu: bool) -> Result<u64, String
                 "tensor `{tname}` ends at byte {end} but the file has {file_len} bytes (truncated?)"
             ));
         }
-        // Packed on the CPU, a matrix may take more than it does in the file (Q5_0 is
-        // widened to Q8_0 blocks, Q8_0 blocks gain their sums).
+        // Packed on the CPU, a matrix may take more than it does in the file (Q8_0 blocks
+        // gain their sums).
         let packed = crate::quant::packs(info.ggml_dtype, info.shape.dims(), on_cpu);
         let loaded = if packed {
             crate::quant::packed_bytes(info.ggml_dtype, info.shape.dims()).unwrap_or(bytes)

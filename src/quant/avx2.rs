@@ -32,6 +32,7 @@ pub(crate) unsafe fn kernel(
             Format::Q4_1 => by_tokens!(nt, q4::<true, false>(g, nb, acts, t0, tile)),
             Format::Q5_1 => by_tokens!(nt, q4::<true, true>(g, nb, acts, t0, tile)),
             Format::Q4_0 => by_tokens!(nt, q4::<false, false>(g, nb, acts, t0, tile)),
+            Format::Q5_0 => by_tokens!(nt, q4::<false, true>(g, nb, acts, t0, tile)),
             Format::Q8_0 => by_tokens!(nt, q8_0(g, nb, acts, t0, tile)),
             Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("K-quants run in kquant"),
         }
@@ -49,7 +50,8 @@ unsafe fn bcast4(p: *const u8, j: usize) -> __m256i {
 }
 
 /// Q4_1 (`OFFSET`: `d·q + m`, activations Q8_1) or Q4_0 (`d·(q − 8)`, activations Q8_0);
-/// with `HB`, Q5_1: Q4_1 plus each value's fifth bit from the packed high-bit plane.
+/// with `HB`, Q5_1 or Q5_0 (`d·(q − 16)`): Q4_1 or Q4_0 plus each value's fifth bit from
+/// the packed high-bit plane.
 ///
 /// # Safety
 /// AVX2/FMA/F16C; `g` holds `nb` packed 8-row blocks; `acts` has tokens `t0 .. t0 + T` of
@@ -62,11 +64,9 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
     t0: usize,
     tile: &mut Tile,
 ) {
-    let pb = match (OFFSET, HB) {
-        (_, true) => 24 * R,
-        (true, _) => 20 * R,
-        _ => 18 * R,
-    };
+    // Nibbles, scales, then (OFFSET) mins and (HB) the high-bit plane.
+    let hb_at = if OFFSET { 20 * R } else { 18 * R };
+    let pb = if HB { hb_at + 4 * R } else { hb_at };
     let tok = TokenPtrs::<T>::new(acts, t0);
     let mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
@@ -107,7 +107,8 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
                 let mhi = _mm256_set1_epi32(0x8040_2010_u32 as i32);
                 let sixteen = _mm256_set1_epi8(16);
                 for c in 0..4 {
-                    let x = _mm256_set1_epi64x(blk.add(160 + 8 * c).cast::<i64>().read_unaligned());
+                    let x =
+                        _mm256_set1_epi64x(blk.add(hb_at + 8 * c).cast::<i64>().read_unaligned());
                     let y = _mm256_shuffle_epi8(x, idx);
                     let bit =
                         |m| _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(y, m), m), sixteen);
@@ -160,8 +161,9 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
                     *acc = _mm256_fmadd_ps(isum, _mm256_mul_ps(dw, da), *acc);
                     *acc = _mm256_fmadd_ps(mw, sa, *acc);
                 } else {
-                    // Σ (q − 8)·a = Σ q·a − 8·Σ a.
-                    let centred = _mm256_fmadd_ps(sa, _mm256_set1_ps(-8.0), isum);
+                    // Σ (q − 8)·a = Σ q·a − 8·Σ a (16 for Q5_0); both sums are exact.
+                    let centred =
+                        _mm256_fmadd_ps(sa, _mm256_set1_ps(if HB { -16.0 } else { -8.0 }), isum);
                     *acc = _mm256_fmadd_ps(centred, _mm256_mul_ps(dw, da), *acc);
                 }
             }

@@ -51,6 +51,7 @@ pub(crate) unsafe fn kernel(
             Format::Q4_1 => by_tokens_wide!(nt, q4::<true, false>(g, nb, acts, t0, tile)),
             Format::Q5_1 => by_tokens_wide!(nt, q4::<true, true>(g, nb, acts, t0, tile)),
             Format::Q4_0 => by_tokens_wide!(nt, q4::<false, false>(g, nb, acts, t0, tile)),
+            Format::Q5_0 => by_tokens_wide!(nt, q4::<false, true>(g, nb, acts, t0, tile)),
             Format::Q8_0 => by_tokens_wide!(nt, q8_0(g, nb, acts, t0, tile)),
             Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("K-quants run in kquant"),
         }
@@ -135,8 +136,8 @@ pub(crate) fn store_tile<const T: usize>(tile: &mut Tile, acc: [__m512; T]) {
 }
 
 /// Q4_1 (`OFFSET`, activations Q8_1) or Q4_0 (activations Q8_0): weights are unsigned
-/// nibbles, activations signed bytes, exactly `vpdpbusd`'s operands. With `HB`, Q5_1: Q4_1
-/// plus each value's fifth bit from the packed high-bit plane.
+/// nibbles, activations signed bytes, exactly `vpdpbusd`'s operands. With `HB`, Q5_1 or
+/// Q5_0: Q4_1 or Q4_0 plus each value's fifth bit from the packed high-bit plane.
 ///
 /// # Safety
 /// AVX-512 VNNI etc.; `g` holds `nb` packed 16-row blocks; `acts` has tokens
@@ -149,11 +150,9 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
     t0: usize,
     tile: &mut Tile,
 ) {
-    let pb = match (OFFSET, HB) {
-        (_, true) => 24 * R,
-        (true, _) => 20 * R,
-        _ => 18 * R,
-    };
+    // Nibbles, scales, then (OFFSET) mins and (HB) the high-bit plane.
+    let hb_at = if OFFSET { 20 * R } else { 18 * R };
+    let pb = if HB { hb_at + 4 * R } else { hb_at };
     let tok = TokenPtrs::<T>::new(acts, t0);
     let mut acc = [_mm512_setzero_ps(); T];
     let p = g.as_ptr();
@@ -174,7 +173,7 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
                 let mhi = _mm512_set1_epi32(0x8040_2010_u32 as i32);
                 let sixteen = _mm512_set1_epi8(16);
                 for c in 0..4 {
-                    let x = _mm512_broadcast_i32x4(_mm_loadu_si128(blk.add(320 + 16 * c).cast()));
+                    let x = _mm512_broadcast_i32x4(_mm_loadu_si128(blk.add(hb_at + 16 * c).cast()));
                     let y = _mm512_shuffle_epi8(x, idx);
                     let lo = _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(y, mlo), sixteen);
                     let hi = _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(y, mhi), sixteen);
@@ -196,7 +195,8 @@ unsafe fn q4<const T: usize, const OFFSET: bool, const HB: bool>(
                     *acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, da), *acc);
                     *acc = _mm512_fmadd_ps(mw, sa, *acc);
                 } else {
-                    let centred = _mm512_fmadd_ps(sa, _mm512_set1_ps(-8.0), isum);
+                    let centred =
+                        _mm512_fmadd_ps(sa, _mm512_set1_ps(if HB { -16.0 } else { -8.0 }), isum);
                     *acc = _mm512_fmadd_ps(centred, _mm512_mul_ps(dw, da), *acc);
                 }
             }

@@ -17,7 +17,7 @@ pub struct QLinear {
 
 #[derive(Clone, Debug)]
 enum Inner {
-    /// Repacked for this module's kernels (CPU, Q4_0/Q4_1/Q8_0/Q5_0/Q4_K/Q6_K).
+    /// Repacked for this module's kernels (CPU, the formats of [`Format`]).
     Packed(Arc<PackedMatrix>),
     /// Anything else: CUDA/Metal tensors, other formats, float weights.
     Candle(QMatMul),
@@ -38,7 +38,6 @@ impl QLinear {
     /// As [`QLinear::from_qtensor`] with the instruction set chosen by the caller (which
     /// must be supported by this CPU).
     pub fn from_qtensor_with_isa(qtensor: QTensor, isa: Isa) -> Result<Self> {
-        let format = Format::packing(qtensor.dtype());
         if !super::packs(
             qtensor.dtype(),
             qtensor.shape().dims(),
@@ -48,15 +47,9 @@ impl QLinear {
                 inner: Inner::Candle(QMatMul::from_qtensor(qtensor)?),
             });
         }
-        let format = format.expect("checked above");
+        let format = Format::from_ggml(qtensor.dtype()).expect("packs() checked the format");
         let (n, k) = qtensor.shape().dims2()?;
         let raw = qtensor.data()?;
-        let raw = match qtensor.dtype() {
-            candle_core::quantized::GgmlDType::Q5_0 => {
-                std::borrow::Cow::Owned(super::widen_q5_0(&raw).map_err(candle_core::Error::msg)?)
-            }
-            _ => raw,
-        };
         let packed =
             PackedMatrix::pack(format, &raw, n, k, isa).map_err(candle_core::Error::msg)?;
         Ok(Self {

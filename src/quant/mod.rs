@@ -2,10 +2,8 @@
 //! Q5_1, Q4_0, Q8_0, Q5_0 and the K-quants Q4_K, Q5_K and Q6_K) on the CPU, with explicit
 //! SIMD kernels.
 //!
-//! Q5_0 (`d·(q − 16)`, 5-bit `q`) is widened at load into Q8_0 blocks with the same scale:
-//! `q − 16` fits a signed byte, so the values, and llama.cpp's `q5_0·q8_0` integer sums,
-//! are exactly those of the Q8_0 kernel; the price is 34 bytes a block instead of 22. The
-//! K-quants keep their GGUF rows and run the kernels of [`kquant`].
+//! Q5_0 (`d·(q − 16)`, 5-bit `q`) runs Q4_0's kernel plus Q5_1's plane of fifth bits, in
+//! its own 22 bytes a block. The K-quants run the kernels of [`kquant`].
 //!
 //! candle's own CPU path for Q4_1 runs a scalar dot product per (token, weight row). Here a
 //! weight matrix is repacked once at load time into groups of `R` interleaved rows (8 for the
@@ -17,7 +15,7 @@
 //! quants, which the AVX-512 kernel needs to treat activations as unsigned).
 //!
 //! Activations are quantized once per input row — to Q8_1 (scale and scaled sum) for Q4_1,
-//! as llama.cpp does, and to Q8_0 (plus the integer sum) for Q4_0 and Q8_0 — and reused for
+//! as llama.cpp does, and to Q8_0 (plus the integer sum) for Q4_0, Q5_0 and Q8_0 — and reused for
 //! every weight row and, via [`QLinear::forward_many`], for every matrix sharing an input.
 //! Kernels compute `R` rows × up to 4 tokens at a time, so during prefill every weight block
 //! is loaded once per 4 tokens rather than once per token.
@@ -84,45 +82,22 @@ pub const BLOCK: usize = 32;
 /// (and is kept packed): a 2-D matrix in a supported format whose rows are whole blocks.
 pub fn packs(dtype: candle_core::quantized::GgmlDType, dims: &[usize], on_cpu: bool) -> bool {
     on_cpu
-        && match (Format::packing(dtype), dims) {
+        && match (Format::from_ggml(dtype), dims) {
             (Some(f), &[_, k]) => k > 0 && k.is_multiple_of(f.values_per_block()),
             _ => false,
         }
 }
 
 /// Bytes a `dims` matrix of `dtype` takes once packed (`None` when it does not pack): the
-/// GGUF size, plus Q8_0's per-block sums and Q5_0's widening.
+/// GGUF size, plus Q8_0's per-block sums.
 pub fn packed_bytes(dtype: candle_core::quantized::GgmlDType, dims: &[usize]) -> Option<u64> {
-    let f = Format::packing(dtype)?;
+    let f = Format::from_ggml(dtype)?;
     let &[n, k] = dims else { return None };
     let blocks = (n as u64) * (k / f.values_per_block()) as u64;
     Some(match f {
         Format::Q8_0 => blocks * 36,
         _ => blocks * f.block_bytes() as u64,
     })
-}
-
-/// Widens Q5_0 blocks (`d: f16, qh: u32, qs: [u8; 16]`, 22 bytes) into Q8_0 blocks (`d`,
-/// `q − 16` as 32 signed bytes) holding exactly the same values.
-pub fn widen_q5_0(raw: &[u8]) -> Result<Vec<u8>, String> {
-    if !raw.len().is_multiple_of(22) {
-        return Err(format!(
-            "{} bytes is not a whole number of Q5_0 blocks",
-            raw.len()
-        ));
-    }
-    let mut out = Vec::with_capacity(raw.len() / 22 * 34);
-    for b in raw.chunks_exact(22) {
-        out.extend_from_slice(&b[0..2]);
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let qs = &b[6..22];
-        for j in 0..32 {
-            let nib = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
-            let q = nib | ((((qh >> j) & 1) as u8) << 4);
-            out.push((q as i8 - 16) as u8);
-        }
-    }
-    Ok(out)
 }
 
 /// Tokens one kernel call handles at most (the micro-tile is `R` rows × `TILE_T` tokens),
@@ -145,6 +120,8 @@ pub(crate) type Tile = [[f32; MAX_R]; WIDE_T];
 pub enum Format {
     Q4_0,
     Q4_1,
+    /// `d·(q − 16)` with 5-bit `q`: Q4_0's packed nibbles plus a plane of high bits.
+    Q5_0,
     /// `d·q + m` with 5-bit `q`: Q4_1's packed nibbles plus a plane of high bits.
     Q5_1,
     Q8_0,
@@ -163,20 +140,13 @@ impl Format {
         match dtype {
             G::Q4_0 => Some(Self::Q4_0),
             G::Q4_1 => Some(Self::Q4_1),
+            G::Q5_0 => Some(Self::Q5_0),
             G::Q5_1 => Some(Self::Q5_1),
             G::Q8_0 => Some(Self::Q8_0),
             G::Q4K => Some(Self::Q4K),
             G::Q5K => Some(Self::Q5K),
             G::Q6K => Some(Self::Q6K),
             _ => None,
-        }
-    }
-
-    /// The format a GGUF dtype is packed into: its own, or Q8_0 for Q5_0 (widened).
-    pub fn packing(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
-        match dtype {
-            candle_core::quantized::GgmlDType::Q5_0 => Some(Self::Q8_0),
-            d => Self::from_ggml(d),
         }
     }
 
@@ -200,6 +170,7 @@ impl Format {
         match self {
             Self::Q4_0 => G::Q4_0,
             Self::Q4_1 => G::Q4_1,
+            Self::Q5_0 => G::Q5_0,
             Self::Q5_1 => G::Q5_1,
             Self::Q8_0 => G::Q8_0,
             Self::Q4K => G::Q4K,
@@ -213,6 +184,7 @@ impl Format {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
@@ -226,6 +198,15 @@ impl Format {
         match self {
             Self::Q8_0 => r * 36,
             f => r * f.block_bytes(),
+        }
+    }
+
+    /// Where the plane of fifth bits starts in a packed block of `r` rows of Q5_0 or Q5_1:
+    /// after the nibbles, the scales and (Q5_1) the mins.
+    pub(crate) fn high_bits_at(self, r: usize) -> usize {
+        match self {
+            Self::Q5_1 => 20 * r,
+            _ => 18 * r,
         }
     }
 

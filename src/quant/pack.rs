@@ -3,8 +3,9 @@
 //! GGUF stores a weight matrix row by row, each row a run of 32-value blocks:
 //! - Q4_0: `d: f16, qs: [u8; 16]` — value `j` is `d · (q_j − 8)`,
 //! - Q4_1: `d: f16, m: f16, qs: [u8; 16]` — value `j` is `d · q_j + m`,
-//! - Q5_1: `d: f16, m: f16, qh: u32, qs: [u8; 16]` — as Q4_1 with `q_j` 5 bits, the fifth
-//!   being bit `j` of `qh`,
+//! - Q5_0: `d: f16, qh: u32, qs: [u8; 16]` — as Q4_0 with `q_j` 5 bits (value `d·(q_j − 16)`),
+//!   the fifth being bit `j` of `qh`,
+//! - Q5_1: `d: f16, m: f16, qh: u32, qs: [u8; 16]` — as Q4_1 with 5-bit `q_j`, likewise,
 //! - Q8_0: `d: f16, qs: [i8; 32]` — value `j` is `d · q_j`,
 //!
 //! where for the 4-bit formats byte `i` holds `q_i` in its low nibble and `q_{i+16}` in its
@@ -12,9 +13,9 @@
 //! - Q4_x: `qs: [u8; 16·R]` as 4 chunks of `4·R` bytes; chunk `c` holds bytes `4c..4c+4` of
 //!   each row in turn, so its low nibbles are values `4c..4c+4` and its high nibbles values
 //!   `16+4c..16+4c+4` of the `R` rows; then `d: [f16; R]` and, for Q4_1, `m: [f16; R]`.
-//! - Q5_1: Q4_1's `16·R + 4·R` bytes, then `hb: [u8; 4·R]`: byte `c·R + r` holds the fifth
-//!   bits of row `r`'s values `4c..4c+4` (bits 0–3) and `16+4c..16+4c+4` (bits 4–7), the
-//!   values of chunk `c`'s low and high nibbles.
+//! - Q5_0 and Q5_1: Q4_0's or Q4_1's bytes, then `hb: [u8; 4·R]`: byte `c·R + r` holds the
+//!   fifth bits of row `r`'s values `4c..4c+4` (bits 0–3) and `16+4c..16+4c+4` (bits 4–7),
+//!   the values of chunk `c`'s low and high nibbles.
 //! - Q8_0: `qs: [i8; 32·R]` as 8 chunks of `4·R` bytes, chunk `j` holding values
 //!   `4j..4j+4` of each row in turn; then `d: [f16; R]` and `sum: [i16; R]` (Σ q of the
 //!   row's block).
@@ -56,84 +57,11 @@ impl PackedMatrix {
         if !isa.is_supported() {
             return Err(format!("{isa:?} is not supported by this CPU"));
         }
-        if format.is_k() {
-            let data = super::kquant::pack(format, raw, n, k, isa)?;
-            return Ok(Self {
-                format,
-                isa,
-                n,
-                k,
-                data,
-            });
-        }
-        if k == 0 || !k.is_multiple_of(BLOCK) {
-            return Err(format!("k = {k} is not a positive multiple of {BLOCK}"));
-        }
-        let nb = k / BLOCK;
-        let bb = format.block_bytes();
-        if raw.len() != n * nb * bb {
-            return Err(format!(
-                "{format:?} {n}×{k} needs {} bytes, got {}",
-                n * nb * bb,
-                raw.len()
-            ));
-        }
-        let r = isa.rows();
-        let groups = n.div_ceil(r);
-        let pb = format.packed_block_bytes(r);
-        let mut data = vec![0u8; groups * nb * pb];
-        for (gi, gdata) in data.chunks_exact_mut(nb * pb).enumerate() {
-            // A background load may hand the CPU to serving between groups.
-            crate::turns::pace();
-            for (b, dst) in gdata.chunks_exact_mut(pb).enumerate() {
-                for ri in 0..r {
-                    let row = gi * r + ri;
-                    if row >= n {
-                        break;
-                    }
-                    let src = &raw[(row * nb + b) * bb..(row * nb + b + 1) * bb];
-                    match format {
-                        Format::Q4_0 | Format::Q4_1 | Format::Q5_1 => {
-                            let qs_off = match format {
-                                Format::Q4_0 => 2,
-                                Format::Q4_1 => 4,
-                                _ => 8,
-                            };
-                            let qs = &src[qs_off..qs_off + 16];
-                            for c in 0..4 {
-                                let at = c * 4 * r + ri * 4;
-                                dst[at..at + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
-                            }
-                            dst[16 * r + 2 * ri..16 * r + 2 * ri + 2].copy_from_slice(&src[0..2]);
-                            if format != Format::Q4_0 {
-                                let at = 18 * r + 2 * ri;
-                                dst[at..at + 2].copy_from_slice(&src[2..4]);
-                            }
-                            if format == Format::Q5_1 {
-                                let qh = u32::from_le_bytes([src[4], src[5], src[6], src[7]]);
-                                for c in 0..4 {
-                                    let lo = (qh >> (4 * c)) & 0xF;
-                                    let hi = (qh >> (16 + 4 * c)) & 0xF;
-                                    dst[20 * r + c * r + ri] = (lo | (hi << 4)) as u8;
-                                }
-                            }
-                        }
-                        Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("kept as rows"),
-                        Format::Q8_0 => {
-                            let qs = &src[2..34];
-                            for j in 0..8 {
-                                let at = j * 4 * r + ri * 4;
-                                dst[at..at + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
-                            }
-                            dst[32 * r + 2 * ri..32 * r + 2 * ri + 2].copy_from_slice(&src[0..2]);
-                            let sum: i16 = qs.iter().map(|&q| q as i8 as i16).sum();
-                            let at = 34 * r + 2 * ri;
-                            dst[at..at + 2].copy_from_slice(&sum.to_le_bytes());
-                        }
-                    }
-                }
-            }
-        }
+        let data = if format.is_k() {
+            super::kquant::pack(format, raw, n, k, isa)?
+        } else {
+            pack_blocks(format, raw, n, k, isa.rows())?
+        };
         Ok(Self {
             format,
             isa,
@@ -218,39 +146,7 @@ impl PackedMatrix {
         let (gi, ri) = (row / r, row % r);
         let group = self.group_data(gi);
         for (src, dst) in group.chunks_exact(pb).zip(out.chunks_exact_mut(BLOCK)) {
-            match self.format {
-                Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("handled above"),
-                Format::Q4_0 | Format::Q4_1 | Format::Q5_1 => {
-                    let d = rd_f16(src, 16 * r + 2 * ri).to_f32();
-                    let m = if self.format == Format::Q4_0 {
-                        -8.0 * d
-                    } else {
-                        rd_f16(src, 18 * r + 2 * ri).to_f32()
-                    };
-                    for c in 0..4 {
-                        let at = c * 4 * r + ri * 4;
-                        let hb = match self.format {
-                            Format::Q5_1 => src[20 * r + c * r + ri],
-                            _ => 0,
-                        };
-                        for (i, &q) in src[at..at + 4].iter().enumerate() {
-                            let lo = (q & 15) | (((hb >> i) & 1) << 4);
-                            let hi = (q >> 4) | (((hb >> (4 + i)) & 1) << 4);
-                            dst[4 * c + i] = d * lo as f32 + m;
-                            dst[16 + 4 * c + i] = d * hi as f32 + m;
-                        }
-                    }
-                }
-                Format::Q8_0 => {
-                    let d = rd_f16(src, 32 * r + 2 * ri).to_f32();
-                    for j in 0..8 {
-                        let at = j * 4 * r + ri * 4;
-                        for (i, &q) in src[at..at + 4].iter().enumerate() {
-                            dst[4 * j + i] = d * q as i8 as f32;
-                        }
-                    }
-                }
-            }
+            unpack_block(self.format, src, dst, r, ri);
         }
     }
 
@@ -356,6 +252,130 @@ impl PackedMatrix {
     }
 }
 
+/// The GGUF bytes `raw` of an `n × k` matrix in a 32-value format, repacked in groups of
+/// `r` interleaved rows.
+fn pack_blocks(
+    format: Format,
+    raw: &[u8],
+    n: usize,
+    k: usize,
+    r: usize,
+) -> Result<Vec<u8>, String> {
+    if k == 0 || !k.is_multiple_of(BLOCK) {
+        return Err(format!("k = {k} is not a positive multiple of {BLOCK}"));
+    }
+    let nb = k / BLOCK;
+    let bb = format.block_bytes();
+    if raw.len() != n * nb * bb {
+        return Err(format!(
+            "{format:?} {n}×{k} needs {} bytes, got {}",
+            n * nb * bb,
+            raw.len()
+        ));
+    }
+    let pb = format.packed_block_bytes(r);
+    let mut data = vec![0u8; n.div_ceil(r) * nb * pb];
+    for (gi, gdata) in data.chunks_exact_mut(nb * pb).enumerate() {
+        // A background load may hand the CPU to serving between groups.
+        crate::turns::pace();
+        for (b, dst) in gdata.chunks_exact_mut(pb).enumerate() {
+            for ri in 0..r.min(n - gi * r) {
+                let at = ((gi * r + ri) * nb + b) * bb;
+                pack_block(format, &raw[at..at + bb], dst, r, ri);
+            }
+        }
+    }
+    Ok(data)
+}
+
+/// Writes `src`, one GGUF block of a 32-value format, as row `ri` of the packed block `dst`
+/// of `r` rows (the layout in the module header).
+fn pack_block(format: Format, src: &[u8], dst: &mut [u8], r: usize, ri: usize) {
+    let (qs, d) = (&src[block_qs_at(format)..], &src[0..2]);
+    if format == Format::Q8_0 {
+        for j in 0..8 {
+            dst[j * 4 * r + ri * 4..][..4].copy_from_slice(&qs[4 * j..4 * j + 4]);
+        }
+        dst[32 * r + 2 * ri..][..2].copy_from_slice(d);
+        let sum: i16 = qs[..32].iter().map(|&q| q as i8 as i16).sum();
+        dst[34 * r + 2 * ri..][..2].copy_from_slice(&sum.to_le_bytes());
+        return;
+    }
+    for c in 0..4 {
+        dst[c * 4 * r + ri * 4..][..4].copy_from_slice(&qs[4 * c..4 * c + 4]);
+    }
+    dst[16 * r + 2 * ri..][..2].copy_from_slice(d);
+    if matches!(format, Format::Q4_1 | Format::Q5_1) {
+        dst[18 * r + 2 * ri..][..2].copy_from_slice(&src[2..4]);
+    }
+    if let Some(qh) = block_qh(format, src) {
+        let hb = format.high_bits_at(r);
+        for c in 0..4 {
+            let lo = (qh >> (4 * c)) & 0xF;
+            let hi = (qh >> (16 + 4 * c)) & 0xF;
+            dst[hb + c * r + ri] = (lo | (hi << 4)) as u8;
+        }
+    }
+}
+
+/// Row `ri` of the packed block `src` of `r` rows, dequantized into `dst` (32 values).
+fn unpack_block(format: Format, src: &[u8], dst: &mut [f32], r: usize, ri: usize) {
+    if format == Format::Q8_0 {
+        let d = rd_f16(src, 32 * r + 2 * ri).to_f32();
+        for j in 0..8 {
+            for (i, &q) in src[j * 4 * r + ri * 4..][..4].iter().enumerate() {
+                dst[4 * j + i] = d * q as i8 as f32;
+            }
+        }
+        return;
+    }
+    let d = rd_f16(src, 16 * r + 2 * ri).to_f32();
+    let m = match format {
+        Format::Q4_0 => -8.0 * d,
+        Format::Q5_0 => -16.0 * d,
+        _ => rd_f16(src, 18 * r + 2 * ri).to_f32(),
+    };
+    let five = matches!(format, Format::Q5_0 | Format::Q5_1);
+    for c in 0..4 {
+        let hb = if five {
+            src[format.high_bits_at(r) + c * r + ri]
+        } else {
+            0
+        };
+        for (i, &q) in src[c * 4 * r + ri * 4..][..4].iter().enumerate() {
+            let lo = (q & 15) | (((hb >> i) & 1) << 4);
+            let hi = (q >> 4) | (((hb >> (4 + i)) & 1) << 4);
+            dst[4 * c + i] = d * lo as f32 + m;
+            dst[16 + 4 * c + i] = d * hi as f32 + m;
+        }
+    }
+}
+
+/// Where a GGUF block's quants start.
+fn block_qs_at(format: Format) -> usize {
+    match format {
+        Format::Q4_0 | Format::Q8_0 => 2,
+        Format::Q4_1 => 4,
+        Format::Q5_0 => 6,
+        _ => 8,
+    }
+}
+
+/// A Q5_0 or Q5_1 GGUF block's fifth bits (bit `j` for value `j`).
+fn block_qh(format: Format, src: &[u8]) -> Option<u32> {
+    let at = match format {
+        Format::Q5_0 => 2,
+        Format::Q5_1 => 4,
+        _ => return None,
+    };
+    Some(u32::from_le_bytes([
+        src[at],
+        src[at + 1],
+        src[at + 2],
+        src[at + 3],
+    ]))
+}
+
 /// Dequantizes the GGUF bytes of an `n × k` matrix (row-major f32), for tests and checks.
 pub fn dequantize(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f32> {
     let bb = format.block_bytes();
@@ -370,32 +390,21 @@ pub fn dequantize(format: Format, raw: &[u8], n: usize, k: usize) -> Vec<f32> {
     }
     for src in raw.chunks_exact(bb).take(n * k / BLOCK) {
         let d = rd_f16(src, 0).to_f32();
-        match format {
-            Format::Q4_0 | Format::Q4_1 => {
-                let (m, qs) = if format == Format::Q4_1 {
-                    (rd_f16(src, 2).to_f32(), &src[4..20])
-                } else {
-                    (-8.0 * d, &src[2..18])
-                };
-                out.extend(qs.iter().map(|&q| d * (q & 15) as f32 + m));
-                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
-            }
-            Format::Q5_1 => {
-                let m = rd_f16(src, 2).to_f32();
-                let qh = u32::from_le_bytes([src[4], src[5], src[6], src[7]]);
-                let q5 = |j: usize| {
-                    let nib = if j < 16 {
-                        src[8 + j] & 15
-                    } else {
-                        src[8 + j - 16] >> 4
-                    };
-                    nib | ((((qh >> j) & 1) as u8) << 4)
-                };
-                out.extend((0..32).map(|j| d * q5(j) as f32 + m));
-            }
-            Format::Q8_0 => out.extend(src[2..34].iter().map(|&q| d * q as i8 as f32)),
-            Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("handled above"),
+        let qs = &src[block_qs_at(format)..];
+        if format == Format::Q8_0 {
+            out.extend(qs[..32].iter().map(|&q| d * q as i8 as f32));
+            continue;
         }
+        let m = match format {
+            Format::Q4_0 => -8.0 * d,
+            Format::Q5_0 => -16.0 * d,
+            _ => rd_f16(src, 2).to_f32(),
+        };
+        let qh = block_qh(format, src).unwrap_or(0);
+        out.extend((0..32).map(|j| {
+            let nib = if j < 16 { qs[j] & 15 } else { qs[j - 16] >> 4 };
+            d * (nib | ((((qh >> j) & 1) as u8) << 4)) as f32 + m
+        }));
     }
     out
 }

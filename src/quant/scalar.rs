@@ -35,11 +35,13 @@ pub(crate) fn kernel(
             let sa = acts.s_row(t0 + t)[b];
             for (r, acc) in out.iter_mut().enumerate().take(R) {
                 match format {
-                    Format::Q4_0 | Format::Q4_1 | Format::Q5_1 => {
+                    Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 => {
                         let mut isum = 0i32;
                         for c in 0..4 {
                             let hb = match format {
-                                Format::Q5_1 => blk[20 * R + c * R + r] as i32,
+                                Format::Q5_0 | Format::Q5_1 => {
+                                    blk[format.high_bits_at(R) + c * R + r] as i32
+                                }
                                 _ => 0,
                             };
                             for i in 0..4 {
@@ -51,12 +53,14 @@ pub(crate) fn kernel(
                             }
                         }
                         let dw = rd_f16(blk, 16 * R + 2 * r);
-                        if format != Format::Q4_0 {
-                            let mw = rd_f16(blk, 18 * R + 2 * r);
-                            *acc += isum as f32 * (dw * da) + mw * sa;
-                        } else {
-                            // Q4_0 values are q − 8: Σ (q − 8)·a = Σ q·a − 8·Σ a.
-                            *acc += (isum as f32 - 8.0 * sa) * (dw * da);
+                        match format {
+                            Format::Q4_1 | Format::Q5_1 => {
+                                let mw = rd_f16(blk, 18 * R + 2 * r);
+                                *acc += isum as f32 * (dw * da) + mw * sa;
+                            }
+                            // Q4_0 values are q − 8: Σ (q − 8)·a = Σ q·a − 8·Σ a (Q5_0: 16).
+                            Format::Q4_0 => *acc += (isum as f32 - 8.0 * sa) * (dw * da),
+                            _ => *acc += (isum as f32 - 16.0 * sa) * (dw * da),
                         }
                     }
                     Format::Q8_0 => {
