@@ -61,8 +61,8 @@ stop_server() {
 
 # peer_venv: llama.cpp through llama-cpp-python, compiled from source into a scratch
 # virtualenv on first use (~10 min on 2 cores); sets $venv. Never a test dependency.
-# On a CPU with AVX-512 VNNI, built with every x86 extension up to AVX-512 (VNNI, VBMI, BF16)
-# but not AMX (elsewhere GGML_NATIVE): on the machine
+# On a CPU with AVX-512 VNNI, built with the x86 extensions up to AVX-512 (VNNI, and VBMI, BF16
+# and AVX-VNNI where /proc/cpuinfo lists them) but not AMX (elsewhere GGML_NATIVE): on the machine
 # this was written on, ggml's AMX matmul (GGML_NATIVE picks it where the CPU reports AMX)
 # crashes with SIGSEGV in ggml_backend_amx_mul_mat on the Q4_1 model. LLAMA_CMAKE_ARGS
 # chooses others (e.g. "-DGGML_NATIVE=ON"); LLAMA_CPP_PYTHON the version (0.3.36).
@@ -70,7 +70,13 @@ peer_venv() {
     local version=${LLAMA_CPP_PYTHON:-0.3.36}
     local args=${LLAMA_CMAKE_ARGS:-}
     if [[ -z "$args" ]] && grep -qE 'avx512_?vnni' /proc/cpuinfo; then
-        args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+        args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON"
+        # Each of the rest only where the CPU reports it: AMD's Zen 4 has AVX-512 VBMI and
+        # BF16 but not the VEX-coded AVX-VNNI, and a build with it dies of SIGILL.
+        local flag
+        for flag in avx_vnni:AVX_VNNI avx512vbmi:AVX512_VBMI avx512_bf16:AVX512_BF16; do
+            grep -qw "${flag%%:*}" /proc/cpuinfo && args+=" -DGGML_${flag##*:}=ON"
+        done
     elif [[ -z "$args" ]]; then
         # No AVX-512 here (so no AMX either): the compiler's view of this CPU.
         args="-DGGML_NATIVE=ON"
