@@ -59,14 +59,15 @@ impl Rope {
 }
 
 /// One layer's keys and values of one sequence: token-major, `[token][kv_head][head_dim]`,
-/// from position `base` on. A sliding-window layer forgets what no later row can see: once
-/// a window's worth of positions has fallen out of sight, they are dropped in one move, so
-/// it holds at most two windows plus the rows of one step, and each token is moved at most
-/// once.
+/// from position `base` on, as f16. They are rounded to f16 anyway, as in llama.cpp's cache,
+/// so storing f16 changes no bit and halves the bytes every step reads. A sliding-window
+/// layer forgets what no later row can see: once a window's worth of positions has fallen
+/// out of sight, they are dropped in one move, so it holds at most two windows plus the rows
+/// of one step, and each token is moved at most once.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LayerKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<f16>,
+    v: Vec<f16>,
     base: usize,
     window: Option<usize>,
 }
@@ -155,16 +156,15 @@ pub(crate) fn append(
         pos,
         "the cache is not at position {pos}"
     );
-    let start = cache.k.len();
-    cache.k.extend_from_slice(k);
-    cache.v.extend_from_slice(v);
-    for (i, row) in cache.k[start..].chunks_exact_mut(kw).enumerate() {
-        for head in row.chunks_exact_mut(d) {
-            rope.apply(head, pos + i);
+    let mut head = vec![0f32; d];
+    for (i, row) in k.chunks_exact(kw).enumerate() {
+        for src in row.chunks_exact(d) {
+            head.copy_from_slice(src);
+            rope.apply(&mut head, pos + i);
+            cache.k.extend(head.iter().map(|&x| f16::from_f32(x)));
         }
     }
-    round_f16(&mut cache.k[start..]);
-    round_f16(&mut cache.v[start..]);
+    cache.v.extend(v.iter().map(|&x| f16::from_f32(x)));
 }
 
 /// Query head `head`'s attention for `rows` of a step whose `n` rows (`q`: `n × n_head·d`,
@@ -202,12 +202,17 @@ pub(crate) fn attend_head(
         let first = span.window.map_or(0, |w| end.saturating_sub(w));
         assert!(first >= base, "a row needs a position the window dropped");
         scores.clear();
+        scores.resize(end - first, 0.0);
+        simd::dots(
+            &qh,
+            &cache.k[(first - base) * kw + g * d..],
+            kw,
+            &mut scores,
+        );
         let mut max = f32::NEG_INFINITY;
-        for j in first - base..end - base {
-            let s = (simd::dot(&qh, &cache.k[j * kw + g * d..j * kw + (g + 1) * d]) as f64
-                * span.scale) as f32;
-            max = max.max(s);
-            scores.push(s);
+        for s in &mut scores {
+            *s = (*s as f64 * span.scale) as f32;
+            max = max.max(*s);
         }
         let mut sum = 0f32;
         for s in &mut scores {
