@@ -80,17 +80,18 @@ pub fn weight_bytes_of(path: &Path, on_cpu: bool) -> Result<u64, String> {
 }
 
 /// Bytes one token takes in a sequence's KV cache for the GGUF at `path`: keys and values,
-/// f32, every layer (what [`Llm::kv_bytes_per_token`] will say once it is loaded).
-pub fn kv_bytes_per_token_of(path: &Path) -> Result<u64, String> {
+/// every layer, f16 on the CPU and f32 on a device (what [`Llm::kv_bytes_per_token`] will
+/// say once it is loaded).
+pub fn kv_bytes_per_token_of(path: &Path, on_cpu: bool) -> Result<u64, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let (ct, _) = header::read_gguf(&mut std::io::BufReader::new(file))?;
-    Ok(super::arch::check(&ct)?.kv_bytes_per_token())
+    Ok(super::arch::check(&ct)?.kv_bytes_per_token(on_cpu))
 }
 
 /// Bytes a version of the GGUF at `path` may hold: its weights and a KV cache budget of
 /// `kv_tokens` tokens (what a reload's memory admission counts).
 pub fn resident_bytes_of(path: &Path, on_cpu: bool, kv_tokens: usize) -> Result<u64, String> {
-    let kv = kv_bytes_per_token_of(path)?.saturating_mul(kv_tokens as u64);
+    let kv = kv_bytes_per_token_of(path, on_cpu)?.saturating_mul(kv_tokens as u64);
     Ok(weight_bytes_of(path, on_cpu)?.saturating_add(kv))
 }
 

@@ -56,9 +56,19 @@ pub struct ArchParams {
 }
 
 impl ArchParams {
-    /// Bytes one token takes in a sequence's KV cache: keys and values, f32, every layer.
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        (self.block_count * 2 * self.kv_width * 4) as u64
+    /// Bytes one token takes in a sequence's KV cache: keys and values, every layer.
+    pub fn kv_bytes_per_token(&self, on_cpu: bool) -> u64 {
+        (self.block_count * 2 * self.kv_width * kv_value_bytes(on_cpu)) as u64
+    }
+}
+
+/// Bytes of one cached key or value: f16 on the CPU (the attention loops widen it), f32 in a
+/// device cache (rounded to f16 values, stored as f32 for candle's matmul).
+pub fn kv_value_bytes(on_cpu: bool) -> usize {
+    if on_cpu {
+        2
+    } else {
+        4
     }
 }
 

@@ -173,9 +173,10 @@ impl Gemma3 {
         )
     }
 
-    /// Bytes of keys and values one token takes in a sequence's cache (f32, every layer).
+    /// Bytes of keys and values one token takes in a sequence's cache (every layer).
     pub fn kv_bytes_per_token(&self) -> usize {
-        self.layers.len() * 2 * self.heads.n_kv_head * self.heads.head_dim * 4
+        let value = super::kv_value_bytes(self.device.is_cpu());
+        self.layers.len() * 2 * self.heads.n_kv_head * self.heads.head_dim * value
     }
 
     /// RMS-normalizes each `head_dim` slice of `x` (`(1, rows, heads · head_dim)`).

@@ -323,11 +323,12 @@ impl ModelWeights {
         )
     }
 
-    /// Bytes of keys and values one token takes in a sequence's cache (f32, every layer).
+    /// Bytes of keys and values one token takes in a sequence's cache (every layer).
     pub fn kv_bytes_per_token(&self) -> usize {
+        let value = super::kv_value_bytes(self.output_device().is_cpu());
         self.layers
             .iter()
-            .map(|l| 2 * l.n_kv_head * l.head_dim * 4)
+            .map(|l| 2 * l.n_kv_head * l.head_dim * value)
             .sum()
     }
 
