@@ -34,30 +34,40 @@ macro_rules! without_f16c {
 }
 
 /// `out[j] = dot(a, b[j·stride ..][..a.len()])` for every `j < out.len()`: the bits of
-/// [`dot`], four rows at a time, so that four independent chains of adds hide each other's
-/// latency (one chain alone waits on every add).
+/// [`dot`], eight rows at a time (then four), so that independent chains of adds hide each
+/// other's latency (one chain alone waits on every add; eight keep both adders busy).
 pub(super) fn dots(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
     let d = a.len();
     if let Some(last) = out.len().checked_sub(1) {
         assert!(last * stride + d <= b.len(), "rows past the keys");
     }
-    let body = d / 8 * 8;
     let mut j = 0;
-    while j + 4 <= out.len() {
-        let rows: [&[f16]; 4] = std::array::from_fn(|i| &b[(j + i) * stride..][..d]);
-        let accs = lanes_dot4(&a[..body], rows.map(|r| &r[..body]));
-        for (i, acc) in accs.iter().enumerate() {
-            let mut s =
-                ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            for (x, y) in a[body..].iter().zip(&rows[i][body..]) {
-                s += x * y.to_f32();
-            }
-            out[j + i] = s;
-        }
+    while j + 8 <= out.len() {
+        dots_n::<8>(a, b, stride, j, out);
+        j += 8;
+    }
+    if j + 4 <= out.len() {
+        dots_n::<4>(a, b, stride, j, out);
         j += 4;
     }
     for (jj, o) in out.iter_mut().enumerate().skip(j) {
         *o = dot(a, &b[jj * stride..][..d]);
+    }
+}
+
+/// [`dots`] of rows `j..j + N`.
+fn dots_n<const N: usize>(a: &[f32], b: &[f16], stride: usize, j: usize, out: &mut [f32]) {
+    let d = a.len();
+    let body = d / 8 * 8;
+    let rows: [&[f16]; N] = std::array::from_fn(|i| &b[(j + i) * stride..][..d]);
+    let accs = lanes_dot_n(&a[..body], rows.map(|r| &r[..body]));
+    for (i, acc) in accs.iter().enumerate() {
+        let mut s =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (x, y) in a[body..].iter().zip(&rows[i][body..]) {
+            s += x * y.to_f32();
+        }
+        out[j + i] = s;
     }
 }
 
@@ -71,14 +81,14 @@ with_f16c! {
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
     }
 
-    /// [`lanes_dot`] of `a` against four rows at once (each row's lanes exactly as alone).
-    fn lanes_dot4(a: &[f32], b: [&[f16]; 4]) -> [[f32; 8]; 4] {
+    /// [`lanes_dot`] of `a` against `N` rows at once (each row's lanes exactly as alone).
+    fn lanes_dot_n<const N: usize>(a: &[f32], b: [&[f16]; N]) -> [[f32; 8]; N] {
         use std::arch::x86_64::*;
         assert!(a.len().is_multiple_of(8) && b.iter().all(|r| r.len() == a.len()));
         // SAFETY: AVX and F16C are enabled at compile time; every load reads 8 values at
         // `i < len` with `len` a multiple of 8, inside `a` and each row (asserted above).
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut acc = [_mm256_setzero_ps(); N];
             for i in (0..a.len()).step_by(8) {
                 let x = _mm256_loadu_ps(a.as_ptr().add(i));
                 for (acc, row) in acc.iter_mut().zip(&b) {
@@ -109,7 +119,7 @@ with_f16c! {
 }
 
 without_f16c! {
-    fn lanes_dot4(a: &[f32], b: [&[f16]; 4]) -> [[f32; 8]; 4] {
+    fn lanes_dot_n<const N: usize>(a: &[f32], b: [&[f16]; N]) -> [[f32; 8]; N] {
         b.map(|row| lanes_dot(a, row))
     }
 
@@ -223,7 +233,7 @@ mod tests {
                 want += x * y.to_f32();
             }
             assert_eq!(dot(&a, &b).to_bits(), want.to_bits(), "dot, length {len}");
-            for n in [0, 1, 3, 4, 5, 9] {
+            for n in [0, 1, 3, 4, 5, 8, 9, 12, 13, 17] {
                 let stride = len + 5;
                 let keys: Vec<f16> = (0..n * stride)
                     .map(|i| f16::from_f32(val(i * 5 + 1)))
