@@ -41,10 +41,20 @@ pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// Products below which [`gated`] runs on the calling thread (a batch of one's MLP, 1536
+/// wide for SmolLM2, stays there; a batch of 8 or a prompt chunk goes to the pool).
+const GATED_PARALLEL_MIN: usize = 4096;
+
+/// Products one work item of a parallel [`gated`] computes.
+const GATED_PART: usize = 512;
+
 /// `act(gate) · up`, elementwise, of two f32 tensors of one shape on the CPU, read in place
 /// (no copies): the gated product a MLP's down projection takes. `act` is [`gelu`] or
-/// [`silu`]; generic so that it inlines into the loop, which vectorizes.
-pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: impl Fn(f32) -> f32) -> Result<Tensor> {
+/// [`silu`]; generic so that it inlines into the loop, which vectorizes. Large products run
+/// across candle's barrier pool, as the projections around them do (each element is computed
+/// alone, so the bits do not depend on how it is split); on the calling thread alone, a batch
+/// step's SiLU kept the pool's worker waiting.
+pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: impl Fn(f32) -> f32 + Sync) -> Result<Tensor> {
     if gate.shape() != up.shape() {
         candle_core::bail!("gate {:?} and up {:?} differ", gate.shape(), up.shape());
     }
@@ -58,9 +68,25 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: impl Fn(f32) -> f32) -> Res
         else {
             candle_core::bail!("gated: f32 tensors on the CPU expected");
         };
-        let (g0, u0) = (gl.start_offset(), ul.start_offset());
-        for ((o, &g), &u) in out.iter_mut().zip(&g[g0..g0 + n]).zip(&u[u0..u0 + n]) {
-            *o = act(g) * u;
+        let (g, u) = (&g[gl.start_offset()..][..n], &u[ul.start_offset()..][..n]);
+        let apply = |out: &mut [f32], start: usize| {
+            for ((o, &g), &u) in out.iter_mut().zip(&g[start..]).zip(&u[start..]) {
+                *o = act(g) * u;
+            }
+        };
+        if n < GATED_PARALLEL_MIN {
+            apply(&mut out, 0);
+        } else {
+            let parts: Vec<std::sync::Mutex<&mut [f32]>> = out
+                .chunks_mut(GATED_PART)
+                .map(std::sync::Mutex::new)
+                .collect();
+            candle_core::utils::barrier_pool().execute_chunked(parts.len(), |range| {
+                for i in range {
+                    let mut part = parts[i].lock().expect("each part runs once");
+                    apply(&mut part, i * GATED_PART);
+                }
+            });
         }
     }
     Tensor::from_vec(out, gate.shape(), &Device::Cpu)
@@ -120,5 +146,28 @@ mod tests {
             .collect();
         assert_eq!(got, vec![want]);
         assert!(gated(&g, &gv, silu).is_err());
+    }
+
+    #[test]
+    fn a_large_gated_product_across_the_pool_has_the_bits_of_the_plain_loop() {
+        // Past the parallel threshold, a length that is no multiple of a part, and a view
+        // that starts inside its storage.
+        let n = GATED_PARALLEL_MIN * 3 + GATED_PART / 2 + 7;
+        let val = |i: usize, k: f32| (i as f32 * k).sin() * 6.0;
+        let g: Vec<f32> = (0..n + 5).map(|i| val(i, 0.37)).collect();
+        let u: Vec<f32> = (0..n + 5).map(|i| val(i, 0.11)).collect();
+        let (gt, ut) = (
+            Tensor::new(g.as_slice(), &Device::Cpu).unwrap(),
+            Tensor::new(u.as_slice(), &Device::Cpu).unwrap(),
+        );
+        let (gv, uv) = (gt.narrow(0, 5, n).unwrap(), ut.narrow(0, 5, n).unwrap());
+        for (name, act) in [("silu", silu as fn(f32) -> f32), ("gelu", gelu)] {
+            let got = gated(&gv, &uv, act).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got.len(), n);
+            for (i, o) in got.iter().enumerate() {
+                let want = act(g[i + 5]) * u[i + 5];
+                assert_eq!(o.to_bits(), want.to_bits(), "{name}, element {i}");
+            }
+        }
     }
 }
