@@ -11,9 +11,14 @@ use half::f16;
 pub(super) fn dot(a: &[f32], b: &[f16]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of unequal lengths");
     let body = a.len() / 8 * 8;
-    let acc = lanes_dot(&a[..body], &b[..body]);
+    let [acc] = lanes_dot_n(&a[..body], [&b[..body]]);
+    reduce(acc, &a[body..], &b[body..])
+}
+
+/// [`dot`]'s end: the eight partial sums reduced in its order, then the tail added in order.
+fn reduce(acc: [f32; 8], a: &[f32], b: &[f16]) -> f32 {
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in a[body..].iter().zip(&b[body..]) {
+    for (x, y) in a.iter().zip(b) {
         s += x * y.to_f32();
     }
     s
@@ -61,13 +66,8 @@ fn dots_n<const N: usize>(a: &[f32], b: &[f16], stride: usize, j: usize, out: &m
     let body = d / 8 * 8;
     let rows: [&[f16]; N] = std::array::from_fn(|i| &b[(j + i) * stride..][..d]);
     let accs = lanes_dot_n(&a[..body], rows.map(|r| &r[..body]));
-    for (i, acc) in accs.iter().enumerate() {
-        let mut s =
-            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (x, y) in a[body..].iter().zip(&rows[i][body..]) {
-            s += x * y.to_f32();
-        }
-        out[j + i] = s;
+    for ((o, acc), row) in out[j..j + N].iter_mut().zip(accs).zip(rows) {
+        *o = reduce(acc, &a[body..], &row[body..]);
     }
 }
 
@@ -81,7 +81,8 @@ with_f16c! {
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
     }
 
-    /// [`lanes_dot`] of `a` against `N` rows at once (each row's lanes exactly as alone).
+    /// The eight partial sums of [`dot`] (lane `l` takes `i ≡ l mod 8`) over whole chunks of
+    /// eight, for `N` rows at once; each row's lanes are exactly what they are alone.
     fn lanes_dot_n<const N: usize>(a: &[f32], b: [&[f16]; N]) -> [[f32; 8]; N] {
         use std::arch::x86_64::*;
         assert!(a.len().is_multiple_of(8) && b.iter().all(|r| r.len() == a.len()));
@@ -99,38 +100,19 @@ with_f16c! {
             acc.map(|v| std::mem::transmute::<__m256, [f32; 8]>(v))
         }
     }
-
-    /// The eight partial sums of [`dot`] over whole chunks of eight.
-    fn lanes_dot(a: &[f32], b: &[f16]) -> [f32; 8] {
-        use std::arch::x86_64::*;
-        assert!(a.len() == b.len() && a.len().is_multiple_of(8));
-        // SAFETY: AVX and F16C are enabled at compile time (the cfg above); every load reads
-        // 8 values at `i < len` with `len` a multiple of 8, inside both slices.
-        unsafe {
-            let mut acc = _mm256_setzero_ps();
-            for i in (0..a.len()).step_by(8) {
-                let x = _mm256_loadu_ps(a.as_ptr().add(i));
-                let y = load8(b.as_ptr().add(i));
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
-            }
-            std::mem::transmute::<__m256, [f32; 8]>(acc)
-        }
-    }
 }
 
 without_f16c! {
     fn lanes_dot_n<const N: usize>(a: &[f32], b: [&[f16]; N]) -> [[f32; 8]; N] {
-        b.map(|row| lanes_dot(a, row))
-    }
-
-    fn lanes_dot(a: &[f32], b: &[f16]) -> [f32; 8] {
-        let mut acc = [0f32; 8];
-        for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-            for l in 0..8 {
-                acc[l] += x[l] * y[l].to_f32();
+        b.map(|row| {
+            let mut acc = [0f32; 8];
+            for (x, y) in a.chunks_exact(8).zip(row.chunks_exact(8)) {
+                for l in 0..8 {
+                    acc[l] += x[l] * y[l].to_f32();
+                }
             }
-        }
-        acc
+            acc
+        })
     }
 }
 
