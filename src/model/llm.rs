@@ -73,26 +73,28 @@ fn tensor_bytes(ct: &Content, file_len: u64, on_cpu: bool) -> Result<u64, String
 /// ([`super::header::read_gguf`]): a broken file is an error here, never a panic or a huge
 /// allocation.
 pub fn weight_bytes_of(path: &Path, on_cpu: bool) -> Result<u64, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let len = file.metadata().map_err(|e| e.to_string())?.len();
-    let (ct, _) = header::read_gguf(&mut std::io::BufReader::new(file))?;
+    let (ct, len) = header_of(path)?;
     tensor_bytes(&ct, len, on_cpu)
 }
 
-/// Bytes one token takes in a sequence's KV cache for the GGUF at `path`: keys and values,
-/// every layer, f16 on the CPU and f32 on a device (what [`Llm::kv_bytes_per_token`] will
-/// say once it is loaded).
-pub fn kv_bytes_per_token_of(path: &Path, on_cpu: bool) -> Result<u64, String> {
+/// The bounds-checked header of the GGUF at `path`, and the file's length.
+fn header_of(path: &Path) -> Result<(Content, u64), String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
     let (ct, _) = header::read_gguf(&mut std::io::BufReader::new(file))?;
-    Ok(super::arch::check(&ct)?.kv_bytes_per_token(on_cpu))
+    Ok((ct, len))
 }
 
 /// Bytes a version of the GGUF at `path` may hold: its weights and a KV cache budget of
-/// `kv_tokens` tokens (what a reload's memory admission counts).
+/// `kv_tokens` tokens (what a reload's memory admission counts), from one read of its
+/// header. A token's keys and values take f16 on the CPU and f32 on a device, every layer
+/// (what [`Llm::kv_bytes_per_token`] will say once it is loaded).
 pub fn resident_bytes_of(path: &Path, on_cpu: bool, kv_tokens: usize) -> Result<u64, String> {
-    let kv = kv_bytes_per_token_of(path, on_cpu)?.saturating_mul(kv_tokens as u64);
-    Ok(weight_bytes_of(path, on_cpu)?.saturating_add(kv))
+    let (ct, len) = header_of(path)?;
+    let kv = super::arch::check(&ct)?
+        .kv_bytes_per_token(on_cpu)
+        .saturating_mul(kv_tokens as u64);
+    Ok(tensor_bytes(&ct, len, on_cpu)?.saturating_add(kv))
 }
 
 pub use super::llama_meta::{check_llama, LlamaParams, MAX_HEAD_DIM};
