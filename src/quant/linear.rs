@@ -92,8 +92,7 @@ impl QLinear {
             candle_core::bail!("qlinear: input {dims:?} does not match weight {w:?}");
         }
         let m: usize = batch.iter().product();
-        let mut outs: Vec<Vec<f32>> = packed.iter().map(|w| vec![0f32; m * w.n()]).collect();
-        {
+        let outs = {
             let (storage, layout) = x.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else {
                 candle_core::bail!("qlinear: input is not on the CPU");
@@ -122,11 +121,9 @@ impl QLinear {
                     .iter()
                     .filter(|a| kinds.iter().any(|(k, _)| *k == a.kind()))
                     .collect();
-                let mut out_refs: Vec<&mut [f32]> =
-                    outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-                super::matmul_many(&packed, &acts, &mut out_refs);
-            });
-        }
+                super::matmul_many(&packed, &acts)
+            })
+        };
         packed
             .iter()
             .zip(outs)

@@ -323,24 +323,29 @@ pub(crate) fn check_group(
     assert_eq!(acts.k(), nb * BLOCK, "activations have the wrong width");
 }
 
-/// `out[t * ldo + col_off + row] = Σ_k w[row, k] · x[t, k]` for every matrix in `mats` (all
-/// with the same `k`), with `acts` the quantized `x`. `outs[i]` receives matrix `i` as an
-/// `[m, n_i]` row-major block. The matrices are split into row groups across the pool.
-pub(crate) fn matmul_many(mats: &[&PackedMatrix], acts: &[&Acts], outs: &mut [&mut [f32]]) {
+/// `out_i[t · n_i + row] = Σ_k w_i[row, k] · x[t, k]` for every matrix `w_i` in `mats` (all
+/// with the same `k`), with `acts` the quantized `x`: one `[m, n_i]` row-major block per
+/// matrix. The matrices are split into row groups across the pool.
+///
+/// The outputs are not zeroed first: every group writes all its rows for every token, and
+/// the groups cover every row, so each element is written exactly once (a memset of every
+/// output was a serial few percent of a batched decode step).
+pub(crate) fn matmul_many(mats: &[&PackedMatrix], acts: &[&Acts]) -> Vec<Vec<f32>> {
     let m = acts[0].m();
     // (matrix, first group) for every work item.
     let mut items: Vec<(usize, usize)> = Vec::new();
     let mut macs = 0usize;
     for (i, w) in mats.iter().enumerate() {
-        assert_eq!(outs[i].len(), m * w.n(), "output size of matrix {i}");
         for g in 0..w.groups() {
             items.push((i, g));
         }
         macs += w.n() * w.k() * m;
     }
-    let outs: Vec<OutPtr> = outs
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| Vec::with_capacity(m * w.n())).collect();
+    let ptrs: Vec<OutPtr> = outs
         .iter_mut()
-        .map(|o| OutPtr(o.as_mut_ptr(), o.len()))
+        .zip(mats)
+        .map(|(o, w)| OutPtr(o.as_mut_ptr(), m * w.n()))
         .collect();
     let run = |range: std::ops::Range<usize>| {
         for &(i, g) in &items[range] {
@@ -351,8 +356,9 @@ pub(crate) fn matmul_many(mats: &[&PackedMatrix], acts: &[&Acts], outs: &mut [&m
                 .expect("activations quantized for every format");
             // SAFETY: each (matrix, group) item is handed to exactly one worker, and
             // `run_group` writes only the columns of group `g`, so no two workers write the
-            // same element; the buffer outlives the pool call, which blocks until all finish.
-            unsafe { w.run_group(g, acts, outs[i].0, outs[i].1) };
+            // same element; the buffer (capacity `m · n`) outlives the pool call, which
+            // blocks until all finish.
+            unsafe { w.run_group(g, acts, ptrs[i].0, ptrs[i].1) };
         }
     };
     if macs < PARALLEL_MIN_MACS || items.len() < 2 {
@@ -360,6 +366,13 @@ pub(crate) fn matmul_many(mats: &[&PackedMatrix], acts: &[&Acts], outs: &mut [&m
     } else {
         candle_core::utils::barrier_pool().execute_chunked(items.len(), run);
     }
+    for (o, w) in outs.iter_mut().zip(mats) {
+        // SAFETY: the groups `0..w.groups()` cover rows `0..n`, and `run_group` wrote every
+        // token's value of each of its rows (a panic in a kernel unwinds past this line, so
+        // a partly written buffer is dropped at length 0, never read).
+        unsafe { o.set_len(m * w.n()) };
+    }
+    outs
 }
 
 /// A raw output pointer handed to pool workers.

@@ -165,9 +165,7 @@ impl PackedMatrix {
     /// As [`PackedMatrix::matmul`] with activations already quantized for this matrix
     /// (`Acts::quantize(self.format().act_kind(self.isa()), ..)`).
     pub fn matmul_quantized(&self, acts: &Acts) -> Vec<f32> {
-        let mut out = vec![0f32; acts.m() * self.n];
-        super::matmul_many(&[self], &[acts], &mut [&mut out]);
-        out
+        super::matmul_many(&[self], &[acts]).remove(0)
     }
 
     /// The activation encoding this matrix's kernels read.
