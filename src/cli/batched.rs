@@ -84,9 +84,8 @@ pub fn run(
     })
 }
 
+/// The greedy token, picked as the server picks it (no penalty).
 fn argmax(logits: Option<candle_core::Tensor>) -> Result<u32> {
-    Ok(logits
-        .context("a decode step gave no logits")?
-        .argmax(0)?
-        .to_scalar::<u32>()?)
+    let logits = logits.context("a decode step gave no logits")?;
+    Ok(crate::model::greedy::pick(&logits, 1.0, &[])?)
 }

@@ -6,6 +6,7 @@ pub(crate) mod attention;
 pub mod chat;
 pub mod embed;
 mod error;
+pub mod greedy;
 pub mod header;
 pub mod kv;
 mod lifetime;

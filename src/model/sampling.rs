@@ -60,6 +60,9 @@ pub struct Sampler {
     /// sorts the whole vocabulary for it (1.5 ms per token at 49152 tokens), where finding the
     /// nucleus needs only its few candidates. Same tokens as candle for the same seed.
     nucleus: Option<Nucleus>,
+    /// Temperature 0: picked by [`super::greedy`], the same token as `processor` without
+    /// its copies of the vocabulary.
+    greedy: bool,
     penalty: f32,
     last_n: usize,
 }
@@ -108,6 +111,7 @@ impl Sampler {
             _ => None,
         };
         Self {
+            greedy: matches!(sampling, Sampling::ArgMax),
             processor: LogitsProcessor::from_sampling(p.seed, sampling),
             nucleus,
             penalty: p.repetition_penalty,
@@ -117,6 +121,15 @@ impl Sampler {
 
     /// Picks the next token; `history` is every token so far (prompt and completion).
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> candle_core::Result<u32> {
+        if self.greedy {
+            let start = history.len().saturating_sub(self.last_n);
+            let context = if self.last_n == 0 {
+                &[][..]
+            } else {
+                &history[start..]
+            };
+            return super::greedy::pick(logits, self.penalty, context);
+        }
         let penalized;
         let logits = if self.penalty == 1.0 || self.last_n == 0 {
             logits
