@@ -58,18 +58,22 @@ impl Rope {
     }
 }
 
-/// One layer's keys and values of one sequence: token-major, `[token][kv_head][head_dim]`,
-/// from position `base` on, as f16. They are rounded to f16 anyway, as in llama.cpp's cache,
-/// so storing f16 changes no bit and halves the bytes every step reads. A sliding-window
-/// layer forgets what no later row can see: once a window's worth of positions has fallen
-/// out of sight, they are dropped in one move, so it holds at most two windows plus the rows
-/// of one step, and each token is moved at most once.
+/// One layer's keys and values of one sequence, as f16, from position `base` on: one vector
+/// per KV head, each `[token][head_dim]`, so a head's attention reads one contiguous run of
+/// keys and one of values (the query heads that share it read it together). They are
+/// rounded to f16 anyway, as in llama.cpp's cache, so storing f16 changes no bit and halves
+/// the bytes every step reads. A sliding-window layer forgets what no later row can see:
+/// once a window's worth of positions has fallen out of sight, they are dropped in one move,
+/// so it holds at most two windows plus the rows of one step, and each token is moved at
+/// most once.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LayerKv {
-    k: Vec<f16>,
-    v: Vec<f16>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
     base: usize,
     window: Option<usize>,
+    /// Values (tokens × KV width) to reserve, across the heads, when the first rows come.
+    reserve: usize,
 }
 
 fn round_f16(x: &mut [f32]) {
@@ -141,108 +145,130 @@ pub(crate) fn append(
     let kw = h.n_kv_head * d;
     assert_eq!(k.len(), n * kw, "keys");
     assert_eq!(v.len(), n * kw, "values");
+    if cache.k.len() != h.n_kv_head {
+        assert!(cache.tokens(d) == 0, "the cache's head count changed");
+        let each = cache.reserve / h.n_kv_head.max(1);
+        cache.k = (0..h.n_kv_head).map(|_| Vec::with_capacity(each)).collect();
+        cache.v = (0..h.n_kv_head).map(|_| Vec::with_capacity(each)).collect();
+    }
     if let Some(w) = cache.window {
         // The first row of this step sees positions from `pos + 1 − w` on.
         let seen_from = (pos + 1).saturating_sub(w);
         if seen_from - cache.base >= w {
-            let dead = (seen_from - cache.base) * kw;
-            cache.k.drain(..dead);
-            cache.v.drain(..dead);
+            let dead = (seen_from - cache.base) * d;
+            for head in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+                head.drain(..dead);
+            }
             cache.base = seen_from;
         }
     }
     assert_eq!(
-        cache.base + cache.k.len() / kw.max(1),
+        cache.base + cache.tokens(d),
         pos,
         "the cache is not at position {pos}"
     );
     let mut head = vec![0f32; d];
-    for (i, row) in k.chunks_exact(kw).enumerate() {
-        for src in row.chunks_exact(d) {
+    for (i, (krow, vrow)) in k.chunks_exact(kw).zip(v.chunks_exact(kw)).enumerate() {
+        let heads = krow.chunks_exact(d).zip(vrow.chunks_exact(d));
+        for ((src, vals), (keys, values)) in heads.zip(cache.k.iter_mut().zip(&mut cache.v)) {
             head.copy_from_slice(src);
             rope.apply(&mut head, pos + i);
-            cache.k.extend(head.iter().map(|&x| f16::from_f32(x)));
+            keys.extend(head.iter().map(|&x| f16::from_f32(x)));
+            values.extend(vals.iter().map(|&x| f16::from_f32(x)));
         }
     }
-    cache.v.extend(v.iter().map(|&x| f16::from_f32(x)));
 }
 
-/// Query head `head`'s attention for `rows` of a step whose `n` rows (`q`: `n × n_head·d`,
-/// before RoPE) [`append`] put into `cache` at position `pos`: row `i`'s output goes to
-/// `out[(i − rows.start) · d ..][..d]`. Reads the cache only, so heads and rows can run on
-/// different threads; the arithmetic of a row depends on nothing else.
+/// The attention of the query heads that share KV head `g` (heads `g·G .. g·G + G`,
+/// `G = n_head / n_kv_head`) for `rows` of a step whose `n` rows (`q`: `n × n_head·d`, before
+/// RoPE) [`append`] put into `cache` at position `pos`: row `i`'s heads go to
+/// `out[(i − rows.start) · G·d ..][..G·d]`, in head order. Reads the cache only, so KV heads
+/// and rows can run on different threads; the arithmetic of a row and head depends on nothing
+/// else (each score and each output column is summed as it would be for that head alone).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_head(
+pub(crate) fn attend_group(
     h: Heads,
     span: Span,
     rope: &Rope,
     q: &[f32],
     rows: std::ops::Range<usize>,
     pos: usize,
-    head: usize,
+    g: usize,
     cache: &LayerKv,
     out: &mut [f32],
 ) {
     let d = h.head_dim;
-    let (qw, kw) = (h.n_head * d, h.n_kv_head * d);
-    assert!(out.len() >= rows.len() * d, "output");
+    let qw = h.n_head * d;
+    let gs = h.n_head / h.n_kv_head;
+    assert!(out.len() >= rows.len() * gs * d, "output");
     assert!(
-        rows.end * qw <= q.len() && cache.base + cache.k.len() / kw.max(1) >= pos + rows.end,
+        rows.end * qw <= q.len() && cache.base + cache.tokens(d) >= pos + rows.end,
         "rows past the step"
     );
-    let g = head / (h.n_head / h.n_kv_head);
+    let (keys, values) = (&cache.k[g], &cache.v[g]);
     let base = cache.base;
-    let mut qh = vec![0f32; d];
-    let mut scores = Vec::with_capacity(pos + rows.end);
+    let mut qh = vec![0f32; gs * d];
+    let mut scores = Vec::with_capacity(gs * (pos + rows.end));
     for (r, i) in rows.enumerate() {
-        qh.copy_from_slice(&q[i * qw + head * d..i * qw + (head + 1) * d]);
-        rope.apply(&mut qh, pos + i);
+        qh.copy_from_slice(&q[i * qw + g * gs * d..][..gs * d]);
+        for head in qh.chunks_exact_mut(d) {
+            rope.apply(head, pos + i);
+        }
         round_f16(&mut qh);
         let end = pos + i + 1;
         let first = span.window.map_or(0, |w| end.saturating_sub(w));
         assert!(first >= base, "a row needs a position the window dropped");
+        let seen = end - first;
         scores.clear();
-        scores.resize(end - first, 0.0);
-        simd::dots(
-            &qh,
-            &cache.k[(first - base) * kw + g * d..],
-            kw,
-            &mut scores,
+        scores.resize(gs * seen, 0.0);
+        simd::dots(&qh, d, &keys[(first - base) * d..], d, &mut scores);
+        for scores in scores.chunks_exact_mut(seen) {
+            let mut max = f32::NEG_INFINITY;
+            for s in scores.iter_mut() {
+                *s = (*s as f64 * span.scale) as f32;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for s in scores.iter_mut() {
+                *s /= sum;
+            }
+        }
+        let at = (first - base) * d;
+        simd::weighted_rows(
+            &scores,
+            &values[at..],
+            d,
+            d,
+            &mut out[r * gs * d..(r + 1) * gs * d],
         );
-        let mut max = f32::NEG_INFINITY;
-        for s in &mut scores {
-            *s = (*s as f64 * span.scale) as f32;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        for s in &mut scores {
-            *s /= sum;
-        }
-        let at = (first - base) * kw + g * d;
-        simd::weighted_rows(&scores, &cache.v[at..], kw, &mut out[r * d..(r + 1) * d]);
     }
 }
 
 impl LayerKv {
-    /// Room for `tokens` tokens of `kv_width` values each, reserved up front; a sliding
-    /// window of `window` positions bounds what is kept.
+    /// Room for `tokens` tokens of `kv_width` values each, reserved when the first rows come
+    /// (split across the KV heads); a sliding window of `window` positions bounds what is
+    /// kept.
     pub fn with_capacity(tokens: usize, kv_width: usize, window: Option<usize>) -> Self {
         Self {
-            k: Vec::with_capacity(tokens * kv_width),
-            v: Vec::with_capacity(tokens * kv_width),
-            base: 0,
+            reserve: tokens * kv_width,
             window,
+            ..Self::default()
         }
+    }
+
+    /// Tokens held, for heads of `d` values.
+    fn tokens(&self, d: usize) -> usize {
+        self.k.first().map_or(0, |head| head.len() / d)
     }
 
     /// Tokens held (at most two windows plus one step's rows for a sliding-window layer).
     #[cfg(test)]
     pub fn held(&self, kv_width: usize) -> usize {
-        self.k.len() / kv_width
+        self.k.iter().map(Vec::len).sum::<usize>() / kv_width
     }
 }
 

@@ -7,11 +7,13 @@
 use half::f16;
 
 /// `Σ a_i b_i` in eight interleaved partial sums (lane `l` takes `i ≡ l mod 8`), reduced as
-/// `((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))`, then the tail added in order.
-pub(super) fn dot(a: &[f32], b: &[f16]) -> f32 {
+/// `((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))`, then the tail added in order: what
+/// [`dots`] computes for every pair (the tests' reference).
+#[cfg(test)]
+fn dot(a: &[f32], b: &[f16]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of unequal lengths");
     let body = a.len() / 8 * 8;
-    let [acc] = lanes_dot_n(&a[..body], [&b[..body]]);
+    let [[acc]] = lanes_dot_n([&a[..body]], [&b[..body]]);
     reduce(acc, &a[body..], &b[body..])
 }
 
@@ -38,36 +40,72 @@ macro_rules! without_f16c {
     )*};
 }
 
-/// `out[j] = dot(a, b[j·stride ..][..a.len()])` for every `j < out.len()`: the bits of
-/// [`dot`], eight rows at a time (then four), so that independent chains of adds hide each
-/// other's latency (one chain alone waits on every add; eight keep both adders busy).
-pub(super) fn dots(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
-    let d = a.len();
-    if let Some(last) = out.len().checked_sub(1) {
+/// `out[g · n + j] = dot(q_g, b[j·stride ..][..d])` for the `G = qs.len() / d` queries
+/// `q_g = qs[g·d ..][..d]` (the query heads that share one KV head) and the `n = out.len() / G`
+/// keys: the bits of [`dot`] for every pair. Each key is loaded and widened once for all the
+/// queries (up to four at a time), and several keys go at once, so that independent chains
+/// of adds hide each other's latency (one chain alone waits on every add).
+pub(super) fn dots(qs: &[f32], d: usize, b: &[f16], stride: usize, out: &mut [f32]) {
+    assert!(d > 0 && qs.len().is_multiple_of(d), "queries of {d} values");
+    let gs = qs.len() / d;
+    assert!(
+        gs > 0 && out.len().is_multiple_of(gs),
+        "one score row per query"
+    );
+    let n = out.len() / gs;
+    if let Some(last) = n.checked_sub(1) {
         assert!(last * stride + d <= b.len(), "rows past the keys");
     }
-    let mut j = 0;
-    while j + 8 <= out.len() {
-        dots_n::<8>(a, b, stride, j, out);
-        j += 8;
-    }
-    if j + 4 <= out.len() {
-        dots_n::<4>(a, b, stride, j, out);
-        j += 4;
-    }
-    for (jj, o) in out.iter_mut().enumerate().skip(j) {
-        *o = dot(a, &b[jj * stride..][..d]);
+    let mut g0 = 0;
+    while g0 < gs {
+        let q = |g: usize| &qs[(g0 + g) * d..][..d];
+        let rows = &mut out[g0 * n..];
+        g0 += match gs - g0 {
+            1 => keys::<1, 8>([q(0)], b, stride, n, rows),
+            2 => keys::<2, 4>([q(0), q(1)], b, stride, n, rows),
+            3 => keys::<3, 2>([q(0), q(1), q(2)], b, stride, n, rows),
+            _ => keys::<4, 2>([q(0), q(1), q(2), q(3)], b, stride, n, rows),
+        };
     }
 }
 
-/// [`dots`] of rows `j..j + N`.
-fn dots_n<const N: usize>(a: &[f32], b: &[f16], stride: usize, j: usize, out: &mut [f32]) {
-    let d = a.len();
+/// [`dots`] of `G` queries: `N` keys at a time, then one. Returns `G`.
+fn keys<const G: usize, const N: usize>(
+    qs: [&[f32]; G],
+    b: &[f16],
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+) -> usize {
+    let mut j = 0;
+    while j + N <= n {
+        keys_at::<G, N>(qs, b, stride, j, n, out);
+        j += N;
+    }
+    while j < n {
+        keys_at::<G, 1>(qs, b, stride, j, n, out);
+        j += 1;
+    }
+    G
+}
+
+/// Keys `j..j + N` against `G` queries; query `g`'s scores are `out[g · n ..][..n]`.
+fn keys_at<const G: usize, const N: usize>(
+    qs: [&[f32]; G],
+    b: &[f16],
+    stride: usize,
+    j: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    let d = qs[0].len();
     let body = d / 8 * 8;
     let rows: [&[f16]; N] = std::array::from_fn(|i| &b[(j + i) * stride..][..d]);
-    let accs = lanes_dot_n(&a[..body], rows.map(|r| &r[..body]));
-    for ((o, acc), row) in out[j..j + N].iter_mut().zip(accs).zip(rows) {
-        *o = reduce(acc, &a[body..], &row[body..]);
+    let accs = lanes_dot_n(qs.map(|q| &q[..body]), rows.map(|r| &r[..body]));
+    for (g, (q, accs)) in qs.iter().zip(accs).enumerate() {
+        for (i, (acc, row)) in accs.into_iter().zip(rows).enumerate() {
+            out[g * n + j + i] = reduce(acc, &q[body..], &row[body..]);
+        }
     }
 }
 
@@ -82,105 +120,175 @@ with_f16c! {
     }
 
     /// The eight partial sums of [`dot`] (lane `l` takes `i ≡ l mod 8`) over whole chunks of
-    /// eight, for `N` rows at once; each row's lanes are exactly what they are alone.
-    fn lanes_dot_n<const N: usize>(a: &[f32], b: [&[f16]; N]) -> [[f32; 8]; N] {
+    /// eight, for `G` queries × `N` rows at once; each pair's lanes are exactly what they are
+    /// alone.
+    fn lanes_dot_n<const G: usize, const N: usize>(
+        a: [&[f32]; G],
+        b: [&[f16]; N],
+    ) -> [[[f32; 8]; N]; G] {
         use std::arch::x86_64::*;
-        assert!(a.len().is_multiple_of(8) && b.iter().all(|r| r.len() == a.len()));
+        let len = a[0].len();
+        assert!(len.is_multiple_of(8), "whole chunks of eight");
+        assert!(a.iter().all(|q| q.len() == len) && b.iter().all(|r| r.len() == len));
         // SAFETY: AVX and F16C are enabled at compile time; every load reads 8 values at
-        // `i < len` with `len` a multiple of 8, inside `a` and each row (asserted above).
+        // `i < len` with `len` a multiple of 8, inside each query and row (asserted above).
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); N];
-            for i in (0..a.len()).step_by(8) {
-                let x = _mm256_loadu_ps(a.as_ptr().add(i));
-                for (acc, row) in acc.iter_mut().zip(&b) {
-                    let y = load8(row.as_ptr().add(i));
-                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, y));
+            let mut acc = [[_mm256_setzero_ps(); N]; G];
+            for i in (0..len).step_by(8) {
+                let ys: [__m256; N] = std::array::from_fn(|r| load8(b[r].as_ptr().add(i)));
+                for (acc, q) in acc.iter_mut().zip(&a) {
+                    let x = _mm256_loadu_ps(q.as_ptr().add(i));
+                    for (acc, y) in acc.iter_mut().zip(&ys) {
+                        *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, *y));
+                    }
                 }
             }
-            acc.map(|v| std::mem::transmute::<__m256, [f32; 8]>(v))
+            acc.map(|r| r.map(|v| std::mem::transmute::<__m256, [f32; 8]>(v)))
         }
     }
 }
 
 without_f16c! {
-    fn lanes_dot_n<const N: usize>(a: &[f32], b: [&[f16]; N]) -> [[f32; 8]; N] {
-        b.map(|row| {
-            let mut acc = [0f32; 8];
-            for (x, y) in a.chunks_exact(8).zip(row.chunks_exact(8)) {
-                for l in 0..8 {
-                    acc[l] += x[l] * y[l].to_f32();
+    fn lanes_dot_n<const G: usize, const N: usize>(
+        a: [&[f32]; G],
+        b: [&[f16]; N],
+    ) -> [[[f32; 8]; N]; G] {
+        a.map(|q| {
+            b.map(|row| {
+                let mut acc = [0f32; 8];
+                for (x, y) in q.chunks_exact(8).zip(row.chunks_exact(8)) {
+                    for l in 0..8 {
+                        acc[l] += x[l] * y[l].to_f32();
+                    }
                 }
-            }
-            acc
+                acc
+            })
         })
     }
 }
 
-/// `out[c] = Σ_j p[j] · v[j · stride + c]` for `c < out.len()`, each column summed from 0 in
-/// order of `j`.
-pub(super) fn weighted_rows(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
-    let d = out.len();
-    let Some(last) = p.len().checked_sub(1) else {
+/// `out[g · d + c] = Σ_j p[g · n + j] · v[j · stride + c]` for the `G = out.len() / d`
+/// weight rows of `n = p.len() / G` (the query heads that share one KV head), each column
+/// summed from 0 in order of `j`. Each value row is loaded and widened once for up to four
+/// heads.
+pub(super) fn weighted_rows(p: &[f32], v: &[f16], stride: usize, d: usize, out: &mut [f32]) {
+    assert!(
+        d > 0 && out.len().is_multiple_of(d),
+        "outputs of {d} values"
+    );
+    let gs = out.len() / d;
+    assert!(
+        gs > 0 && p.len().is_multiple_of(gs),
+        "one weight row per output"
+    );
+    let n = p.len() / gs;
+    let Some(last) = n.checked_sub(1) else {
         out.fill(0.0);
         return;
     };
     assert!(last * stride + d <= v.len(), "rows past the values");
-    let body = d / 8 * 8;
-    let mut c = 0;
-    while c < body {
-        let w = match body - c {
-            64.. => 64,
-            32.. => 32,
-            _ => 8,
+    let mut g0 = 0;
+    while g0 < gs {
+        let ps = |g: usize| &p[(g0 + g) * n..][..n];
+        let outs = &mut out[g0 * d..];
+        g0 += match gs - g0 {
+            1 => heads::<1, 4>([ps(0)], v, stride, d, outs),
+            2 => heads::<2, 4>([ps(0), ps(1)], v, stride, d, outs),
+            3 => heads::<3, 2>([ps(0), ps(1), ps(2)], v, stride, d, outs),
+            _ => heads::<4, 2>([ps(0), ps(1), ps(2), ps(3)], v, stride, d, outs),
         };
-        columns(p, &v[c..], stride, &mut out[c..c + w]);
-        c += w;
-    }
-    for c in body..d {
-        let mut s = 0f32;
-        for (j, &pj) in p.iter().enumerate() {
-            s += pj * v[j * stride + c].to_f32();
-        }
-        out[c] = s;
     }
 }
 
-with_f16c! {
-    /// [`weighted_rows`] for 8, 32 or 64 columns, kept in registers across the rows (64: eight
-    /// independent chains of adds, one pass over `p` for a whole 64-wide head).
-    fn columns(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        let w = out.len();
-        assert!(matches!(w, 8 | 32 | 64), "8, 32 or 64 columns");
-        if let Some(last) = p.len().checked_sub(1) {
-            assert!(last * stride + w <= v.len(), "rows past the values");
+/// [`weighted_rows`] of `G` heads: `8 · W` columns at a time, then 8, then the tail one by
+/// one. Returns `G`.
+fn heads<const G: usize, const W: usize>(
+    p: [&[f32]; G],
+    v: &[f16],
+    stride: usize,
+    d: usize,
+    out: &mut [f32],
+) -> usize {
+    let body = d / 8 * 8;
+    let mut c = 0;
+    while c + 8 * W <= body {
+        columns::<G, W>(p, v, stride, c, d, out);
+        c += 8 * W;
+    }
+    while c < body {
+        columns::<G, 1>(p, v, stride, c, d, out);
+        c += 8;
+    }
+    for c in body..d {
+        for (g, pg) in p.iter().enumerate() {
+            let mut s = 0f32;
+            for (j, &pj) in pg.iter().enumerate() {
+                s += pj * v[j * stride + c].to_f32();
+            }
+            out[g * d + c] = s;
         }
-        // SAFETY: AVX and F16C are enabled at compile time; row `j < p.len()` reads
-        // `v[j·stride ..][..w]`, inside `v` by the assert above; the stores write `out[..w]`.
+    }
+    G
+}
+
+with_f16c! {
+    /// Columns `c .. c + 8·W` of [`weighted_rows`] for `G` heads, kept in registers across
+    /// the rows; head `g`'s output is `out[g · d ..]`.
+    fn columns<const G: usize, const W: usize>(
+        p: [&[f32]; G],
+        v: &[f16],
+        stride: usize,
+        c: usize,
+        d: usize,
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let n = p[0].len();
+        assert!(p.iter().all(|r| r.len() == n), "weight rows of one length");
+        if let Some(last) = n.checked_sub(1) {
+            assert!(last * stride + c + 8 * W <= v.len(), "rows past the values");
+        }
+        assert!(c + 8 * W <= d && (G - 1) * d + c + 8 * W <= out.len(), "columns past the output");
+        // SAFETY: AVX and F16C are enabled at compile time; row `j < n` reads
+        // `v[j·stride + c ..][..8·W]`, inside `v` by the assert above; the stores write
+        // `out[g·d + c ..][..8·W]`, inside `out` by the assert above.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            let n = w / 8;
-            for (j, &pj) in p.iter().enumerate() {
-                let pv = _mm256_set1_ps(pj);
-                let row = v.as_ptr().add(j * stride);
-                for (l, acc) in acc.iter_mut().enumerate().take(n) {
-                    let x = load8(row.add(8 * l));
-                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(pv, x));
+            let mut acc = [[_mm256_setzero_ps(); W]; G];
+            for j in 0..n {
+                let row = v.as_ptr().add(j * stride + c);
+                let xs: [__m256; W] = std::array::from_fn(|l| load8(row.add(8 * l)));
+                for (acc, pg) in acc.iter_mut().zip(&p) {
+                    let pv = _mm256_set1_ps(*pg.get_unchecked(j));
+                    for (acc, x) in acc.iter_mut().zip(&xs) {
+                        *acc = _mm256_add_ps(*acc, _mm256_mul_ps(pv, *x));
+                    }
                 }
             }
-            for (l, acc) in acc.iter().enumerate().take(n) {
-                _mm256_storeu_ps(out.as_mut_ptr().add(8 * l), *acc);
+            for (g, acc) in acc.iter().enumerate() {
+                for (l, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(g * d + c + 8 * l), *acc);
+                }
             }
         }
     }
 }
 
 without_f16c! {
-    fn columns(p: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
-        out.fill(0.0);
-        for (j, &pj) in p.iter().enumerate() {
-            for (o, x) in out.iter_mut().zip(&v[j * stride..]) {
-                *o += pj * x.to_f32();
+    fn columns<const G: usize, const W: usize>(
+        p: [&[f32]; G],
+        v: &[f16],
+        stride: usize,
+        c: usize,
+        d: usize,
+        out: &mut [f32],
+    ) {
+        for (g, pg) in p.iter().enumerate() {
+            let o = &mut out[g * d + c..][..8 * W];
+            o.fill(0.0);
+            for (j, &pj) in pg.iter().enumerate() {
+                for (o, x) in o.iter_mut().zip(&v[j * stride + c..]) {
+                    *o += pj * x.to_f32();
+                }
             }
         }
     }
@@ -215,35 +323,41 @@ mod tests {
                 want += x * y.to_f32();
             }
             assert_eq!(dot(&a, &b).to_bits(), want.to_bits(), "dot, length {len}");
-            for n in [0, 1, 3, 4, 5, 8, 9, 12, 13, 17] {
-                let stride = len + 5;
-                let keys: Vec<f16> = (0..n * stride)
-                    .map(|i| f16::from_f32(val(i * 5 + 1)))
-                    .collect();
-                let mut got = vec![f32::NAN; n];
-                dots(&a, &keys, stride, &mut got);
-                for (j, g) in got.iter().enumerate() {
-                    let want = dot(&a, &keys[j * stride..][..len]);
-                    assert_eq!(g.to_bits(), want.to_bits(), "dots, length {len}, row {j}");
-                }
-            }
-
-            for rows in [0, 1, 5] {
-                let stride = len + 3;
-                let p: Vec<f32> = (0..rows).map(|j| val(j + 11).abs() / 4.0).collect();
-                let v: Vec<f16> = (0..rows * stride)
-                    .map(|i| f16::from_f32(val(i + 2)))
-                    .collect();
-                let mut want = vec![0f32; len];
-                for (j, &pj) in p.iter().enumerate() {
-                    for (c, o) in want.iter_mut().enumerate() {
-                        *o += pj * v[j * stride + c].to_f32();
+            for n in [0, 1, 2, 3, 4, 5, 8, 9, 12, 13, 17] {
+                for gs in [1, 2, 3, 4, 5, 6, 9] {
+                    let qs: Vec<f32> = (0..gs * len).map(|i| val(i * 11 + 2)).collect();
+                    let stride = len + 5;
+                    let keys: Vec<f16> = (0..n * stride)
+                        .map(|i| f16::from_f32(val(i * 5 + 1)))
+                        .collect();
+                    let mut got = vec![f32::NAN; gs * n];
+                    dots(&qs, len, &keys, stride, &mut got);
+                    for (i, g) in got.iter().enumerate() {
+                        let (q, j) = (i / n, i % n);
+                        let want = dot(&qs[q * len..][..len], &keys[j * stride..][..len]);
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "dots, length {len}, {gs} heads, query {q}, row {j}"
+                        );
                     }
+
+                    let stride = len + 3;
+                    let p: Vec<f32> = (0..gs * n).map(|j| val(j + 11).abs() / 4.0).collect();
+                    let v: Vec<f16> = (0..n * stride).map(|i| f16::from_f32(val(i + 2))).collect();
+                    let mut want = vec![0f32; gs * len];
+                    for g in 0..gs {
+                        for j in 0..n {
+                            for c in 0..len {
+                                want[g * len + c] += p[g * n + j] * v[j * stride + c].to_f32();
+                            }
+                        }
+                    }
+                    let mut got = vec![f32::NAN; gs * len];
+                    weighted_rows(&p, &v, stride, len, &mut got);
+                    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "rows {n}, width {len}, {gs} heads");
                 }
-                let mut got = vec![f32::NAN; len];
-                weighted_rows(&p, &v, stride, &mut got);
-                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "rows {rows}, width {len}");
             }
         }
     }
