@@ -223,7 +223,15 @@ impl PackedMatrix {
                 // SAFETY: `at + rows <= (t0 + t + 1) · n <= m · n = out_len` since
                 // `row0 + rows <= n`, so the copy stays in the buffer; the caller guarantees
                 // nobody else touches these elements (they belong to this group's rows).
-                unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), out.add(at), rows) };
+                unsafe {
+                    if rows == MAX_R {
+                        // A whole group: a fixed-size copy the compiler inlines, where a
+                        // variable-length one calls memmove for 64 bytes.
+                        out.add(at).cast::<[f32; MAX_R]>().write_unaligned(*vals);
+                    } else {
+                        std::ptr::copy_nonoverlapping(vals.as_ptr(), out.add(at), rows);
+                    }
+                }
             }
             t0 += nt;
         }
