@@ -77,37 +77,13 @@ impl Acts {
         a
     }
 
-    /// Quantizes `x` into this buffer, reusing its allocations.
+    /// Quantizes `x` into this buffer, reusing its allocations. Rows are quantized each on
+    /// their own, so a batch's rows go across the pool when there are enough of them: on a
+    /// batched step this was the largest piece of serial work left between the products.
     pub fn quantize_into(&mut self, x: &[f32], m: usize, k: usize, isa: Isa) {
-        if self.kind == ActKind::Q8K {
-            let qk = QK_K;
-            assert!(k.is_multiple_of(qk), "k = {k} is not a multiple of {qk}");
-            assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
-            self.m = m;
-            self.k = k;
-            self.qs.resize(m * k, 0);
-            self.d.resize(m * k / qk, 0.0);
-            self.s.resize(m * k / 16, 0.0);
-            let blocks = x
-                .chunks_exact(qk)
-                .zip(self.qs.chunks_exact_mut(qk))
-                .zip(self.d.iter_mut().zip(self.s.chunks_exact_mut(16)));
-            for ((xb, qb), (d, s)) in blocks {
-                *d = quantize_q8k(xb, qb, s);
-            }
-            return;
-        }
-        assert!(
-            k.is_multiple_of(BLOCK),
-            "k = {k} is not a multiple of {BLOCK}"
-        );
+        let qk = self.kind.block();
+        assert!(k.is_multiple_of(qk), "k = {k} is not a multiple of {qk}");
         assert_eq!(x.len(), m * k, "activations are not {m} × {k}");
-        let nb = m * k / BLOCK;
-        self.m = m;
-        self.k = k;
-        self.qs.resize(m * k, 0);
-        self.d.resize(nb, 0.0);
-        self.s.resize(nb, 0.0);
         #[cfg(target_arch = "x86_64")]
         let simd = matches!(isa, Isa::Avx2 | Isa::Avx512);
         #[cfg(not(target_arch = "x86_64"))]
@@ -115,26 +91,31 @@ impl Acts {
         if simd {
             assert!(isa.is_supported(), "{isa:?} is not supported by this CPU");
         }
-        let blocks = x
-            .chunks_exact(BLOCK)
-            .zip(self.qs.chunks_exact_mut(BLOCK))
-            .zip(self.d.iter_mut().zip(self.s.iter_mut()));
-        for ((xb, qb), (d, s)) in blocks {
-            let xb: &[f32; BLOCK] = xb.try_into().expect("block of 32");
-            let qb: &mut [u8; BLOCK] = qb.try_into().expect("block of 32");
-            #[cfg(target_arch = "x86_64")]
-            let (dd, ss) = if simd {
-                // SAFETY: `simd` means AVX2 or AVX-512, both of which include AVX2, and the
-                // CPU was checked to support it above.
-                unsafe { quantize_block_avx2(self.kind, xb, qb) }
-            } else {
-                quantize_block(self.kind, xb, qb)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let (dd, ss) = quantize_block(self.kind, xb, qb);
-            *d = dd;
-            *s = ss;
+        let (nd, ns) = (k / qk, k / self.kind.sum_block());
+        self.m = m;
+        self.k = k;
+        self.qs.resize(m * k, 0);
+        self.d.resize(m * nd, 0.0);
+        self.s.resize(m * ns, 0.0);
+        let kind = self.kind;
+        if m < 2 || m * k < QUANTIZE_PARALLEL_MIN {
+            quantize_rows(kind, simd, x, &mut self.qs, &mut self.d, &mut self.s);
+            return;
         }
+        let rows: Vec<std::sync::Mutex<(&mut [u8], &mut [f32], &mut [f32])>> = self
+            .qs
+            .chunks_exact_mut(k)
+            .zip(self.d.chunks_exact_mut(nd))
+            .zip(self.s.chunks_exact_mut(ns))
+            .map(|((q, d), s)| std::sync::Mutex::new((q, d, s)))
+            .collect();
+        candle_core::utils::barrier_pool().execute_chunked(m, |range| {
+            for t in range {
+                let mut row = rows[t].lock().expect("each row runs once");
+                let (q, d, s) = &mut *row;
+                quantize_rows(kind, simd, &x[t * k..][..k], q, d, s);
+            }
+        });
     }
 
     pub fn kind(&self) -> ActKind {
@@ -166,6 +147,55 @@ impl Acts {
     pub fn s_row(&self, t: usize) -> &[f32] {
         let nb = self.k / self.kind.sum_block();
         &self.s[t * nb..(t + 1) * nb]
+    }
+}
+
+/// Values a quantization must have for its rows to go across the pool: below this, waking
+/// the pool costs about what the work does.
+const QUANTIZE_PARALLEL_MIN: usize = 4096;
+
+/// Quantizes whole rows: `x` into `qs` with their block scales `d` and sums `s` (as
+/// [`Acts`] lays them out), with the AVX2 quantizer when `simd`.
+fn quantize_rows(
+    kind: ActKind,
+    simd: bool,
+    x: &[f32],
+    qs: &mut [u8],
+    d: &mut [f32],
+    s: &mut [f32],
+) {
+    if kind == ActKind::Q8K {
+        let blocks = x
+            .chunks_exact(QK_K)
+            .zip(qs.chunks_exact_mut(QK_K))
+            .zip(d.iter_mut().zip(s.chunks_exact_mut(16)));
+        for ((xb, qb), (d, s)) in blocks {
+            *d = quantize_q8k(xb, qb, s);
+        }
+        return;
+    }
+    let blocks = x
+        .chunks_exact(BLOCK)
+        .zip(qs.chunks_exact_mut(BLOCK))
+        .zip(d.iter_mut().zip(s.iter_mut()));
+    for ((xb, qb), (d, s)) in blocks {
+        let xb: &[f32; BLOCK] = xb.try_into().expect("block of 32");
+        let qb: &mut [u8; BLOCK] = qb.try_into().expect("block of 32");
+        #[cfg(target_arch = "x86_64")]
+        let (dd, ss) = if simd {
+            // SAFETY: `simd` means AVX2 or AVX-512, both of which include AVX2, and the
+            // caller checked that the CPU supports it.
+            unsafe { quantize_block_avx2(kind, xb, qb) }
+        } else {
+            quantize_block(kind, xb, qb)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (dd, ss) = {
+            let _ = simd;
+            quantize_block(kind, xb, qb)
+        };
+        *d = dd;
+        *s = ss;
     }
 }
 
@@ -331,5 +361,37 @@ mod q8k_tests {
         assert!((d - 2.0 / 127.0).abs() < 1e-9);
         assert_eq!(bs[0], (32 * 15 - 127) as f32);
         assert_eq!(bs[1], (32 * 16) as f32);
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+
+    /// Rows quantized across the pool (a batch past the threshold) have the bits of each row
+    /// quantized alone, for every encoding and instruction set.
+    #[test]
+    fn rows_across_the_pool_equal_rows_alone() {
+        let (m, k) = (9, 2 * QK_K);
+        assert!(m * k >= QUANTIZE_PARALLEL_MIN, "the batch takes the pool");
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919 % 1013) as f32 / 97.0 - 5.0) * (1 + i % 5) as f32)
+            .collect();
+        for kind in [ActKind::Q8_1, ActKind::Q8_0, ActKind::Q8_0Unsigned, ActKind::Q8K] {
+            for isa in Isa::supported() {
+                let all = Acts::quantize(kind, &x, m, k, isa);
+                for t in 0..m {
+                    let one = Acts::quantize(kind, &x[t * k..][..k], 1, k, isa);
+                    let ctx = format!("{kind:?} {isa:?} row {t}");
+                    assert_eq!(all.qs_row(t), one.qs_row(0), "{ctx}: quants");
+                    assert_eq!(bits(all.d_row(t)), bits(one.d_row(0)), "{ctx}: scales");
+                    assert_eq!(bits(all.s_row(t)), bits(one.s_row(0)), "{ctx}: sums");
+                }
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 }
