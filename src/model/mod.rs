@@ -13,6 +13,7 @@ mod lifetime;
 pub mod llama_meta;
 pub mod llm;
 pub mod moe;
+pub mod norm;
 pub mod preflight;
 pub use arch::llama as qllama;
 pub mod safetensors;

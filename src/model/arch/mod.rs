@@ -10,11 +10,11 @@ pub mod gemma3;
 pub mod llama;
 mod read;
 
+use crate::model::norm::RmsNorm;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, DType, Device, IndexOp, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Embedding;
-use candle_transformers::quantized_nn::RmsNorm;
 
 use super::attention::{self, Heads, Rope, Span};
 use super::kv::{KvCache, StepItem};

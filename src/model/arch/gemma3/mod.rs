@@ -14,9 +14,9 @@
 //! them (see [`crate::model::attention`]).
 use std::sync::Arc;
 
+use crate::model::norm::RmsNorm;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Module, Result, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
 
 use super::{masked_fill, precomput_freqs_cis, round_f16, TokEmbedding};
 use crate::model::attention::{Heads, Rope, Span};

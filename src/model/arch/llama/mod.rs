@@ -15,9 +15,9 @@
 //!   directly instead of repeating K and V (same products, no copy of the cache per step).
 //!
 //! The GGML (pre-GGUF) loader is left out: swapd only reads GGUF.
+use crate::model::norm::RmsNorm;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::build_causal_mask;
 
 use std::sync::Arc;
