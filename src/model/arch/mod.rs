@@ -343,8 +343,8 @@ pub(crate) fn attend_items(
             rope.positions(h.head_dim)
         );
     }
-    let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-    let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+    let (q, k, v) = (f32_rows(q)?, f32_rows(k)?, f32_rows(v)?);
+    let (q, k, v) = (q.values()?, k.values()?, v.values()?);
     let total: usize = lens.iter().sum();
     let mut out = vec![0f32; total * qw];
     let mut seqs = Vec::with_capacity(items.len());
@@ -357,6 +357,48 @@ pub(crate) fn attend_items(
     }
     attention::attend_batch(h, span, rope, &q, &k, &v, &mut seqs, &mut out);
     Tensor::from_vec(out, (1, total, qw), &Device::Cpu)
+}
+
+/// A tensor as contiguous f32 on the CPU (itself when it already is: the projections'
+/// outputs), whose values [`F32Rows::values`] reads in place rather than copying them out.
+struct F32Rows(Tensor);
+
+fn f32_rows(t: &Tensor) -> Result<F32Rows> {
+    Ok(F32Rows(t.to_dtype(DType::F32)?.contiguous()?))
+}
+
+impl F32Rows {
+    fn values(
+        &self,
+    ) -> Result<F32Values<impl std::ops::Deref<Target = candle_core::Storage> + '_>> {
+        let (storage, layout) = self.0.storage_and_layout();
+        if !matches!(&*storage, candle_core::Storage::Cpu(CpuStorage::F32(_))) {
+            candle_core::bail!("attention: f32 values on the CPU expected");
+        }
+        Ok(F32Values {
+            storage,
+            start: layout.start_offset(),
+            len: self.0.elem_count(),
+        })
+    }
+}
+
+/// The values of an [`F32Rows`], borrowed from its storage.
+struct F32Values<G> {
+    /// The storage's read guard.
+    storage: G,
+    start: usize,
+    len: usize,
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> std::ops::Deref for F32Values<G> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..][..self.len],
+            _ => unreachable!("checked when borrowed"),
+        }
+    }
 }
 
 /// The next-token logits (`[vocab]`, f32) of every item that asks for them: the last of its
