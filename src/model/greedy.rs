@@ -5,19 +5,13 @@
 //! into a new one), allocates both, and finds the maximum with one dependent compare chain.
 //! A batched step samples every sequence on the scheduler's thread while the pool's other
 //! threads wait, so at 8 sequences of a 49152-token vocabulary that was a few percent of
-//! the step. Here the maximum is found over 16 independent lanes, and the logits are copied
-//! (into a reused buffer) only when a penalty changes them.
-use std::cell::RefCell;
-
+//! the step. Here the maximum is found over 16 independent lanes, in place: a penalty
+//! changes only the context's few logits, which compete with the best of the runs between
+//! them.
 use candle_core::{DType, Storage, Tensor};
 
 /// Lanes of the maximum search.
 const LANES: usize = 16;
-
-thread_local! {
-    /// The penalized copy of the logits, reused across calls on this thread.
-    static PENALIZED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 /// The greedy token of `logits` (`[vocab]`) after the repetition penalty `penalty` over
 /// `context` (1 disables it), exactly as candle picks it.
@@ -35,33 +29,57 @@ pub fn pick(logits: &Tensor, penalty: f32, context: &[u32]) -> candle_core::Resu
     if values.is_empty() {
         candle_core::bail!("greedy sampling over empty logits");
     }
-    if penalty == 1.0 || context.is_empty() {
-        return Ok(argmax(values));
-    }
-    PENALIZED.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        buf.clear();
-        buf.extend_from_slice(values);
-        penalize(&mut buf, penalty, context);
-        Ok(argmax(&buf))
+    Ok(if penalty == 1.0 || context.is_empty() {
+        argmax(values)
+    } else {
+        penalized_argmax(values, penalty, context)
     })
 }
 
-/// candle's `apply_repeat_penalty` in place: each distinct token of `context` once, positive
-/// logits divided by `penalty`, the others multiplied; ids past the vocabulary ignored.
-fn penalize(logits: &mut [f32], penalty: f32, context: &[u32]) {
-    let mut seen: Vec<u32> = context.to_vec();
+/// candle's `apply_repeat_penalty` to one logit: positive ones divided by `penalty`, the
+/// others multiplied.
+fn penalize(l: f32, penalty: f32) -> f32 {
+    if l >= 0.0 {
+        l / penalty
+    } else {
+        l * penalty
+    }
+}
+
+/// [`argmax`] of the logits as candle's `apply_repeat_penalty` leaves them (each distinct
+/// token of `context` penalized once, ids past the vocabulary ignored), without copying
+/// them: the best of each run of unpenalized logits between the penalized ones, and each
+/// penalized logit, compete as in [`argmax`].
+fn penalized_argmax(v: &[f32], penalty: f32, context: &[u32]) -> u32 {
+    if v[0].is_nan() {
+        // Penalized or not, it stays NaN and is never replaced.
+        return 0;
+    }
+    let mut seen: Vec<usize> = context
+        .iter()
+        .map(|&t| t as usize)
+        .filter(|&t| t < v.len())
+        .collect();
     seen.sort_unstable();
     seen.dedup();
-    for t in seen {
-        if let Some(l) = logits.get_mut(t as usize) {
-            if *l >= 0.0 {
-                *l /= penalty
-            } else {
-                *l *= penalty
-            }
+    let mut best: Option<(f32, usize)> = None;
+    let mut offer = |c: Option<(f32, usize)>| {
+        if let Some((x, i)) = c {
+            best = match best {
+                Some((b, j)) if !(b < x || (b == x && i < j)) => Some((b, j)),
+                _ => Some((x, i)),
+            };
         }
+    };
+    let mut from = 0;
+    for &t in &seen {
+        offer(best_of(&v[from..t]).map(|(x, i)| (x, from + i)));
+        let x = penalize(v[t], penalty);
+        offer((!x.is_nan()).then_some((x, t)));
+        from = t + 1;
     }
+    offer(best_of(&v[from..]).map(|(x, i)| (x, from + i)));
+    best.map_or(0, |(_, i)| i as u32)
 }
 
 /// The index candle's `argmax` returns: starting from element 0, an element replaces the
@@ -71,6 +89,12 @@ pub fn argmax(v: &[f32]) -> u32 {
     if v[0].is_nan() {
         return 0;
     }
+    best_of(v).map_or(0, |(_, i)| i as u32)
+}
+
+/// The largest value of `v` that is not NaN and the first index holding it (`None` when
+/// every value is NaN).
+fn best_of(v: &[f32]) -> Option<(f32, usize)> {
     // Lane j sees indices j, j + 16, ... in order, so it keeps the first index of its own
     // maximum; the first index of the overall maximum is the smallest of those lanes' that
     // reached it.
@@ -98,14 +122,18 @@ pub fn argmax(v: &[f32]) -> u32 {
         .iter()
         .fold(f32::NEG_INFINITY, |a, &b| if a < b { b } else { a });
     if max == f32::NEG_INFINITY {
-        // Nothing above minus infinity: element 0 (minus infinity itself) is never replaced.
-        return 0;
+        // Nothing above minus infinity: the first minus infinity, if any.
+        return v
+            .iter()
+            .position(|&x| x == f32::NEG_INFINITY)
+            .map(|i| (f32::NEG_INFINITY, i));
     }
-    (0..LANES)
+    let i = (0..LANES)
         .filter(|&j| best[j] == max)
         .map(|j| at[j])
         .min()
-        .expect("some lane holds the maximum")
+        .expect("some lane holds the maximum");
+    Some((max, i as usize))
 }
 
 #[cfg(test)]
@@ -166,9 +194,14 @@ mod tests {
                 }
                 _ => {}
             }
-            let context: Vec<u32> = (0..rng.random_range(0..12))
+            let mut context: Vec<u32> = (0..rng.random_range(0..12))
                 .map(|_| rng.random_range(0..n as u32 + 3))
                 .collect();
+            if case % 5 == 0 {
+                // The unpenalized winner is in the context, twice.
+                let top = candle_pick(&v, 1.0, &[]);
+                context.extend([top, top]);
+            }
             let penalty = [1.0, 1.3, 0.5][case % 3];
             let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
             assert_eq!(
