@@ -102,7 +102,7 @@ impl Acts {
             quantize_rows(kind, simd, x, &mut self.qs, &mut self.d, &mut self.s);
             return;
         }
-        let rows: Vec<std::sync::Mutex<(&mut [u8], &mut [f32], &mut [f32])>> = self
+        let rows: Vec<std::sync::Mutex<RowParts<'_>>> = self
             .qs
             .chunks_exact_mut(k)
             .zip(self.d.chunks_exact_mut(nd))
@@ -149,6 +149,9 @@ impl Acts {
         &self.s[t * nb..(t + 1) * nb]
     }
 }
+
+/// One row's quants, scales and sums, handed to one pool worker.
+type RowParts<'a> = (&'a mut [u8], &'a mut [f32], &'a mut [f32]);
 
 /// Values a quantization must have for its rows to go across the pool: below this, waking
 /// the pool costs about what the work does.
@@ -377,7 +380,12 @@ mod pool_tests {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7919 % 1013) as f32 / 97.0 - 5.0) * (1 + i % 5) as f32)
             .collect();
-        for kind in [ActKind::Q8_1, ActKind::Q8_0, ActKind::Q8_0Unsigned, ActKind::Q8K] {
+        for kind in [
+            ActKind::Q8_1,
+            ActKind::Q8_0,
+            ActKind::Q8_0Unsigned,
+            ActKind::Q8K,
+        ] {
             for isa in Isa::supported() {
                 let all = Acts::quantize(kind, &x, m, k, isa);
                 for t in 0..m {
