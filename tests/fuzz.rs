@@ -1316,34 +1316,15 @@ fn config_file_parsing() {
         });
         match r {
             Ok(r) => Ok((r.is_ok(), text.len(), usage)),
-            // Reported, pinned by `regression_config_log_level_leading_space`: tolerated here
-            // so the target keeps looking for others. Remove once config.rs is fixed.
-            Err(p)
-                if panic_message(&p).contains(KNOWN_LOG_LEVEL_PANIC)
-                    && text.contains("log_level") =>
-            {
-                KNOWN_HITS.fetch_add(1, Relaxed);
-                Ok((false, text.len(), usage))
-            }
             Err(p) => Err(format!("Config::check panicked: {}", panic_message(&p))),
         }
     });
-    let hits = KNOWN_HITS.load(Relaxed);
-    if hits > 0 {
-        println!(
-            "fuzz config_file_parsing: {hits} cases hit the known panic `{KNOWN_LOG_LEVEL_PANIC}` (log_level)"
-        );
-    }
 }
 
-/// tracing-subscriber 0.3.23 (`Directive::parse`) walks `from.trim()` but slices `from`:
-/// a filter with leading whitespace and a multi-byte character panics.
-const KNOWN_LOG_LEVEL_PANIC: &str = "is not a char boundary";
-static KNOWN_HITS: AtomicUsize = AtomicUsize::new(0);
-
 /// Found by `config_file_parsing` in the long run: `log_level = "\ta\u{e000}="` panics
-/// inside `EnvFilter::try_new` (see [`KNOWN_LOG_LEVEL_PANIC`]). It must be a config error
-/// naming the key (or be accepted, trimmed).
+/// inside `EnvFilter::try_new` (tracing-subscriber 0.3.23's `Directive::parse` walks
+/// `from.trim()` but slices `from`). It must be a config error naming the key (or be
+/// accepted, trimmed): `config::log_filter` trims each directive and catches the panic.
 #[test]
 fn regression_config_log_level_leading_space() {
     let _serial = serial();
