@@ -7,12 +7,17 @@
 //! server really holds. This module is the sink: it knows none of the parts that feed it.
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as PromRegistry;
+
+mod render;
+mod text;
+
+pub use render::{ActiveVersion, BatchGauges, DeviceGauges, LiveVersion, Snapshot};
+pub use text::{fetch, parse, Sample};
 
 /// Label pairs; a `Vec` keeps the families generic and the call sites readable.
 pub type Labels = Vec<(&'static str, String)>;
@@ -310,76 +315,6 @@ impl Metrics {
                 .inc_by(o.bytes_released as u64);
         }
     }
-
-    /// Sets the state gauges from `state` and renders every metric in the OpenMetrics text
-    /// format.
-    pub fn render(&self, state: &Snapshot) -> String {
-        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        self.active_info.clear();
-        self.in_flight.clear();
-        self.model_memory.clear();
-        self.reloading.clear();
-        for v in &state.active {
-            self.active_info
-                .get_or_create(&vec![
-                    ("model", v.model.clone()),
-                    ("version", v.version.clone()),
-                    ("generation", v.generation.to_string()),
-                    ("sha256", v.sha256.clone()),
-                    ("device", v.device.clone()),
-                ])
-                .set(1);
-        }
-        for v in &state.versions {
-            let labels = vec![
-                ("model", v.model.clone()),
-                ("version", v.version.clone()),
-                ("role", v.role.to_string()),
-            ];
-            self.in_flight
-                .get_or_create(&labels)
-                .set(v.in_flight as i64);
-            let mut mem = labels;
-            mem.push(("device", v.device.clone()));
-            self.model_memory
-                .get_or_create(&mem)
-                .set(v.weight_bytes as i64);
-        }
-        for (model, reloading) in &state.reloading {
-            self.reloading
-                .get_or_create(&vec![("model", model.clone())])
-                .set(*reloading as i64);
-        }
-        for g in [
-            &self.batch_sequences,
-            &self.batch_parked,
-            &self.batch_waiting,
-            &self.kv_tokens,
-        ] {
-            g.clear();
-        }
-        for b in &state.batches {
-            let l = vec![("model", b.model.clone()), ("version", b.version.clone())];
-            self.batch_sequences
-                .get_or_create(&l)
-                .set(b.sequences as i64);
-            self.batch_parked.get_or_create(&l).set(b.parked as i64);
-            self.batch_waiting.get_or_create(&l).set(b.waiting as i64);
-            self.kv_tokens.get_or_create(&l).set(b.kv_tokens as i64);
-        }
-        self.running.set(state.running as i64);
-        self.queued.set(state.queued as i64);
-        self.resident.set(crate::memory::rss_bytes() as i64);
-        if let Some(d) = &state.device {
-            let l = vec![("device", d.label.clone())];
-            self.device_free.get_or_create(&l).set(d.free as i64);
-            self.device_total.get_or_create(&l).set(d.total as i64);
-        }
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
-    }
 }
 
 /// What a finished reload or rollback tells the metrics.
@@ -390,57 +325,6 @@ pub struct ReloadSample<'a> {
     pub phases: Vec<(&'static str, Duration)>,
     pub failed_check: Option<&'a str>,
     pub bytes_released: i64,
-}
-
-/// The server's state at one scrape: what the gauges show.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub active: Vec<ActiveVersion>,
-    /// Every version still alive (active, standby, draining), with its role.
-    pub versions: Vec<LiveVersion>,
-    /// Per model: whether a reload is running.
-    pub reloading: Vec<(String, bool)>,
-    pub batches: Vec<BatchGauges>,
-    pub running: usize,
-    pub queued: usize,
-    pub device: Option<DeviceGauges>,
-}
-
-#[derive(Debug)]
-pub struct ActiveVersion {
-    pub model: String,
-    pub version: String,
-    pub generation: u64,
-    pub sha256: String,
-    pub device: String,
-}
-
-#[derive(Debug)]
-pub struct LiveVersion {
-    pub model: String,
-    pub version: String,
-    pub role: &'static str,
-    pub in_flight: u64,
-    pub device: String,
-    pub weight_bytes: u64,
-}
-
-/// One version's batch.
-#[derive(Debug)]
-pub struct BatchGauges {
-    pub model: String,
-    pub version: String,
-    pub sequences: usize,
-    pub parked: usize,
-    pub waiting: usize,
-    pub kv_tokens: usize,
-}
-
-#[derive(Debug)]
-pub struct DeviceGauges {
-    pub label: String,
-    pub free: u64,
-    pub total: u64,
 }
 
 /// gRPC's upper-case code names, as dashboards expect them.
@@ -465,69 +349,6 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
     }
-}
-
-/// One plain HTTP/1.0 GET of `http://HOST/PATH` (a scrape needs no more): the status line
-/// and the body.
-pub async fn fetch(host: &str, path: &str) -> std::io::Result<(String, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(host).await?;
-    conn.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await?;
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).await?;
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
-    let status = head.lines().next().unwrap_or("").to_string();
-    Ok((status, body.to_string()))
-}
-
-/// One sample of a scrape, parsed (for tests and tools).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-    pub value: f64,
-}
-
-impl Sample {
-    pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Parses the text exposition format's samples (comments skipped). Label values may not
-/// hold `"` or `,` here; swapd's never do.
-pub fn parse(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|line| {
-            let (head, value) = line.rsplit_once(' ')?;
-            let value = value.parse().ok()?;
-            let (name, labels) = match head.split_once('{') {
-                Some((n, rest)) => {
-                    let body = rest.strip_suffix('}')?;
-                    let labels = body
-                        .split(',')
-                        .filter(|kv| !kv.is_empty())
-                        .filter_map(|kv| {
-                            let (k, v) = kv.split_once('=')?;
-                            Some((k.to_string(), v.trim_matches('"').to_string()))
-                        })
-                        .collect();
-                    (n.to_string(), labels)
-                }
-                None => (head.to_string(), Vec::new()),
-            };
-            Some(Sample {
-                name,
-                labels,
-                value,
-            })
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -587,14 +408,5 @@ mod tests {
             .collect();
         assert_eq!(phases.len(), 2, "{phases:?}");
         assert!(text.ends_with("# EOF\n"));
-    }
-
-    #[test]
-    fn parse_reads_labels_and_values() {
-        let s = parse("# HELP x y\nx_total{a=\"1\",b=\"two\"} 3\ny 4.5\n# EOF\n");
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].label("b"), Some("two"));
-        assert_eq!(s[0].value, 3.0);
-        assert_eq!(s[1].name, "y");
     }
 }
