@@ -6,6 +6,8 @@
 
 mod admission;
 mod commit;
+mod prepare;
+mod retire;
 mod rollback;
 mod run;
 mod types;
@@ -14,7 +16,7 @@ pub use types::*;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -25,15 +27,7 @@ use super::persist::{unix_ms, StateStore};
 use super::{Registry, Slot};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::manifest::ModelSpec;
-use crate::memory;
-use crate::model::preflight;
-use crate::model::{self, FileDigest, ModelError, ModelVersion, Resolver};
-
-/// How often the drain looks at the in-flight count.
-const DRAIN_POLL: Duration = Duration::from_millis(5);
-/// How long the free phase waits for the last reference once the drain is over.
-const FREE_WAIT: Duration = Duration::from_secs(5);
+use crate::model::{ModelError, ModelVersion, Resolver};
 
 /// Starts reloads and rollbacks. Cheap to clone.
 #[derive(Clone)]
@@ -270,273 +264,5 @@ impl Reloader {
                 Admission::Refused => {}
             }
         }
-    }
-
-    /// resolve → verify: the spec to load and its verified files. `None` when a phase failed
-    /// (reported).
-    async fn resolve_verify(
-        &self,
-        run: &mut Run,
-        slot: &Arc<Slot>,
-        req: &ReloadRequest,
-    ) -> Option<(ModelSpec, Vec<FileDigest>)> {
-        let name = slot.spec.name.clone();
-        let (source, pins) = pins_for(slot, req);
-
-        run.start(Phase::Resolve, source.clone());
-        let files = match self.resolver.resolve(&name, slot.spec.kind, &source).await {
-            Ok(f) => f,
-            Err(e) => {
-                run.fail(e, None);
-                return None;
-            }
-        };
-        run.done(run.event(PhaseState::Done, format!("{} file(s)", files.len())));
-
-        run.start(Phase::Verify, "sha256");
-        let (n, p, device) = (name.clone(), pins.clone(), self.device.clone());
-        // Verifying takes turns at the CPU with the serving version's passes (loading does
-        // too, inside `load_verified`).
-        let digests = blocking_step(
-            run,
-            |_| "sha256",
-            move || {
-                crate::turns::in_background(device.candle(), || {
-                    model::verify::verify_files(&n, &files, &p)
-                })
-            },
-        )
-        .await;
-        let Some(digests) = digests else {
-            // Files that do not match their pins say nothing about the files: the pins
-            // (the request's, or the manifest's) are wrong. No cool-down for that.
-            run.cools_down = false;
-            return None;
-        };
-        if let Some(active) = slot.active().filter(|a| !req.force && a.source == source) {
-            let verified: BTreeMap<String, String> = digests
-                .iter()
-                .map(|d| (d.name.clone(), d.sha256.clone()))
-                .collect();
-            if verified == digests_of(&active) {
-                run.cools_down = false;
-                run.fail(
-                    format!(
-                        "model `{name}`: these files are version {} (generation {}), which is already active; nothing to do (a reload of it would replace the rollback target; set force to reload it anyway)",
-                        active.version,
-                        active.generation()
-                    ),
-                    Some("already_active".into()),
-                );
-                return None;
-            }
-        }
-        run.done(run.event(PhaseState::Done, "every file matches its sha256"));
-        let mut spec = slot.spec.clone();
-        spec.source = source;
-        spec.sha256 = pins;
-        Some((spec, digests))
-    }
-
-    /// load → preflight against `serving`. `None` when a phase failed (reported).
-    async fn load_preflight(
-        &self,
-        run: &mut Run,
-        spec: ModelSpec,
-        digests: Vec<FileDigest>,
-        serving: Option<Arc<ModelVersion>>,
-    ) -> Option<Arc<ModelVersion>> {
-        let name = spec.name.clone();
-        run.start(Phase::Load, format!("onto {}", self.device.label()));
-        let checks = spec.preflight.clone();
-        let device = self.device.clone();
-        let new = blocking_step(run, ModelError::check_name, move || {
-            model::load_verified(&spec, digests, &device, 0)
-        })
-        .await
-        .map(Arc::new)?;
-        run.done(run.event(
-            PhaseState::Done,
-            format!(
-                "version {} ({} bytes of weights)",
-                new.version, new.weight_bytes
-            ),
-        ));
-
-        run.start(Phase::Preflight, "");
-        let tx = run.tx.clone();
-        let (new2, phase_started) = (new.clone(), run.phase_started);
-        let results = tokio::task::spawn_blocking(move || {
-            preflight::run(&new2, serving.as_deref(), &checks, &mut |c| {
-                let mut ev = PhaseEvent::new(
-                    Phase::Preflight,
-                    PhaseState::Progress,
-                    format!("{}: {}", c.name, c.detail),
-                    phase_started.elapsed(),
-                );
-                ev.check = Some(c.clone());
-                let _ = tx.send(ReloadEvent::Phase(ev));
-            })
-        })
-        .await;
-        match results {
-            Ok(results) => {
-                if let Some(bad) = results.iter().find(|c| !c.passed) {
-                    run.fail(
-                        format!(
-                            "model `{name}`: preflight check `{}` failed: {}",
-                            bad.name, bad.detail
-                        ),
-                        Some(bad.name.clone()),
-                    );
-                    return None;
-                }
-                run.done(run.event(PhaseState::Done, format!("{} checks passed", results.len())));
-            }
-            Err(e) => {
-                run.fail(format!("preflight thread: {e}"), Some("preflight".into()));
-                return None;
-            }
-        }
-        Some(new)
-    }
-
-    /// swap → drain → free. The swap is one atomic store and cannot fail.
-    async fn swap_drain_free(
-        &self,
-        run: &mut Run,
-        slot: &Arc<Slot>,
-        new: Arc<ModelVersion>,
-        req: &ReloadRequest,
-    ) {
-        if self.is_stopping() {
-            run.cools_down = false;
-            run.fail(
-                "the server is shutting down: reload abandoned before the swap; the serving version stays committed",
-                None,
-            );
-            return;
-        }
-        let Ok(old) = self.swap_phase(run, slot, new) else {
-            return;
-        };
-        run.outcome.previous = old.as_deref().map(VersionName::of);
-        let Some(old) = old else {
-            run.outcome.previous_freed = true;
-            return;
-        };
-        let left = self.drain(run, &old, req).await;
-        self.free(run, slot, old, req.keep_previous, left).await;
-    }
-
-    /// Waits for the requests still on `old`; returns how many are left (WAIT past the
-    /// deadline), after ending them at the deadline under CANCEL.
-    async fn drain(&self, run: &mut Run, old: &ModelVersion, req: &ReloadRequest) -> u64 {
-        run.start(Phase::Drain, format!("{} in flight", old.in_flight()));
-        let deadline = req.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
-        let mut last = u64::MAX;
-        let mut cancelled = false;
-        loop {
-            let n = old.in_flight();
-            if n != last {
-                let mut ev = run.event(PhaseState::Progress, format!("{n} in flight"));
-                ev.in_flight = n;
-                run.emit(ev);
-                last = n;
-            }
-            if n == 0 {
-                break;
-            }
-            if run.phase_started.elapsed() >= deadline && !cancelled {
-                match req.drain_policy {
-                    DrainPolicy::Cancel => {
-                        old.cancel();
-                        cancelled = true;
-                        run.outcome.cancelled_requests = n;
-                    }
-                    DrainPolicy::Wait => break,
-                }
-            }
-            tokio::time::sleep(DRAIN_POLL).await;
-        }
-        let left = old.in_flight();
-        let mut ev = run.event(
-            PhaseState::Done,
-            match (left, cancelled) {
-                (0, false) => "drained".to_string(),
-                (0, true) => format!(
-                    "{} straggler(s) ended after the deadline",
-                    run.outcome.cancelled_requests
-                ),
-                (n, _) => {
-                    format!("{n} straggler(s) still running past the deadline; freed when they end")
-                }
-            },
-        );
-        ev.in_flight = left;
-        run.done(ev);
-        left
-    }
-
-    /// Drops `old` (or keeps it as the standby) and reports the memory that came back.
-    async fn free(
-        &self,
-        run: &mut Run,
-        slot: &Slot,
-        old: Arc<ModelVersion>,
-        keep: bool,
-        left: u64,
-    ) {
-        run.start(Phase::Free, "");
-        // A standby older than the version just replaced is never rolled back to: free it.
-        let older = slot.standby.swap(None);
-        if keep {
-            let bytes = old.weight_bytes;
-            slot.standby.store(Some(old));
-            drop(older);
-            run.done(run.event(
-                PhaseState::Done,
-                format!("previous version kept resident as standby ({bytes} bytes)"),
-            ));
-            return;
-        }
-        let device = self.device.clone();
-        let used_before = device.memory().used_bytes();
-        // Not the strong count: it reaches 0 before the last holder's destructor has run
-        // (and queued the frees); the version's drop signal fires after its weights dropped.
-        let mut dropped = old.drop_watch();
-        drop(old);
-        drop(older);
-        if left == 0 {
-            dropped.dropped_within(FREE_WAIT).await;
-        }
-        // On a GPU the trim synchronizes the device: off the async threads.
-        let (released, free_total) =
-            tokio::task::spawn_blocking(move || memory::reclaimed(device.memory(), used_before))
-                .await
-                .unwrap_or((0, None));
-        let freed = dropped.is_dropped();
-        run.outcome.previous_freed = freed;
-        let on = match free_total {
-            Some((free, total)) => format!("{}: {free} of {total} bytes free", self.device.label()),
-            None => self.device.label(),
-        };
-        let mut ev = run.event(
-            PhaseState::Done,
-            if freed {
-                format!("previous version freed; {released} bytes came back ({on})")
-            } else {
-                format!(
-                    "previous version still referenced by running requests; freed when they end ({on})"
-                )
-            },
-        );
-        ev.bytes_released = released;
-        // Only a version that really went away gave memory back; an RSS delta while it is
-        // still referenced is noise.
-        if freed {
-            run.outcome.bytes_released = released;
-        }
-        run.done(ev);
     }
 }
