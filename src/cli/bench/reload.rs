@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use tokio::sync::Mutex;
 
 use super::plot::plot;
-use super::report::{analyze, markdown, PhaseRecord, ReloadRecord, RequestRecord};
+use super::report::{analyze, markdown, PhaseRecord, ReloadRecord, RequestRecord, RunInfo};
 use crate::cli::admin::{control_client, phase_name};
 use crate::cli::client::{channel, Conn};
 use crate::proto::{self, inference_client::InferenceClient, reload_event::Event};
@@ -242,7 +242,15 @@ pub(super) async fn reload_bench(b: ReloadBench) -> Result<ExitCode> {
     }
     let records = records.lock().await.clone();
     let rss = rss.lock().await.clone();
-    let report = analyze(&b, records.clone(), &rss, reloads);
+    let run = RunInfo {
+        label: b.label.clone(),
+        model: b.model.clone(),
+        clients: b.clients,
+        duration: b.duration,
+        reload_every: b.reload_every,
+        resource_preserving: b.resource_preserving,
+    };
+    let report = analyze(&run, records.clone(), &rss, reloads);
     if let Some(dir) = b.out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -2,7 +2,6 @@
 //! Markdown report.
 use serde::Serialize;
 
-use super::reload::ReloadBench;
 use crate::cli::stats::percentile;
 
 /// One request as the client saw it; times in seconds since the benchmark started.
@@ -81,8 +80,19 @@ pub struct PhaseItl {
     pub itl_ms_p99: f64,
 }
 
+/// What the report says of the run itself (from the benchmark's options).
+#[derive(Debug, Clone)]
+pub(super) struct RunInfo {
+    pub label: String,
+    pub model: String,
+    pub clients: usize,
+    pub duration: f64,
+    pub reload_every: f64,
+    pub resource_preserving: bool,
+}
+
 pub(super) fn analyze(
-    b: &ReloadBench,
+    b: &RunInfo,
     records: Vec<RequestRecord>,
     rss: &[(f64, u64)],
     reloads: Vec<ReloadRecord>,
@@ -335,27 +345,16 @@ pub fn markdown(r: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
-    use crate::cli::client::Conn;
 
-    fn bench(duration: f64) -> ReloadBench {
-        ReloadBench {
-            conn: Conn {
-                server: "http://127.0.0.1:1".into(),
-            },
-            token: None,
-            metrics: None,
+    fn bench(duration: f64) -> RunInfo {
+        RunInfo {
+            label: "t".into(),
             model: "m".into(),
             clients: 1,
             duration,
             reload_every: 5.0,
-            versions: vec![],
             resource_preserving: false,
-            max_tokens: 8,
-            out: PathBuf::from("unused"),
-            label: "t".into(),
         }
     }
 
