@@ -5,8 +5,27 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
-use crate::model::ModelKind;
+use crate::model::kind::ModelKind;
+use crate::model::{sampling, source::Source};
+
+/// A manifest problem: which file, which key, why (the config check reports it as its own).
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}{sep}{why}", sep = if key.is_empty() { "" } else { ": " })]
+pub struct ManifestError {
+    pub file: String,
+    pub key: String,
+    pub why: String,
+}
+
+impl ManifestError {
+    pub fn at(file: &Path, key: impl Into<String>, why: impl ToString) -> Self {
+        Self {
+            file: file.display().to_string(),
+            key: key.into(),
+            why: why.to_string(),
+        }
+    }
+}
 
 /// Per-model defaults for requests that leave a field unset.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -124,22 +143,22 @@ pub struct Manifest {
 
 impl Manifest {
     /// Reads and validates `path`; errors name the file, the key and why.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::at(path, "", e))?;
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ManifestError::at(path, "", e))?;
         Self::parse(path, &text)
     }
 
     /// Parses and validates manifest text (`path` only labels errors).
-    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let m: Manifest =
-            toml::from_str(text).map_err(|e| ConfigError::at(path, "", e.message().to_string()))?;
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ManifestError> {
+        let m: Manifest = toml::from_str(text)
+            .map_err(|e| ManifestError::at(path, "", e.message().to_string()))?;
         m.validate(path)?;
         Ok(m)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    fn validate(&self, path: &Path) -> Result<(), ManifestError> {
         if self.models.is_empty() {
-            return Err(ConfigError::at(path, "model", "no [[model]] entries"));
+            return Err(ManifestError::at(path, "model", "no [[model]] entries"));
         }
         let mut seen = HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
@@ -149,24 +168,23 @@ impl Manifest {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
             if !ok_name {
-                return Err(ConfigError::at(
+                return Err(ManifestError::at(
                     path,
                     key("name"),
                     format!("`{}`: use letters, digits, '-', '_' or '.'", m.name),
                 ));
             }
             if !seen.insert(m.name.as_str()) {
-                return Err(ConfigError::at(
+                return Err(ManifestError::at(
                     path,
                     key("name"),
                     format!("`{}` appears twice", m.name),
                 ));
             }
-            crate::model::Source::parse(&m.source)
-                .map_err(|e| ConfigError::at(path, key("source"), e))?;
+            Source::parse(&m.source).map_err(|e| ManifestError::at(path, key("source"), e))?;
             for (file, digest) in &m.sha256 {
                 if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(ConfigError::at(
+                    return Err(ManifestError::at(
                         path,
                         key(&format!("sha256.\"{file}\"")),
                         "expected 64 hex digits",
@@ -174,19 +192,19 @@ impl Manifest {
                 }
             }
             let d = &m.defaults;
-            let sampling = [
+            let sampling_checks = [
                 (
                     "defaults.temperature",
-                    crate::model::sampling::check_temperature(d.temperature),
+                    sampling::check_temperature(d.temperature),
                 ),
                 (
                     "defaults.repetition_penalty",
-                    crate::model::sampling::check_repetition_penalty(d.repetition_penalty),
+                    sampling::check_repetition_penalty(d.repetition_penalty),
                 ),
             ];
-            for (k, r) in sampling {
+            for (k, r) in sampling_checks {
                 if let Err(why) = r {
-                    return Err(ConfigError::at(path, key(k), why));
+                    return Err(ManifestError::at(path, key(k), why));
                 }
             }
             let checks: [(&str, bool, &str); 3] = [
@@ -208,7 +226,7 @@ impl Manifest {
             ];
             for (k, ok, why) in checks {
                 if !ok {
-                    return Err(ConfigError::at(path, key(k), why));
+                    return Err(ManifestError::at(path, key(k), why));
                 }
             }
         }

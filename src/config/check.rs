@@ -125,7 +125,7 @@ impl Config {
                 }
                 // The manifest's own errors name its file and key.
                 Err(e) => {
-                    manifest_error = Some(e);
+                    manifest_error = Some(ConfigError::from(e));
                     None
                 }
             },

@@ -40,6 +40,16 @@ impl ConfigError {
     }
 }
 
+impl From<crate::manifest::ManifestError> for ConfigError {
+    fn from(e: crate::manifest::ManifestError) -> Self {
+        Self {
+            file: e.file,
+            key: e.key,
+            why: e.why,
+        }
+    }
+}
+
 /// A value that must never reach a log line or a `{:?}`: its `Debug` prints a placeholder.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]

@@ -8,6 +8,7 @@ pub mod embed;
 mod error;
 pub mod greedy;
 pub mod header;
+pub mod kind;
 pub mod kv;
 mod lifetime;
 pub mod llama_meta;
@@ -33,29 +34,10 @@ use crate::manifest::{ModelDefaults, ModelSpec};
 
 pub use embed::Embedder;
 pub use error::{device_label, LoadFault, ModelError};
+pub use kind::ModelKind;
 pub use lifetime::{DropSignal, DropWatch};
 pub use llm::Llm;
 pub use source::{Resolver, Source};
-
-/// What a model does: generate text or embed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelKind {
-    /// A causal language model in a GGUF file.
-    Llm,
-    /// A sentence-embedding model in a Hugging Face directory.
-    Embedding,
-}
-
-impl ModelKind {
-    /// Lower-case name used in messages and the manifest.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelKind::Llm => "llm",
-            ModelKind::Embedding => "embedding",
-        }
-    }
-}
 
 /// One verified file of a version.
 #[derive(Debug, Clone, PartialEq, Eq)]

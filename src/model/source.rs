@@ -2,7 +2,8 @@
 //! `hf://owner/repo[@revision]/path` URI resolved through hf-hub's standard cache.
 use std::path::{Path, PathBuf};
 
-use super::{ModelError, ModelKind};
+use super::error::ModelError;
+use super::kind::ModelKind;
 
 /// Files an embedding model directory must hold.
 pub const EMBEDDING_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
